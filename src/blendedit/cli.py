@@ -1,0 +1,282 @@
+"""Command-line interface: parse, call the library, write outputs. No editing logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import __version__
+from .latent import SCHEDULERS, LatentEditOptions, options_fields
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_RANK_MODEL = "openai/clip-vit-base-patch32"
+SHORT_FLAGS = {"num_inference_steps": ["--steps"], "num_images_per_prompt": ["-n"]}
+
+
+class CliError(Exception):
+    """Bad input found by the CLI itself; printed as one line, exit code 2."""
+
+
+def _bool_or_auto(s: str):
+    v = s.lower()
+    if v in ("auto",):
+        return "auto"
+    if v in ("true", "yes", "1", "on"):
+        return True
+    if v in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {s!r}")
+
+
+def _add_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`LatentEditOptions` field, with its default and help."""
+    g = p.add_argument_group("edit options")
+    for name, default, help, choices in options_fields():
+        flags = [f"--{name.replace('_', '-')}", *SHORT_FLAGS.get(name, [])]
+        kind = _bool_or_auto if name == "crop_to_mask" else type(default)
+        g.add_argument(
+            *flags,
+            dest=name,
+            type=kind,
+            default=default,
+            choices=choices,
+            help=f"{help} (default: {default})",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blendedit", description="Text-driven local image editing (Blended Latent Diffusion)."
+    )
+    p.add_argument("--version", action="version", version=f"blendedit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser(
+        "edit",
+        help="edit the masked region of an image to match a prompt",
+        description="Edit IMAGE inside MASK to match TEXT; writes the ranked "
+        "results, a JSON sidecar and a contact sheet to --out.",
+    )
+    e.add_argument("image", help="image to edit (any format PIL reads; never modified)")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--mask", help="mask image: white = edit, black = keep")
+    src.add_argument(
+        "--mask-from-alpha",
+        action="store_true",
+        help="edit where IMAGE is transparent (its alpha channel is the mask)",
+    )
+    e.add_argument("--prompt", required=True, help="what the masked region should show")
+    _add_common(e)
+
+    d = sub.add_parser(
+        "demo",
+        help="edit a built-in example scene (offline)",
+        description="Render an example scene and mask, then edit it with the "
+        "built-in model; writes the same outputs as `edit`.",
+    )
+    d.add_argument("--prompt", default="a red circle", help="prompt (default: a red circle)")
+    _add_common(
+        d,
+        default_model="tiny-random",
+        default_out="blendedit-out/demo",
+        default_steps=20,
+        default_n=4,
+        default_seed=0,
+    )
+    return p
+
+
+def _add_common(
+    p,
+    default_model=DEFAULT_MODEL,
+    default_out="blendedit-out",
+    default_steps=None,
+    default_n=None,
+    default_seed=None,
+) -> None:
+    p.add_argument(
+        "--model",
+        default=default_model,
+        help="built-in name, diffusers folder, .safetensors/.ckpt file or hub id "
+        f"(default: {default_model})",
+    )
+    p.add_argument(
+        "--config",
+        help="for a single-file --model: diffusers folder or hub id "
+        "giving its architecture (needed offline)",
+    )
+    p.add_argument(
+        "--scheduler", default="ddim", choices=SCHEDULERS, help="sampler (default: ddim)"
+    )
+    p.add_argument(
+        "--rank-model",
+        default="auto",
+        help="CLIP folder or hub id that ranks the results; 'none' turns ranking off; "
+        f"'auto': the model's own CLIP for built-ins, else {DEFAULT_RANK_MODEL} when "
+        "-n > 1 (default: auto)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=default_seed,
+        help="seed of sample 1; sample i uses seed + i - 1 "
+        "(default: random, recorded in the sidecar)",
+    )
+    p.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
+    p.add_argument(
+        "--resize-mask",
+        action="store_true",
+        help="resize a mask whose size differs from the image's (else an error)",
+    )
+    p.add_argument(
+        "--mask-threshold",
+        type=float,
+        default=0.5,
+        help="soft masks: pixels >= this are edited (default: 0.5)",
+    )
+    p.add_argument("--invert-mask", action="store_true", help="black = edit instead of white")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="weights' precision (default: float16 on GPU, float32 on CPU)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_option_flags(p)
+    if default_steps is not None:
+        p.set_defaults(num_inference_steps=default_steps, num_images_per_prompt=default_n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        return _edit(args)
+    except (ValueError, CliError, OSError) as e:
+        msg = " ".join(str(e).split())
+        print(f"blendedit: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _demo(args) -> int:
+    from .demo import write_example
+
+    out = Path(args.out)
+    image_path, mask_path = write_example(out / "inputs")
+    args.image, args.mask, args.mask_from_alpha = str(image_path), str(mask_path), False
+    if args.model == "tiny-random":
+        print(
+            "blendedit demo: the shipped Shapes World model is not in this version; running the "
+            "pipeline end to end on 'tiny-random' (untrained weights: the edit is noise inside "
+            "the mask, the background is kept).",
+            file=sys.stderr,
+        )
+    return _edit(args)
+
+
+def _edit(args) -> int:
+    import torch
+
+    from . import io, models
+    from .latent import BlendedLatentDiffusionPipeline
+    from .outputs import write_results
+
+    # 1. Inputs (validated before any model loads: bad input fails fast)
+    image = io.load_image(args.image)
+    if args.mask_from_alpha:
+        mask = io.load_mask(
+            args.image,
+            image=image,
+            from_alpha=True,
+            threshold=args.mask_threshold,
+            invert=args.invert_mask,
+        )
+    else:
+        mask = io.load_mask(
+            args.mask,
+            image=image,
+            threshold=args.mask_threshold,
+            resize=args.resize_mask,
+            invert=args.invert_mask,
+        )
+    opts = LatentEditOptions(**{f: getattr(args, f) for f in asdict(LatentEditOptions())})
+    inputs = [Path(args.image)] + ([Path(args.mask)] if args.mask else [])
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"--out: {str(out_dir)!r} exists and is not a folder")
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    n = opts.num_images_per_prompt
+    if not 0 <= seed <= 2**63 - 1 - n:
+        raise CliError(f"--seed: must be in [0, 2**63 - 1 - n], got {seed}")
+
+    # 2. Model
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    dtype_name = (
+        args.dtype
+        if args.dtype != "auto"
+        else ("float16" if device.startswith("cuda") else "float32")
+    )
+    rank_model = args.rank_model
+    if rank_model == "auto":
+        is_builtin = args.model in models.BUILTIN_MODELS
+        rank_model = None if is_builtin or n == 1 else DEFAULT_RANK_MODEL
+    pipe = BlendedLatentDiffusionPipeline.from_pretrained(
+        args.model,
+        scheduler=args.scheduler,
+        config=args.config,
+        ranker=None if rank_model == "none" else rank_model,
+    )
+    if args.rank_model == "none":
+        pipe.ranker = None
+    elif rank_model is None and pipe.ranker is not None:
+        rank_model = f"{args.model} (built-in)"
+    pipe.to(device, getattr(torch, dtype_name))
+
+    # 3. Edit
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    t0 = time.perf_counter()
+    result = pipe(
+        args.prompt,
+        image,
+        mask,
+        generator=gens,
+        progress=not args.quiet,
+        **{
+            **asdict(opts),
+            "negative_prompt": opts.negative_prompt or None,
+        },
+    )
+    wall = time.perf_counter() - t0
+
+    # 4. Outputs
+    meta = dict(
+        blendedit=__version__,
+        command="edit",
+        image=str(args.image),
+        mask=str(args.mask) if args.mask else "alpha of image",
+        prompt=args.prompt,
+        model=args.model,
+        scheduler=args.scheduler,
+        rank_model=rank_model,
+        device=device,
+        dtype=dtype_name,
+        options=asdict(opts),
+        seed=seed,
+        wall_seconds=round(wall, 3),
+    )
+    written = write_results(out_dir, Path(args.image).stem, image, result, seed, meta, inputs)
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Load and validate images and masks; write results atomically.
+
+Every loader accepts a path, a PIL image or a numpy array, and fails with a ``ValueError`` whose
+message starts with the argument's name (``image: ...``, ``mask: ...``) and says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+#: Images with more pixels than this are refused (decompression bombs); raise it per call.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def _open(src: ImageInput, name: str, max_pixels: int) -> Image.Image:
+    """Open ``src`` as a PIL image with EXIF orientation applied; errors name ``name``."""
+    if isinstance(src, Image.Image):
+        img = src
+    elif isinstance(src, np.ndarray):
+        img = _from_array(src, name)
+    elif isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.exists():
+            raise ValueError(f"{name}: file not found: {str(path)!r}")
+        if path.is_dir():
+            raise ValueError(f"{name}: {str(path)!r} is a folder, not an image file")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{name}: {str(path)!r} is an empty file")
+        old_limit = Image.MAX_IMAGE_PIXELS
+        try:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(path)
+                img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(
+                f"{name}: {str(path)!r} has more pixels than the limit {max_pixels:,}; "
+                "pass a larger max_pixels if you trust the file"
+            ) from e
+        except UnidentifiedImageError as e:
+            raise ValueError(f"{name}: {str(path)!r} is not an image PIL can read") from e
+        except OSError as e:
+            raise ValueError(f"{name}: {str(path)!r} could not be read ({e})") from e
+        finally:
+            Image.MAX_IMAGE_PIXELS = old_limit
+    else:
+        raise ValueError(
+            f"{name}: expected a path, a PIL image or a numpy array, got {type(src).__name__}"
+        )
+    if getattr(img, "n_frames", 1) > 1:
+        raise ValueError(
+            f"{name}: animated image with {img.n_frames} frames; save the frame to edit as a PNG"
+        )
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"{name}: image has zero size {img.size}")
+    if img.width * img.height > max_pixels:
+        raise ValueError(
+            f"{name}: {img.width}x{img.height} is over the pixel limit {max_pixels:,}; "
+            "pass a larger max_pixels"
+        )
+    return ImageOps.exif_transpose(img)
+
+
+def _from_array(a: np.ndarray, name: str) -> Image.Image:
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ValueError(f"{name}: array must be HxW, HxWx3 or HxWx4, got shape {a.shape}")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name}: array contains NaN or infinite values")
+        if a.min() < 0 or a.max() > 1:
+            raise ValueError(
+                f"{name}: float arrays must lie in [0, 1], got [{a.min():.3g}, {a.max():.3g}]"
+            )
+        a = np.round(a * 255).astype(np.uint8)
+    elif a.dtype == np.uint16:
+        a = (a // 257).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ValueError(f"{name}: unsupported array dtype {a.dtype}; use uint8 or float in [0,1]")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Bring high-bit-depth single-channel modes to 8-bit 'L' by scaling, not clipping."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if img.mode == "F":
+            top = 1.0 if a.max() <= 1.0 else 255.0
+        return Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load an image as 8-bit RGB.
+
+    Accepts every PIL mode (RGBA, LA, P, I;16, CMYK, 1, ...) and applies EXIF orientation.
+    Transparency is dropped (use :func:`load_mask` with ``from_alpha=True`` to edit where an
+    image is transparent).
+    """
+    img = _to_8bit(_open(src, "image", max_pixels))
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_mask(
+    src: ImageInput,
+    *,
+    image: Image.Image | None = None,
+    threshold: float | None = 0.5,
+    from_alpha: bool = False,
+    invert: bool = False,
+    resize: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Load an edit mask as an 8-bit 'L' image where 255 means *edit*.
+
+    - A mask file: white (or bright) = edit. Colour masks are read by luminance.
+    - ``from_alpha=True``: the mask is the source's transparency: transparent pixels are edited.
+    - Soft masks are thresholded at ``threshold`` (0.5 by default); ``threshold=None`` keeps them.
+    - If ``image`` is given, the sizes must match unless ``resize=True`` (nearest neighbour).
+    - A mask with no pixel to edit is an error.
+    """
+    if threshold is not None and not (0.0 < threshold < 1.0):
+        raise ValueError(f"threshold: must be in (0, 1) or None, got {threshold!r}")
+    img = _open(src, "mask", max_pixels)
+    if from_alpha:
+        if img.mode == "P":
+            img = img.convert("RGBA")
+        if img.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
+            raise ValueError(
+                f"mask: from_alpha=True but the image has no alpha channel ({img.mode})"
+            )
+        m = 1.0 - np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
+    else:
+        img = _to_8bit(img)
+        if img.mode in ("RGBA", "LA", "P", "PA"):
+            img = img.convert("RGBA" if img.mode != "LA" else "LA")
+        m = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    if invert:
+        m = 1.0 - m
+    if image is not None and (m.shape[1], m.shape[0]) != image.size:
+        if not resize:
+            raise ValueError(
+                f"mask: size {m.shape[1]}x{m.shape[0]} differs from the image's "
+                f"{image.width}x{image.height}; pass resize=True (CLI: --resize-mask) to resize it"
+            )
+        m_img = Image.fromarray(np.round(m * 255).astype(np.uint8), "L")
+        m = np.asarray(m_img.resize(image.size, Image.NEAREST), dtype=np.float32) / 255.0
+    if threshold is not None:
+        m = (m >= threshold).astype(np.float32)
+    if not (m > 0).any():
+        raise ValueError(
+            "mask: the mask is empty (no pixel to edit); white marks the region to edit"
+        )
+    return Image.fromarray(np.round(m * 255).astype(np.uint8), "L")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_image(img: Image.Image, path: str | os.PathLike) -> Path:
+    """Write ``img`` to ``path`` atomically (a reader never sees a partial file)."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"path: unknown image extension {path.suffix!r}")
+    _atomic_write(path, lambda f: img.save(f, format=fmt))
+    return path
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    path = Path(path)
+    data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
+    _atomic_write(path, lambda f: f.write(data))
+    return path
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) float in [0, 1]."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
+
+
+def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) float in [0, 1] -> list of PIL RGB images (rounded, not truncated)."""
+    a = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return [Image.fromarray(im.cpu().numpy(), "RGB") for im in a]

@@ -1,0 +1,547 @@
+"""Blended Latent Diffusion (Avrahami, Fried, Lischinski, SIGGRAPH 2023, arXiv 2206.02779).
+
+Notation follows the paper and DESIGN.md: ``x`` image, ``m`` mask (1 = edit), ``z`` latent,
+``z_src = E(x)``, ``q(z_src, t)`` forward noising to level ``t``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import background as B
+from . import masks as M
+from .io import load_image, load_mask, pil_to_tensor, tensor_to_pil
+from .ranking import RANK_REGIONS, ClipRanker
+
+SCHEDULERS = ("ddim", "dpm++", "euler")
+BACKGROUND_NOISE_MODES = ("fixed", "fresh")
+CROP_MODES = ("auto", True, False)
+
+Generator = torch.Generator | list | None
+
+
+def _opt(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class LatentEditOptions:
+    """Options of a Blended Latent Diffusion edit; the one source of defaults for the pipeline's
+    keyword arguments and the CLI's flags."""
+
+    negative_prompt: str = _opt("", "text the edit should move away from (classifier-free)")
+    num_inference_steps: int = _opt(50, "denoising steps of the full schedule")
+    guidance_scale: float = _opt(7.5, "classifier-free guidance scale (<= 1 turns it off)")
+    strength: float = _opt(
+        1.0, "fraction of the schedule that runs, in (0, 1]; 1 starts from (almost) pure noise"
+    )
+    num_images_per_prompt: int = _opt(1, "samples per request; all are returned, best first")
+    mask_downsample: str = _opt(
+        "max",
+        "mask to latent cells: max (a cell is masked if any pixel is) or nearest",
+        M.MASK_DOWNSAMPLE_MODES,
+    )
+    shrink_iterations: int = _opt(
+        3, "progressive mask shrinking: k dilations (7x7, 5x5, 3x3 for k=3) then exact; 0 = off"
+    )
+    background: str = _opt(
+        "paste",
+        "background reconstruction: paste (original pixels outside the mask) or none",
+        B.BACKGROUND_METHODS,
+    )
+    background_noise: str = _opt(
+        "fixed",
+        "noise of the blended background: fixed per sample or fresh every step",
+        BACKGROUND_NOISE_MODES,
+    )
+    feather: int = _opt(3, "pixels of feathering just inside the mask edge when pasting")
+    crop_to_mask: Any = _opt(
+        "auto",
+        "edit only a box around the mask: auto (when the image is larger than the "
+        "model's native size), true or false",
+    )
+    crop_context: float = _opt(0.5, "context around the mask in the crop box, x the mask's side")
+    rank_region: str = _opt(
+        "crop", "what CLIP ranking scores: crop (mask box with context), masked, full", RANK_REGIONS
+    )
+
+
+_D = LatentEditOptions()
+
+
+@dataclass
+class BlendedLatentDiffusionOutput:
+    """Result of an edit. Lists are in ranked order (best first) when a ranker is set."""
+
+    images: list[Image.Image]
+    scores: list[float] | None
+    order: list[int]  # sample index of each image
+    latents: torch.Tensor  # (N, 4, h, w) final latents, ranked order
+    source_latents: torch.Tensor  # (1, 4, h, w) = E(x) of the edited region
+    mask: Image.Image  # pixel mask used
+    latent_mask: torch.Tensor  # (1, 1, h, w) exact latent mask
+    mask_schedule: list[torch.Tensor]  # progressive shrinking, most dilated first
+    crop_box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the region that was edited
+    timings: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- the math, as small functions over tensors -----------------------------------------------
+
+
+def blend(z: torch.Tensor, z_bg: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Latent blend (Blended Latent Diffusion, Alg. 1, line 7): m * z + (1 - m) * z_bg."""
+    return m * z + (1 - m) * z_bg
+
+
+def guided_eps(unet, z, t, embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + s (eps_c - eps_u). ``embeds`` is [uncond; cond] when
+    guidance is on (2N rows), else cond only (N rows)."""
+    if guidance_scale <= 1.0:
+        return unet(z, t, encoder_hidden_states=embeds).sample
+    out = unet(torch.cat([z, z]), t, encoder_hidden_states=embeds).sample
+    eps_u, eps_c = out.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def _randn(shape, generator: Generator, device, dtype) -> torch.Tensor:
+    """Gaussian noise (N, ...) drawn per sample from its own generator when a list is given, so
+    sample i with generator i is reproducible on its own."""
+    if isinstance(generator, list):
+        return torch.cat(
+            [
+                torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device, dtype)
+                for g in generator
+            ]
+        )
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev).to(device, dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the pipeline --------------------------------------------------------------------------
+
+
+class BlendedLatentDiffusionPipeline:
+    """Blended Latent Diffusion over any Stable Diffusion model (diffusers components).
+
+    >>> pipe = BlendedLatentDiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5")
+    >>> out = pipe("a red ball", image, mask, generator=torch.Generator().manual_seed(0))
+    >>> out.images[0].save("edit.png")
+    """
+
+    def __init__(
+        self, unet, vae, text_encoder, tokenizer, scheduler, ranker: ClipRanker | None = None
+    ):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler = scheduler
+        self.ranker = ranker
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        spec: str,
+        *,
+        scheduler: str = "ddim",
+        ranker: str | ClipRanker | None = None,
+        torch_dtype=None,
+        local_files_only: bool | None = None,
+        config: str | None = None,
+    ) -> BlendedLatentDiffusionPipeline:
+        """Load from a built-in name, a diffusers folder, a single checkpoint file or a hub id.
+
+        ``ranker``: a CLIP folder/hub id or a :class:`ClipRanker` for best-first ranking; built-in
+        models bring their own. See :func:`blendedit.models.load_sd_components`.
+        """
+        from .models import load_sd_components
+
+        c = load_sd_components(
+            spec, torch_dtype=torch_dtype, local_files_only=local_files_only, config=config
+        )
+        if isinstance(ranker, str):
+            ranker = ClipRanker.from_pretrained(ranker, local_files_only=local_files_only)
+        elif ranker is None and "ranker" in c:
+            ranker = ClipRanker(c["ranker"], c["ranker_tokenizer"])
+        pipe = cls(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"], ranker)
+        pipe.set_scheduler(scheduler)
+        return pipe
+
+    def set_scheduler(self, name: str) -> None:
+        """Swap the sampler, keeping the model's noise schedule: ddim, dpm++ or euler."""
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+        cfg = self.scheduler.config
+        if name == "ddim":
+            self.scheduler = DDIMScheduler.from_config(cfg)
+        elif name == "dpm++":
+            self.scheduler = DPMSolverMultistepScheduler.from_config(
+                cfg, algorithm_type="dpmsolver++"
+            )
+        elif name == "euler":
+            self.scheduler = EulerDiscreteScheduler.from_config(cfg)
+        else:
+            raise ValueError(f"scheduler: expected one of {SCHEDULERS}, got {name!r}")
+
+    def to(self, device=None, dtype=None) -> BlendedLatentDiffusionPipeline:
+        for m in (self.unet, self.vae, self.text_encoder):
+            same = dtype is None or next(m.parameters()).dtype == dtype
+            m.to(device=device) if same else m.to(device=device, dtype=dtype)
+        if self.ranker is not None:
+            self.ranker.to(device=device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def native_size(self) -> int:
+        """The pixel size the UNet was trained at (512 for SD 1.x)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    # -- building blocks ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative_prompt: str, n: int, cfg: bool):
+        """Text embeddings: [uncond x n; cond x n] with guidance, else cond x n.
+
+        Returns (embeds, truncated) where ``truncated`` says the prompt lost tokens."""
+        max_len = min(
+            self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings
+        )
+
+        def embed(text: str):
+            ids = self.tokenizer(
+                [text],
+                padding="max_length",
+                max_length=max_len,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            return self.text_encoder(ids)[0]
+
+        full = len(self.tokenizer(prompt).input_ids)
+        cond = embed(prompt).repeat(n, 1, 1)
+        embeds = torch.cat([embed(negative_prompt).repeat(n, 1, 1), cond]) if cfg else cond
+        return embeds, full > max_len
+
+    @torch.no_grad()
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """z_src = E(x): posterior mean x scaling factor. ``x`` (1, 3, H, W) in [0, 1]."""
+        x = (2 * x - 1).to(self.device, self.vae.dtype)
+        return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """D(z) in [0, 1]; (N, 4, h, w) -> (N, 3, 8h, 8w), float32."""
+        x = self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def timesteps_for(self, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """The last ``strength`` of the schedule (as diffusers' img2img), begin index set."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        n_run = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = num_inference_steps - n_run
+        order = getattr(self.scheduler, "order", 1)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start * order)
+        return self.scheduler.timesteps[t_start * order :]
+
+    # -- input checking ------------------------------------------------------------------
+
+    def check_inputs(self, prompt, image, mask, opts: LatentEditOptions, generator, callback):
+        """Validate every argument once; returns (PIL image, float mask (1, 1, H, W))."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
+        if not isinstance(opts.negative_prompt, str):
+            raise ValueError(f"negative_prompt: expected a string, got {opts.negative_prompt!r}")
+        _check_int("num_inference_steps", opts.num_inference_steps, 1, 10_000)
+        _check_int("num_images_per_prompt", opts.num_images_per_prompt, 1, 1024)
+        _check_int("shrink_iterations", opts.shrink_iterations, 0, 64)
+        _check_int("feather", opts.feather, 0, 1024)
+        _check_float("guidance_scale", opts.guidance_scale, 0.0, 1000.0)
+        _check_float("crop_context", opts.crop_context, 0.0, 100.0)
+        _check_float("strength", opts.strength, 0.0, 1.0, low_open=True)
+        if int(opts.num_inference_steps * opts.strength) < 1:
+            raise ValueError(
+                f"strength: {opts.strength} x num_inference_steps {opts.num_inference_steps} "
+                "runs no step; raise either"
+            )
+        for name, choices in (
+            ("mask_downsample", M.MASK_DOWNSAMPLE_MODES),
+            ("background_noise", BACKGROUND_NOISE_MODES),
+            ("rank_region", RANK_REGIONS),
+        ):
+            if getattr(opts, name) not in choices:
+                raise ValueError(f"{name}: expected one of {choices}, got {getattr(opts, name)!r}")
+        if opts.background not in B.BACKGROUND_METHODS:
+            later = (
+                " (planned, not in this version)"
+                if opts.background in B.PLANNED_BACKGROUND_METHODS
+                else ""
+            )
+            raise ValueError(
+                f"background: expected one of {B.BACKGROUND_METHODS}, got "
+                f"{opts.background!r}{later}"
+            )
+        if opts.crop_to_mask not in CROP_MODES:
+            raise ValueError(
+                f"crop_to_mask: expected 'auto', True or False, got {opts.crop_to_mask!r}"
+            )
+        n = opts.num_images_per_prompt
+        if isinstance(generator, list):
+            if len(generator) != n or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(
+                    f"generator: a list must hold num_images_per_prompt={n} torch.Generator "
+                    f"objects, got {len(generator)} items"
+                )
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"generator: expected a torch.Generator, got {type(generator).__name__}"
+            )
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback: expected a callable, got {type(callback).__name__}")
+
+        image = _as_pil(image, "image")
+        m = _as_mask(mask, image)
+        return image, m
+
+    # -- the edit ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        image,
+        mask,
+        *,
+        negative_prompt: str | None = None,
+        num_inference_steps: int = _D.num_inference_steps,
+        guidance_scale: float = _D.guidance_scale,
+        strength: float = _D.strength,
+        num_images_per_prompt: int = _D.num_images_per_prompt,
+        generator: Generator = None,
+        mask_downsample: str = _D.mask_downsample,
+        shrink_iterations: int = _D.shrink_iterations,
+        background: str = _D.background,
+        background_noise: str = _D.background_noise,
+        feather: int = _D.feather,
+        crop_to_mask: Any = _D.crop_to_mask,
+        crop_context: float = _D.crop_context,
+        rank_region: str = _D.rank_region,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        progress: bool = False,
+    ) -> BlendedLatentDiffusionOutput:
+        """Edit ``image`` inside ``mask`` to match ``prompt`` (Blended Latent Diffusion, Alg. 1).
+
+        ``image``: PIL image, HxWx3 array or (1, 3, H, W) tensor in [0, 1]. ``mask``: PIL image,
+        HxW array or tensor, nonzero = edit (soft values are used as blend weights).
+        ``generator``: one ``torch.Generator`` or a list of ``num_images_per_prompt`` (sample i
+        then depends only on generator i). ``callback(step, t, latents)`` runs after every step.
+        See :class:`LatentEditOptions` for the other arguments.
+        """
+        t_total = time.perf_counter()
+        opts = LatentEditOptions(
+            negative_prompt="" if negative_prompt is None else negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            strength=strength,
+            num_images_per_prompt=num_images_per_prompt,
+            mask_downsample=mask_downsample,
+            shrink_iterations=shrink_iterations,
+            background=background,
+            background_noise=background_noise,
+            feather=feather,
+            crop_to_mask=crop_to_mask,
+            crop_context=crop_context,
+            rank_region=rank_region,
+        )
+        # 1. Check inputs
+        image, mask_full = self.check_inputs(prompt, image, mask, opts, generator, callback)
+        device, dtype, n = self.device, self.dtype, num_images_per_prompt
+        timings: dict[str, float] = {}
+        warnings: list[str] = []
+
+        # 2. Region to edit: the whole frame or a box around the mask at native size
+        x_full = pil_to_tensor(image)  # (1, 3, H, W)
+        W, H = image.size
+        crop = crop_to_mask if crop_to_mask != "auto" else max(W, H) > self.native_size
+        box = (0, 0, W, H)
+        if crop:
+            box = M.crop_box(M.mask_bbox(mask_full), (W, H), self.native_size, crop_context)
+        x0, y0, x1, y1 = box
+        x_src, m_px = x_full[..., y0:y1, x0:x1], mask_full[..., y0:y1, x0:x1]
+        # Pad to sizes the VAE can take; cropped off again before the background step
+        x_pad, (h, w) = M.pad_to_multiple(x_src, self.vae_scale_factor, "reflect")
+        m_pad, _ = M.pad_to_multiple(m_px, self.vae_scale_factor, "constant")
+
+        # 3. Encode the prompt
+        cfg = guidance_scale > 1.0
+        embeds, truncated = self.encode_prompt(prompt, opts.negative_prompt, n, cfg)
+        if truncated:
+            warnings.append("prompt: longer than the text encoder's limit; truncated")
+
+        # 4. Encode the image: z_src = E(x)
+        _sync(device)
+        t0 = time.perf_counter()
+        z_src = self.encode_image(x_pad).to(dtype)  # (1, 4, h/8, w/8)
+        _sync(device)
+        timings["encode"] = time.perf_counter() - t0
+
+        # 5. Latent mask and its progressive-shrinking schedule
+        m_lat = M.downsample_mask(m_pad, self.vae_scale_factor, mask_downsample)
+        if not (m_lat > 0).any():
+            raise ValueError(
+                f"mask: covers no latent cell with mask_downsample={mask_downsample!r}; "
+                "use mask_downsample='max' or a larger mask"
+            )
+        schedule = [s.to(device, dtype) for s in M.shrink_schedule(m_lat, shrink_iterations)]
+
+        # 6. Timesteps and the start: z = q(z_src, t_start)
+        timesteps = self.timesteps_for(num_inference_steps, strength)
+        noise = _randn((n, *z_src.shape[1:]), generator, device, dtype)  # (N, 4, h, w)
+        z = self.scheduler.add_noise(z_src.expand(n, -1, -1, -1), noise, timesteps[:1])
+
+        # 7. Denoise, blending after every step with the background at the same noise level
+        t0 = time.perf_counter()
+        steps = len(timesteps)
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
+            z_in = self.scheduler.scale_model_input(z, t)
+            eps = guided_eps(self.unet, z_in, t, embeds, guidance_scale)
+            z = self.scheduler.step(eps, t, z).prev_sample
+            if i + 1 < steps:
+                bg_noise = (
+                    noise
+                    if background_noise == "fixed"
+                    else _randn(noise.shape, generator, device, dtype)
+                )
+                z_bg = self.scheduler.add_noise(z_src, bg_noise, timesteps[i + 1 : i + 2])
+            else:
+                z_bg = z_src  # clean background after the last step
+            z = blend(z, z_bg, schedule[M.schedule_index(i, steps, len(schedule))])
+            if callback is not None:
+                callback(i, int(t), z)
+        _sync(device)
+        timings["sample"] = time.perf_counter() - t0
+
+        # 8. Decode
+        t0 = time.perf_counter()
+        edit = self.decode_latents(z)[..., :h, :w].cpu()  # (N, 3, h, w)
+        timings["decode"] = time.perf_counter() - t0
+
+        # 9. Background reconstruction, then paste the region back into the frame
+        t0 = time.perf_counter()
+        region = B.reconstruct(background, edit, x_src, m_px, feather=feather)
+        frames = x_full.expand(n, -1, -1, -1).clone()
+        frames[..., y0:y1, x0:x1] = region
+        frames = (frames * 255).round() / 255  # what is saved is what gets ranked
+        timings["background"] = time.perf_counter() - t0
+
+        # 10. Rank by CLIP, best first
+        t0 = time.perf_counter()
+        scores = None
+        order = list(range(n))
+        if self.ranker is not None:
+            s = self.ranker.score(frames, prompt, mask_full, rank_region)
+            order = torch.argsort(s, descending=True, stable=True).tolist()
+            scores = [float(s[k]) for k in order]
+        timings["rank"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_total
+
+        # 11. Output
+        return BlendedLatentDiffusionOutput(
+            images=tensor_to_pil(frames[order]),
+            scores=scores,
+            order=order,
+            latents=z[order].cpu(),
+            source_latents=z_src.cpu(),
+            mask=Image.fromarray((mask_full[0, 0].numpy() * 255).round().astype(np.uint8), "L"),
+            latent_mask=m_lat.cpu(),
+            mask_schedule=[s.cpu() for s in schedule],
+            crop_box=box,
+            timings=timings,
+            warnings=warnings,
+        )
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+
+def _check_int(name: str, v, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}")
+
+
+def _check_float(name: str, v, lo: float, hi: float, low_open: bool = False) -> None:
+    ok = isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)
+    ok = ok and math.isfinite(v) and (lo < v if low_open else lo <= v) and v <= hi
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name}: expected a number in {bracket}{lo}, {hi}], got {v!r}")
+
+
+def _as_pil(image, name: str) -> Image.Image:
+    if isinstance(image, torch.Tensor):
+        t = image.detach().float().cpu()
+        if t.ndim == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim != 3 or t.shape[0] != 3:
+            raise ValueError(
+                f"{name}: tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}"
+            )
+        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+            raise ValueError(f"{name}: tensor values must be finite and in [0, 1]")
+        return tensor_to_pil(t[None])[0]
+    return load_image(image)
+
+
+def _as_mask(mask, image: Image.Image) -> torch.Tensor:
+    """Mask as (1, 1, H, W) float in [0, 1]; same size as the image; not empty."""
+    if isinstance(mask, torch.Tensor):
+        t = mask.detach().float().cpu()
+        while t.ndim > 2 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim != 2:
+            raise ValueError(
+                f"mask: tensor must be (H, W) or (1, 1, H, W), got {tuple(mask.shape)}"
+            )
+        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+            raise ValueError("mask: tensor values must be finite and in [0, 1]")
+        if (t.shape[1], t.shape[0]) != image.size:
+            raise ValueError(
+                f"mask: size {t.shape[1]}x{t.shape[0]} differs from the image's "
+                f"{image.width}x{image.height}"
+            )
+        if not (t > 0).any():
+            raise ValueError("mask: the mask is empty (no pixel to edit)")
+        return t[None, None]
+    m = load_mask(mask, image=image, threshold=None)
+    return pil_to_tensor(m.convert("RGB"))[:, :1]
+
+
+def options_fields():
+    """(name, default, help, choices) of every edit option, for the CLI and the web UI."""
+    return [
+        (f.name, f.default, f.metadata["help"], f.metadata["choices"])
+        for f in fields(LatentEditOptions)
+    ]

@@ -1,0 +1,93 @@
+"""Write an edit's results: ranked images, a JSON sidecar and a contact sheet, atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .io import save_image, save_json
+
+
+def result_names(stem: str, scores, order, seed: int) -> list[str]:
+    """``{stem}-{rank}-seed{seed}[-score{score}].png``, best first."""
+    names = []
+    for rank, sample in enumerate(order, 1):
+        score = "" if scores is None else f"-score{scores[rank - 1]:.4f}"
+        names.append(f"{stem}-{rank:02d}-seed{seed + sample}{score}.png")
+    return names
+
+
+def contact_sheet(
+    image: Image.Image,
+    mask: Image.Image,
+    results: list[Image.Image],
+    labels: list[str],
+    cell: int = 192,
+) -> Image.Image:
+    """Input, mask overlay and every result side by side, each labelled."""
+
+    def thumb(im: Image.Image) -> Image.Image:
+        s = cell / max(im.size)
+        return im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.LANCZOS)
+
+    overlay = Image.composite(
+        Image.new("RGB", image.size, (255, 0, 64)), image, mask.point(lambda v: v // 2)
+    )
+    tiles = [(thumb(image), "input"), (thumb(overlay), "mask")]
+    tiles += [(thumb(r), lab) for r, lab in zip(results, labels)]
+    sheet = Image.new("RGB", (cell * len(tiles), cell + 16), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (t, lab) in enumerate(tiles):
+        sheet.paste(t, (i * cell, 0))
+        draw.text((i * cell + 2, cell + 2), lab, fill=(0, 0, 0))
+    return sheet
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def write_results(
+    out_dir: Path, stem: str, image: Image.Image, result, seed: int, meta: dict, inputs: list[Path]
+) -> list[Path]:
+    """Write ranked images, ``{stem}.json`` and ``{stem}-sheet.png`` into ``out_dir``.
+
+    Refuses (ValueError) before writing anything if an output path is one of ``inputs``.
+    """
+    names = result_names(stem, result.scores, result.order, seed)
+    paths = [out_dir / n for n in names] + [out_dir / f"{stem}.json", out_dir / f"{stem}-sheet.png"]
+    for p in paths:
+        for src in inputs:
+            if _same_file(p, src) or p.resolve() == src.resolve():
+                raise ValueError(f"out: writing {str(p)!r} would overwrite the input {str(src)!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for img, p in zip(result.images, paths):
+        save_image(img, p)
+    labels = [
+        f"#{i + 1}" + ("" if result.scores is None else f" {result.scores[i]:.3f}")
+        for i in range(len(result.images))
+    ]
+    sheet = contact_sheet(image, result.mask, result.images, labels)
+    save_image(sheet, paths[-1])
+    sidecar = dict(meta)
+    sidecar["results"] = [
+        dict(
+            file=names[r],
+            rank=r + 1,
+            sample=s,
+            seed=seed + s,
+            score=None if result.scores is None else result.scores[r],
+        )
+        for r, s in enumerate(result.order)
+    ]
+    sidecar["crop_box"] = list(result.crop_box)
+    sidecar["timings"] = {k: round(v, 4) for k, v in result.timings.items()}
+    sidecar["warnings"] = result.warnings
+    sidecar["contact_sheet"] = paths[-1].name
+    save_json(sidecar, paths[-2])
+    return paths

@@ -1,0 +1,154 @@
+"""Randomly initialised Stable-Diffusion-shaped pipelines built from small configs.
+
+They are the same diffusers/transformers classes as real Stable Diffusion, so every code path
+(tokenizer, text encoder, UNet, VAE, scheduler, CLIP ranking) runs offline in tests and
+benchmarks. Their images are noise: they exist to test mechanics and measure speed, not quality.
+
+Presets:
+- ``tiny``: for tests; 64 px native, latents 8x8x4, well under a second per edit on a CPU.
+- ``sd-shaped``: Stable Diffusion 1.x's block layout (attention at the three top levels, two
+  layers per block) with channels divided by ``width_div``; for speed benchmarks, where the
+  proportions between text encoder, UNet and VAE should resemble the real model's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+
+from .tokenizer import build_clip_tokenizer
+
+WORDS = (
+    "a an the and on of with in big small red orange yellow green blue purple white black "
+    "circle square triangle star cross cat dog hat ball car tree house flower background "
+    "striped checkered plain gradient noisy cream gray light charcoal tan slate photo"
+).split()
+
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def _unet_config(preset: str, width_div: int, sample_size: int) -> dict:
+    if preset == "tiny":
+        return dict(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            norm_num_groups=8,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
+    if preset == "sd-shaped":
+        ch = [c // width_div for c in (320, 640, 1280, 1280)]
+        return dict(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=ch,
+            norm_num_groups=min(32, ch[0] // 2),
+            cross_attention_dim=768 // width_div,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+    raise ValueError(f"preset: expected 'tiny' or 'sd-shaped', got {preset!r}")
+
+
+def _vae_config(preset: str, width_div: int, sample_size: int) -> dict:
+    ch = (8, 16, 16, 16) if preset == "tiny" else [c // width_div for c in (128, 256, 512, 512)]
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=ch,
+        layers_per_block=1 if preset == "tiny" else 2,
+        norm_num_groups=min(32, ch[0] // 2),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=sample_size * 8,
+        scaling_factor=0.18215,
+    )
+
+
+def _text_config(preset: str, width_div: int, vocab_size: int, **kw) -> CLIPTextConfig:
+    hidden = 32 if preset == "tiny" else 768 // width_div
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_hidden_layers=2 if preset == "tiny" else 4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        **kw,
+    )
+
+
+def build_tiny_components(
+    preset: str = "tiny",
+    *,
+    seed: int = 0,
+    width_div: int = 4,
+    sample_size: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> dict:
+    """Components of a random Stable-Diffusion-shaped pipeline (keys as in diffusers'
+    ``StableDiffusionPipeline``), plus ``ranker`` (a tiny ``CLIPModel`` sharing the tokenizer)."""
+    if sample_size is None:
+        sample_size = 8 if preset == "tiny" else 32
+    if tokenizer_dir is None:
+        tokenizer_dir = tempfile.mkdtemp(prefix="blendedit-tok-")
+    tokenizer = build_clip_tokenizer(list(WORDS), tokenizer_dir)
+    vocab = len(tokenizer)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**_unet_config(preset, width_div, sample_size))
+    vae = AutoencoderKL(**_vae_config(preset, width_div, sample_size))
+    text_encoder = CLIPTextModel(_text_config(preset, width_div, vocab, **ids))
+    text_cfg = _text_config("tiny", width_div, vocab, **ids)
+    ranker = CLIPModel(
+        CLIPConfig(
+            text_config=text_cfg.to_dict(),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                image_size=32,
+                patch_size=8,
+                projection_dim=32,
+            ),
+            projection_dim=32,
+        )
+    )
+    for m in (unet, vae, text_encoder, ranker):
+        m.eval()
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        ranker=ranker,
+        ranker_tokenizer=tokenizer,
+    )

@@ -1,0 +1,170 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blendedit.cli import main
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.RandomState(0)
+    img = tmp_path / "photo.png"
+    Image.fromarray((rng.rand(64, 64, 3) * 255).astype(np.uint8)).save(img)
+    mask = tmp_path / "mask.png"
+    m = np.zeros((64, 64), np.uint8)
+    m[16:40, 20:44] = 255
+    Image.fromarray(m).save(mask)
+    return img, mask
+
+
+def edit(img, mask, out, *extra):
+    return main(
+        [
+            "edit",
+            str(img),
+            "--mask",
+            str(mask),
+            "--prompt",
+            "a red circle",
+            "--model",
+            "tiny-random",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
+
+
+def test_edit_writes_ranked_results_sidecar_and_sheet(files, tmp_path, capsys):
+    img, mask = files
+    before = img.read_bytes(), mask.read_bytes()
+    assert edit(img, mask, tmp_path / "out", "-n", "3", "--seed", "7") == 0
+    meta = json.loads((tmp_path / "out" / "photo.json").read_text())
+    assert meta["seed"] == 7 and meta["prompt"] == "a red circle" and meta["model"] == "tiny-random"
+    assert (
+        meta["options"]["num_inference_steps"] == 4
+        and meta["options"]["num_images_per_prompt"] == 3
+    )
+    scores = [r["score"] for r in meta["results"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 3
+    assert sorted(r["seed"] for r in meta["results"]) == [7, 8, 9]
+    for r in meta["results"]:
+        assert f"-{r['rank']:02d}-seed{r['seed']}-score{r['score']:.4f}.png" in r["file"]
+        out = np.asarray(Image.open(tmp_path / "out" / r["file"])).astype(int)
+        src = np.asarray(Image.open(img)).astype(int)
+        m = np.asarray(Image.open(mask)) == 0
+        assert np.abs(out - src)[m].max() == 0
+    assert set(meta["timings"]) >= {"encode", "sample", "decode", "total"}
+    assert (tmp_path / "out" / "photo-sheet.png").exists()
+    assert (img.read_bytes(), mask.read_bytes()) == before
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 5 and all(
+        (tmp_path / "out").joinpath(p.split("/")[-1]).exists() for p in printed
+    )
+
+
+def test_same_seed_same_files(files, tmp_path):
+    img, mask = files
+    edit(img, mask, tmp_path / "a", "--seed", "3")
+    edit(img, mask, tmp_path / "b", "--seed", "3")
+    a = sorted(p.name for p in (tmp_path / "a").glob("photo-0*.png"))
+    b = sorted(p.name for p in (tmp_path / "b").glob("photo-0*.png"))
+    assert a == b and (tmp_path / "a" / a[0]).read_bytes() == (tmp_path / "b" / b[0]).read_bytes()
+
+
+def test_mask_from_alpha(tmp_path):
+    rgba = np.full((64, 64, 4), 200, np.uint8)
+    rgba[10:30, 10:30, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+    rc = main(
+        [
+            "edit",
+            str(tmp_path / "cut.png"),
+            "--mask-from-alpha",
+            "--prompt",
+            "a star",
+            "--model",
+            "tiny-random",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    assert json.loads((tmp_path / "o" / "cut.json").read_text())["mask"] == "alpha of image"
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing_image", "image: file not found"),
+        ("empty_mask", "mask: the mask is empty"),
+        ("mask_size", "mask: size 32x32 differs from the image's 64x64; pass resize=True"),
+        ("unknown_model", "model: cannot load 'nobody/no-such-model'"),
+        ("out_is_input", "would overwrite the input"),
+        ("nan_guidance", "guidance_scale: expected a number"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(files, tmp_path, capsys, case, expect):
+    img, mask = files
+    extra = []
+    out = tmp_path / "out"
+    if case == "missing_image":
+        img = tmp_path / "nope.png"
+    elif case == "empty_mask":
+        Image.new("L", (64, 64), 0).save(mask)
+    elif case == "mask_size":
+        Image.new("L", (32, 32), 255).save(mask)
+    elif case == "unknown_model":
+        extra = ["--model", "nobody/no-such-model"]
+    elif case == "out_is_input":
+        out = tmp_path
+        img = tmp_path / "photo.json"  # an input where the sidecar would go
+        Image.new("RGB", (64, 64)).save(img, format="PNG")
+    elif case == "nan_guidance":
+        extra = ["--guidance-scale", "nan"]
+    before = img.read_bytes() if img.exists() else None
+    assert edit(img, mask, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blendedit: error: ") and expect in err and err.count("\n") == 1
+    if before is not None:
+        assert img.read_bytes() == before
+    if case == "unknown_model":
+        assert "hf download nobody/no-such-model" in err
+
+
+def test_argparse_errors_exit_2(files, tmp_path):
+    img, mask = files
+    with pytest.raises(SystemExit) as e:
+        edit(img, mask, tmp_path, "--steps", "many")
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        edit(img, mask, tmp_path, "--background", "blur")
+    assert e.value.code == 2
+
+
+def test_help_explains_every_option(capsys):
+    from blendedit.latent import options_fields
+
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, _, help, _ in options_fields():
+        assert f"--{name.replace('_', '-')}" in text
+        assert " ".join(help.split()) in text
+    for flag in ("--mask", "--prompt", "--model", "-n", "--seed", "--steps", "--out"):
+        assert flag in text
+
+
+def test_demo_runs_offline(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--quiet", "--steps", "3"]) == 0
+    meta = json.loads((tmp_path / "d" / "scene.json").read_text())
+    assert meta["model"] == "tiny-random" and len(meta["results"]) == 4 and meta["seed"] == 0
+    assert (tmp_path / "d" / "inputs" / "scene.png").exists()

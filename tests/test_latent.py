@@ -1,0 +1,293 @@
+import numpy as np
+import pytest
+import torch
+from conftest import gen
+from PIL import Image
+
+from blendedit import masks as M
+from blendedit.latent import blend
+
+STEPS = 8
+
+
+def run(pipe, image, mask, **kw):
+    kw.setdefault("num_inference_steps", STEPS)
+    kw.setdefault("generator", gen(0))
+    return pipe("a red circle", image, mask, **kw)
+
+
+def px(img):
+    return np.asarray(img).astype(np.int32)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler"])
+def test_paste_keeps_every_pixel_outside_the_mask(pipe, image, box_mask, scheduler):
+    pipe.set_scheduler(scheduler)
+    out = run(pipe, image, box_mask, num_images_per_prompt=2, generator=[gen(0), gen(1)])
+    for result in out.images:
+        diff = np.abs(px(result) - px(image))
+        assert diff[box_mask == 0].max() == 0  # exact: the feather band lies inside the mask
+        assert diff[box_mask == 1].mean() > 5  # and the masked region did change
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler"])
+def test_final_latents_outside_the_latent_mask_equal_the_source(pipe, image, box_mask, scheduler):
+    pipe.set_scheduler(scheduler)
+    out = run(pipe, image, box_mask, background="none")
+    z_src = pipe.encode_image(torch.from_numpy(px(image) / 255.0).permute(2, 0, 1)[None].float())
+    outside = out.latent_mask == 0
+    assert outside.any()
+    assert torch.equal(
+        out.latents.expand_as(z_src)[outside.expand_as(z_src)], z_src[outside.expand_as(z_src)]
+    )
+    assert torch.equal(out.source_latents, z_src)
+    inside = ~outside.expand_as(z_src)
+    assert (out.latents[inside] - z_src[inside]).abs().mean() > 0.05
+
+
+def test_background_is_noised_to_the_level_of_the_latents_it_is_blended_with(pipe, image, box_mask):
+    """After step t -> t_prev the background equals q(z_src, t_prev) with the sample's fixed
+    noise, not q(z_src, t) as in the public SD script."""
+    seen = []
+    out = run(pipe, image, box_mask, shrink_iterations=0, callback=lambda i, t, z: seen.append(z))
+    z_src = out.source_latents
+    noise = torch.randn(z_src.shape, generator=gen(0))  # the start noise, reused (fixed mode)
+    ts = pipe.scheduler.timesteps
+    outside = (out.latent_mask == 0).expand_as(z_src)
+    for i in range(STEPS - 1):
+        same_level = pipe.scheduler.add_noise(z_src, noise, ts[i + 1 : i + 2])
+        one_step_off = pipe.scheduler.add_noise(z_src, noise, ts[i : i + 1])
+        assert torch.allclose(seen[i][outside], same_level[outside], atol=1e-6)
+        assert not torch.allclose(seen[i][outside], one_step_off[outside], atol=1e-3)
+    assert torch.equal(seen[-1][outside], z_src[outside])
+
+
+def test_fresh_background_noise_differs_from_fixed(pipe, image, box_mask):
+    a = run(pipe, image, box_mask, background_noise="fixed", background="none")
+    b = run(pipe, image, box_mask, background_noise="fresh", background="none")
+    assert not torch.equal(a.latents, b.latents)
+    assert torch.equal(a.latents * (a.latent_mask == 0), b.latents * (b.latent_mask == 0))
+
+
+def test_same_seed_same_images_other_seed_other_images(pipe, image, box_mask):
+    a, b = run(pipe, image, box_mask), run(pipe, image, box_mask)
+    c = run(pipe, image, box_mask, generator=gen(1))
+    assert px(a.images[0]).tolist() == px(b.images[0]).tolist()
+    assert px(a.images[0]).tolist() != px(c.images[0]).tolist()
+
+
+def test_sample_i_depends_only_on_generator_i(pipe, image, box_mask):
+    pipe.ranker = None  # keep sample order
+    batch = run(pipe, image, box_mask, num_images_per_prompt=3, generator=[gen(5), gen(6), gen(7)])
+    alone = run(pipe, image, box_mask, generator=[gen(6)])
+    assert torch.allclose(batch.latents[1], alone.latents[0], atol=1e-4)  # batched-conv rounding
+
+
+def test_one_pixel_line_still_edits_with_max_pool(pipe, image):
+    line = np.zeros((64, 64), np.float32)
+    line[29, 8:56] = 1
+    out = run(pipe, image, line, mask_downsample="max")
+    diff = np.abs(px(out.images[0]) - px(image))
+    assert diff[line == 1].mean() > 5
+    assert diff[line == 0].max() == 0
+    with pytest.raises(
+        ValueError, match="mask: covers no latent cell with mask_downsample='nearest'"
+    ):
+        run(pipe, image, line, mask_downsample="nearest")
+
+
+def test_mask_schedule_used_goes_from_most_dilated_to_exact(pipe, image, box_mask):
+    seen = []
+    out = run(pipe, image, box_mask, shrink_iterations=3, callback=lambda i, t, z: seen.append(i))
+    sched = out.mask_schedule
+    assert len(sched) == 4 and torch.equal(sched[-1], out.latent_mask)
+    sizes = [int(s.sum()) for s in sched]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert seen == list(range(STEPS))
+    assert len(run(pipe, image, box_mask, shrink_iterations=0).mask_schedule) == 1
+
+
+def test_strength_runs_that_fraction_of_the_schedule(pipe, image, box_mask):
+    seen = []
+    run(pipe, image, box_mask, strength=0.5, callback=lambda i, t, z: seen.append(t))
+    full = run(pipe, image, box_mask).timings
+    assert len(seen) == STEPS // 2 and full["total"] > 0
+    pipe.set_scheduler("dpm++")
+    seen.clear()
+    run(pipe, image, box_mask, strength=0.5, callback=lambda i, t, z: seen.append(t))
+    assert len(seen) == STEPS // 2
+
+
+def test_any_size_comes_back_undistorted(pipe, box_mask):
+    rng = np.random.RandomState(1)
+    img = Image.fromarray((rng.rand(50, 70, 3) * 255).astype(np.uint8))
+    m = np.zeros((50, 70), np.float32)
+    m[10:30, 20:50] = 1
+    out = run(pipe, img, m, crop_to_mask=False)
+    assert out.images[0].size == (70, 50)
+    assert np.abs(px(out.images[0]) - px(img))[m == 0].max() == 0
+
+
+def test_crop_to_mask_edits_only_a_native_size_box(pipe):
+    rng = np.random.RandomState(2)
+    img = Image.fromarray((rng.rand(256, 256, 3) * 255).astype(np.uint8))
+    m = np.zeros((256, 256), np.float32)
+    m[180:196, 30:46] = 1
+    out = run(pipe, img, m, background="none")  # auto: the image is larger than native 64
+    x0, y0, x1, y1 = out.crop_box
+    assert (x1 - x0, y1 - y0) == (64, 64) and x0 <= 30 and x1 >= 46 and y0 <= 180 and y1 >= 196
+    assert out.latents.shape[-2:] == (8, 8)
+    res = px(out.images[0])
+    outside_box = np.ones((256, 256), bool)
+    outside_box[y0:y1, x0:x1] = False
+    assert np.abs(res - px(img))[outside_box].max() == 0
+    assert np.abs(res - px(img))[m == 1].mean() > 5
+    full = run(pipe, img, m, crop_to_mask=False)
+    assert full.crop_box == (0, 0, 256, 256) and full.latents.shape[-2:] == (32, 32)
+
+
+def test_ranking_orders_best_first_and_keeps_images_with_their_scores(pipe, image, box_mask):
+    gens = lambda: [gen(s) for s in (3, 4, 5, 6)]  # noqa: E731
+    ranker, pipe.ranker = pipe.ranker, None
+    plain = run(pipe, image, box_mask, num_images_per_prompt=4, generator=gens())
+    assert plain.scores is None and plain.order == [0, 1, 2, 3]
+    pipe.ranker = ranker
+    ranked = run(pipe, image, box_mask, num_images_per_prompt=4, generator=gens())
+    assert ranked.scores == sorted(ranked.scores, reverse=True)
+    assert sorted(ranked.order) == [0, 1, 2, 3]
+    for img, k in zip(ranked.images, ranked.order):
+        assert px(img).tolist() == px(plain.images[k]).tolist()
+    direct = ranker.score(
+        torch.stack(
+            [torch.from_numpy(px(i) / 255.0).permute(2, 0, 1).float() for i in plain.images]
+        ),
+        "a red circle",
+        torch.from_numpy(box_mask)[None, None],
+    )
+    assert ranked.scores == pytest.approx([float(direct[k]) for k in ranked.order], abs=1e-5)
+
+
+@pytest.mark.parametrize("region", ["crop", "masked", "full"])
+def test_rank_regions_score_different_pixels(pipe, image, box_mask, region):
+    x = torch.rand(2, 3, 64, 64, generator=gen(0))
+    m = torch.from_numpy(box_mask)[None, None]
+    s = pipe.ranker.score(x, "a red circle", m, region)
+    y = x.clone()
+    y[..., m[0, 0] == 0] = torch.rand_like(y[..., m[0, 0] == 0])  # change only the background
+    s2 = pipe.ranker.score(y, "a red circle", m, region)
+    if region == "masked":
+        assert torch.allclose(s, s2)
+    else:
+        assert not torch.allclose(s, s2)
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe, image, box_mask):
+    out = pipe("red " * 100, image, box_mask, num_inference_steps=2, generator=gen(0))
+    assert any("truncated" in w for w in out.warnings)
+    assert run(pipe, image, box_mask).warnings == []
+
+
+def test_tokenizer_gives_distinct_ids_for_distinct_prompts(pipe):
+    ids = {
+        p: tuple(pipe.tokenizer(p).input_ids)
+        for p in [
+            "a red circle",
+            "a blue circle",
+            "a red star",
+            "an orange cross",
+            "a purple square",
+        ]
+    }
+    assert len(set(ids.values())) == len(ids)
+    assert all(len(v) == 5 for k, v in ids.items() if k.startswith("a "))
+    assert len(set(pipe.tokenizer("zebra quokka").input_ids)) > 3  # unknown words still tokenize
+
+
+def test_blend_is_the_masked_mix():
+    z, bg = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    m = torch.tensor([[[[1.0, 0.0], [0.5, 0.0]]]])
+    assert blend(z, bg, m)[0, 0].tolist() == [[1.0, 0.0], [0.5, 0.0]]
+
+
+BAD = [
+    ("num_inference_steps", 0),
+    ("num_inference_steps", 2.5),
+    ("num_inference_steps", True),
+    ("guidance_scale", float("nan")),
+    ("guidance_scale", -1.0),
+    ("strength", 0.0),
+    ("strength", 1.5),
+    ("num_images_per_prompt", 0),
+    ("mask_downsample", "mean"),
+    ("shrink_iterations", -1),
+    ("background", "blur"),
+    ("background_noise", "pink"),
+    ("crop_to_mask", "yes"),
+    ("rank_region", "face"),
+    ("feather", -2),
+    ("generator", 42),
+    ("negative_prompt", 3),
+    ("callback", "print"),
+    ("crop_context", float("inf")),
+]
+
+
+@pytest.mark.parametrize("name, value", BAD)
+def test_bad_arguments_raise_value_error_naming_the_argument(pipe, image, box_mask, name, value):
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        pipe("a red circle", image, box_mask, **{"num_inference_steps": 2, name: value})
+
+
+def test_bad_prompt_image_and_mask_are_named(pipe, image, box_mask):
+    with pytest.raises(ValueError, match="^prompt: "):
+        pipe(None, image, box_mask)
+    with pytest.raises(ValueError, match="^image: "):
+        pipe("a", "/no/such/file.png", box_mask)
+    with pytest.raises(ValueError, match="^mask: the mask is empty"):
+        pipe("a", image, np.zeros((64, 64), np.float32))
+    with pytest.raises(ValueError, match="^mask: size 32x64 differs"):
+        pipe("a", image, np.ones((64, 32), np.float32))
+    with pytest.raises(ValueError, match="^mask: size 32x64 differs"):
+        pipe("a", image, torch.ones(64, 32))
+    with pytest.raises(ValueError, match="^generator: a list must hold num_images_per_prompt=2"):
+        pipe("a", image, box_mask, num_images_per_prompt=2, generator=[gen(0)])
+    with pytest.raises(ValueError, match=r"^background: .*'decoder' \(planned"):
+        pipe("a", image, box_mask, background="decoder")
+    with pytest.raises(ValueError, match="^strength: 0.05 x num_inference_steps 10 runs no step"):
+        pipe("a", image, box_mask, num_inference_steps=10, strength=0.05)
+
+
+def test_masks_module_is_what_the_pipeline_uses(pipe, image, box_mask):
+    out = run(pipe, image, box_mask, shrink_iterations=2)
+    m = torch.from_numpy(box_mask)[None, None]
+    exact = M.downsample_mask(m, 8, "max")
+    assert torch.equal(out.latent_mask, exact)
+    assert [torch.equal(a, b) for a, b in zip(out.mask_schedule, M.shrink_schedule(exact, 2))] == [
+        True,
+        True,
+        True,
+    ]
+
+
+def test_bfloat16_weights_run_and_keep_the_background(tiny_components, image, box_mask):
+    import copy
+
+    c = {
+        k: copy.deepcopy(v)
+        for k, v in tiny_components.items()
+        if k in ("unet", "vae", "text_encoder")
+    }
+    from blendedit import BlendedLatentDiffusionPipeline
+
+    p = BlendedLatentDiffusionPipeline(
+        c["unet"],
+        c["vae"],
+        c["text_encoder"],
+        tiny_components["tokenizer"],
+        tiny_components["scheduler"],
+    )
+    p.to("cpu", torch.bfloat16)
+    assert p.dtype == torch.bfloat16
+    out = run(p, image, box_mask)
+    assert np.abs(px(out.images[0]) - px(image))[box_mask == 0].max() == 0
+    assert torch.isfinite(out.latents.float()).all()
