@@ -39,6 +39,11 @@ SD_SCHEDULER = dict(
 )
 
 
+def _groups(channels) -> int:
+    """The largest GroupNorm group count <= 32 that divides every channel count."""
+    return max(g for g in range(1, 33) if all(c % g == 0 for c in channels))
+
+
 def _unet_config(preset: str, width_div: int, sample_size: int) -> dict:
     if preset == "tiny":
         return dict(
@@ -61,7 +66,7 @@ def _unet_config(preset: str, width_div: int, sample_size: int) -> dict:
             out_channels=4,
             layers_per_block=2,
             block_out_channels=ch,
-            norm_num_groups=min(32, ch[0] // 2),
+            norm_num_groups=_groups(ch),
             cross_attention_dim=768 // width_div,
             attention_head_dim=8,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -78,7 +83,7 @@ def _vae_config(preset: str, width_div: int, sample_size: int) -> dict:
         latent_channels=4,
         block_out_channels=ch,
         layers_per_block=1 if preset == "tiny" else 2,
-        norm_num_groups=min(32, ch[0] // 2),
+        norm_num_groups=4 if preset == "tiny" else _groups(ch),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         sample_size=sample_size * 8,
