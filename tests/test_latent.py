@@ -291,3 +291,27 @@ def test_bfloat16_weights_run_and_keep_the_background(tiny_components, image, bo
     out = run(p, image, box_mask)
     assert np.abs(px(out.images[0]) - px(image))[box_mask == 0].max() == 0
     assert torch.isfinite(out.latents.float()).all()
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler"])
+def test_v_prediction_models_blend_the_same_way(pipe, image, box_mask, scheduler):
+    """SD 2.x-style v-prediction: the scheduler converts the output; the blend is unchanged."""
+    from diffusers import DDIMScheduler
+
+    from blendedit.tiny import SD_SCHEDULER
+
+    pipe.scheduler = DDIMScheduler(**SD_SCHEDULER, prediction_type="v_prediction")
+    pipe.set_scheduler(scheduler)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    out = run(pipe, image, box_mask, background="none")
+    eps_out = run(
+        pipe.__class__(
+            pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, DDIMScheduler(**SD_SCHEDULER)
+        ),
+        image,
+        box_mask,
+        background="none",
+    )
+    outside = (out.latent_mask == 0).expand_as(out.latents)
+    assert torch.equal(out.latents[outside], out.source_latents.expand_as(out.latents)[outside])
+    assert not torch.allclose(out.latents, eps_out.latents)  # the prediction type is honoured

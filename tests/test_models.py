@@ -7,7 +7,7 @@ from diffusers import StableDiffusionPipeline
 from blendedit import BlendedLatentDiffusionPipeline, ClipRanker, ModelNotFoundError
 
 
-def test_folder_round_trip_gives_the_same_edit(tiny_components, tmp_path, image, box_mask):
+def test_folder_round_trip_gives_the_same_edit(tiny_components, pipe, tmp_path, image, box_mask):
     c = tiny_components
     sd = StableDiffusionPipeline(
         unet=c["unet"],
@@ -25,14 +25,7 @@ def test_folder_round_trip_gives_the_same_edit(tiny_components, tmp_path, image,
     loaded = BlendedLatentDiffusionPipeline.from_pretrained(
         str(tmp_path / "sd"), ranker=str(tmp_path / "clip")
     )
-    direct = BlendedLatentDiffusionPipeline(
-        c["unet"],
-        c["vae"],
-        c["text_encoder"],
-        c["tokenizer"],
-        c["scheduler"],
-        ClipRanker(c["ranker"], c["ranker_tokenizer"]),
-    )
+    direct = pipe  # the same components, handed over in memory
     kw = dict(num_inference_steps=4, num_images_per_prompt=2)
     a = loaded("a red star", image, box_mask, generator=[gen(0), gen(1)], **kw)
     b = direct("a red star", image, box_mask, generator=[gen(0), gen(1)], **kw)
