@@ -138,7 +138,8 @@ def _sync(device: torch.device) -> None:
 class BlendedLatentDiffusionPipeline:
     """Blended Latent Diffusion over any Stable Diffusion model (diffusers components).
 
-    >>> pipe = BlendedLatentDiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5")
+    >>> pipe = BlendedLatentDiffusionPipeline.from_pretrained(
+    ...     "stable-diffusion-v1-5/stable-diffusion-v1-5")
     >>> out = pipe("a red ball", image, mask, generator=torch.Generator().manual_seed(0))
     >>> out.images[0].save("edit.png")
     """

@@ -1,0 +1,1 @@
+"""Shapes World: the project's synthetic image domain (../shared/SHAPES_WORLD.md)."""

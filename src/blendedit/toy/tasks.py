@@ -1,0 +1,125 @@
+"""Shapes World edit tasks (SHAPES_WORLD.md, "Edit tasks"): a scene, a mask, a prompt and the
+ground truth, deterministic by seed.
+
+Kinds:
+- ``replace``: a box or ellipse of side 0.3 S to 0.5 S around an existing object; the prompt asks
+  for another colour and shape.
+- ``add``: the same over empty background.
+- ``small``: a box of side 0.18 S to 0.24 S (two or three latent cells at 128 px) over empty
+  background, prompt "a small ...".
+Every kind can be asked to touch the canvas border.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .world import COLOURS, SHADOW_OFFSET, SHAPES, Obj, Scene, describe, render, sample_scene
+
+TASK_KINDS = ("replace", "add", "small")
+
+
+@dataclass
+class EditTask:
+    seed: int
+    kind: str
+    scene: Scene
+    image: Image.Image
+    mask: Image.Image  # 'L', 255 = edit
+    box: tuple[float, float, float, float]  # mask bounds (x0, y0, x1, y1), x S
+    prompt: str
+    target: Obj  # the object the prompt asks for, placed as in the ground truth
+    ground_truth: Image.Image
+
+
+def _mask(size: int, box, ellipse: bool) -> Image.Image:
+    m = Image.new("L", (size, size), 0)
+    x0, y0, x1, y1 = (v * size for v in box)
+    draw = ImageDraw.Draw(m)
+    (draw.ellipse if ellipse else draw.rectangle)([x0, y0, x1 - 1, y1 - 1], fill=255)
+    return m
+
+
+def _clear(box, objects, pad: float) -> bool:
+    """No object's bounding circle (with its shadow) comes within ``pad`` of the box."""
+    x0, y0, x1, y1 = box
+    for o in objects:
+        nx, ny = min(max(o.cx, x0), x1), min(max(o.cy, y0), y1)
+        if math.hypot(o.cx - nx, o.cy - ny) < o.r + SHADOW_OFFSET * 2 + pad:
+            return False
+    return True
+
+
+def make_task(seed: int, kind: str, size: int = 128, touch_border: bool = False) -> EditTask:
+    """One edit task, the same for the same arguments."""
+    if kind not in TASK_KINDS:
+        raise ValueError(f"kind: expected one of {TASK_KINDS}, got {kind!r}")
+    rng = np.random.RandomState(seed)
+    for _ in range(1000):
+        task = _try(rng, seed, kind, size, touch_border)
+        if task is not None:
+            return task
+    raise RuntimeError(f"no {kind} task found for seed {seed}")  # never seen in practice
+
+
+def _try(rng, seed, kind, size, touch_border) -> EditTask | None:
+    n_obj = int(rng.randint(1, 4)) if kind == "replace" else int(rng.randint(0, 3))
+    scene = sample_scene(rng, n_obj)
+    if kind == "replace" and not scene.objects:
+        return None
+    side = float(rng.uniform(0.18, 0.24) if kind == "small" else rng.uniform(0.3, 0.5))
+    if kind == "replace":
+        old = scene.objects[rng.randint(len(scene.objects))]
+        side = max(side, 2 * old.r * 1.15)
+        if side > 0.5:
+            return None
+        cx, cy = old.cx, old.cy
+    else:
+        cx, cy = rng.uniform(side / 2, 1 - side / 2, size=2)
+    if touch_border:
+        edge = rng.randint(4)
+        cx = side / 2 if edge == 0 else 1 - side / 2 if edge == 1 else cx
+        cy = side / 2 if edge == 2 else 1 - side / 2 if edge == 3 else cy
+    box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+    if min(box) < 0 or max(box) > 1:
+        return None
+    others = [o for o in scene.objects if kind != "replace" or o is not old]
+    if not _clear(box, others, 0.0):
+        return None
+    shape = SHAPES[rng.randint(len(SHAPES))]
+    colour = list(COLOURS)[rng.randint(len(COLOURS))]
+    if kind == "replace" and (shape, colour) == (old.shape, old.colour):
+        return None
+    r_hi = min(side / 2 * 0.8, 0.11 if kind == "small" else 0.20)
+    r_lo = 0.07
+    if r_hi < r_lo:
+        return None
+    r = float(rng.uniform(r_lo, r_hi))
+    rot = 0.0 if shape == "circle" else float(rng.uniform(0, 2 * math.pi))
+    target = Obj(shape, colour, float(cx), float(cy), r, rot)
+    truth = scene.with_objects(others + [target])
+    prompt = describe(target, with_size=kind == "small")  # small: r < 0.096 S, "a small ..."
+    ellipse = kind != "small" and bool(rng.rand() < 0.5)
+    return EditTask(
+        seed=seed,
+        kind=kind,
+        scene=scene,
+        image=render(scene, size),
+        mask=_mask(size, box, ellipse),
+        box=box,
+        prompt=prompt,
+        target=target,
+        ground_truth=render(truth, size),
+    )
+
+
+def task_suite(n: int, size: int = 128, seed: int = 0) -> list[EditTask]:
+    """A fixed, seeded mix: replace / add / small in turn, every fourth touching the border."""
+    return [
+        make_task(seed * 100_000 + i, TASK_KINDS[i % 3], size, touch_border=(i % 4 == 3))
+        for i in range(n)
+    ]
