@@ -121,7 +121,8 @@ def _inside_convex(poly: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray
     inside = np.ones(x.shape, bool)
     n = len(poly)
     # orientation-independent: all cross products share the polygon's sign
-    sign = np.sign(np.cross(poly[1] - poly[0], poly[2] - poly[1]))
+    (ax, ay), (bx, by) = poly[1] - poly[0], poly[2] - poly[1]
+    sign = np.sign(ax * by - ay * bx)
     for i in range(n):
         (x0, y0), (x1, y1) = poly[i], poly[(i + 1) % n]
         inside &= sign * ((x1 - x0) * (y - y0) - (y1 - y0) * (x - x0)) >= 0
