@@ -166,5 +166,6 @@ def test_help_explains_every_option(capsys):
 def test_demo_runs_offline(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--quiet", "--steps", "3"]) == 0
     meta = json.loads((tmp_path / "d" / "scene.json").read_text())
-    assert meta["model"] == "tiny-random" and len(meta["results"]) == 4 and meta["seed"] == 0
+    assert meta["model"] == "toy" and len(meta["results"]) == 4 and meta["seed"] == 0
     assert (tmp_path / "d" / "inputs" / "scene.png").exists()
+    assert "judge: " in capsys.readouterr().err  # the demo reports the pixel judge's verdict

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
+from .demo import DEMO_PROMPT
 from .latent import SCHEDULERS, LatentEditOptions, options_fields
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -78,14 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render an example scene and mask, then edit it with the "
         "built-in model; writes the same outputs as `edit`.",
     )
-    d.add_argument("--prompt", default="a red circle", help="prompt (default: a red circle)")
+    d.add_argument("--prompt", default=DEMO_PROMPT, help=f"prompt (default: {DEMO_PROMPT})")
     _add_common(
         d,
-        default_model="tiny-random",
+        default_model="toy",
         default_out="blendedit-out/demo",
         default_steps=20,
         default_n=4,
         default_seed=0,
+    )
+    sub.add_parser(
+        "train-toy",
+        help="train the shipped Shapes World models (`blendedit train-toy --help`)",
+        add_help=False,
     )
     return p
 
@@ -153,6 +159,11 @@ def _add_common(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-toy"]:  # its own parser (blendedit.toy.train)
+        from .toy.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
@@ -166,21 +177,44 @@ def main(argv: list[str] | None = None) -> int:
 
 def _demo(args) -> int:
     from .demo import write_example
+    from .io import load_image, load_mask
+    from .toy.judge import judge, parse_prompt
 
     out = Path(args.out)
     image_path, mask_path = write_example(out / "inputs")
     args.image, args.mask, args.mask_from_alpha = str(image_path), str(mask_path), False
     if args.model == "tiny-random":
         print(
-            "blendedit demo: the shipped Shapes World model is not in this version; running the "
-            "pipeline end to end on 'tiny-random' (untrained weights: the edit is noise inside "
-            "the mask, the background is kept).",
+            "blendedit demo: 'tiny-random' has untrained weights: the edit is noise inside the "
+            "mask, the background is kept.",
             file=sys.stderr,
         )
-    return _edit(args)
+    written = _run_edit(args)
+    try:
+        parse_prompt(args.prompt)
+    except ValueError:
+        return 0  # not a Shapes World prompt: nothing for the judge to read
+    source = load_image(image_path)
+    mask = load_mask(mask_path, image=source)
+    best = written[0]
+    v = judge(load_image(best), mask, args.prompt, source=source)
+    found = "finds" if v.success else "does not find"
+    print(
+        f"judge: {found} {args.prompt!r} in the mask of {best.name} ({v.reason}); outside the "
+        f"mask: PSNR {v.psnr_outside:.1f} dB, max error {v.max_err_outside:.0f}/255",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _edit(args) -> int:
+    for path in _run_edit(args):
+        print(path)
+    return 0
+
+
+def _run_edit(args) -> list[Path]:
+    """Load, edit and write; returns the written paths (ranked images first)."""
     import torch
 
     from . import io, models
@@ -272,10 +306,7 @@ def _edit(args) -> int:
         seed=seed,
         wall_seconds=round(wall, 3),
     )
-    written = write_results(out_dir, Path(args.image).stem, image, result, seed, meta, inputs)
-    for path in written:
-        print(path)
-    return 0
+    return write_results(out_dir, Path(args.image).stem, image, result, seed, meta, inputs)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,32 @@
-"""A small example scene for `blendedit demo`: shapes on a two-colour gradient, and a mask."""
+"""The example for `blendedit demo`: a Shapes World scene (SHAPES_WORLD.md) and a mask."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from .io import save_image
+from .toy.world import Background, Obj, Scene, render
+
+DEMO_PROMPT = "a red circle"
+EXAMPLE = Scene(
+    Background("gradient", ("cream", "tan"), angle=0.0),
+    (
+        Obj("square", "blue", 0.74, 0.27, 0.15, 0.3),
+        Obj("triangle", "yellow", 0.73, 0.72, 0.16, 0.2),
+    ),
+)
+MASK_BOX = (0.08, 0.30, 0.50, 0.72)  # x0, y0, x1, y1 in units of the side: empty background
 
 
 def example_scene(size: int = 128) -> tuple[Image.Image, Image.Image]:
-    """A deterministic scene (blue square, yellow triangle on a cream-to-tan gradient) and a
-    mask: a box over empty background on the left, where the prompt adds an object."""
-    ramp = np.linspace(0, 1, size, dtype=np.float32)[None, :, None]
-    a, b = np.array([240, 234, 214], np.float32), np.array([196, 170, 130], np.float32)
-    bg = np.broadcast_to(a * (1 - ramp) + b * ramp, (size, size, 3))
-    img = Image.fromarray(np.round(bg).astype(np.uint8), "RGB")
-    d = ImageDraw.Draw(img)
-    s = size / 128
-    d.rectangle([80 * s, 20 * s, 110 * s, 50 * s], fill=(40, 90, 220))
-    d.polygon([(95 * s, 70 * s), (115 * s, 105 * s), (75 * s, 105 * s)], fill=(245, 215, 35))
+    """The example scene (a blue square and a yellow triangle on a cream-to-tan gradient) and a
+    box mask over empty background on the left, where the demo prompt adds an object."""
+    img = render(EXAMPLE, size)
     mask = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(mask).rectangle([14 * s, 40 * s, 62 * s, 88 * s], fill=255)
+    x0, y0, x1, y1 = (round(v * size) for v in MASK_BOX)
+    ImageDraw.Draw(mask).rectangle([x0, y0, x1 - 1, y1 - 1], fill=255)
     return img, mask
 
 

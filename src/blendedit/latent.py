@@ -178,7 +178,9 @@ class BlendedLatentDiffusionPipeline:
         if isinstance(ranker, str):
             ranker = ClipRanker.from_pretrained(ranker, local_files_only=local_files_only)
         elif ranker is None and "ranker" in c:
-            ranker = ClipRanker(c["ranker"], c["ranker_tokenizer"])
+            ranker = c["ranker"]
+            if not isinstance(ranker, ClipRanker):
+                ranker = ClipRanker(ranker, c["ranker_tokenizer"])
         pipe = cls(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"], ranker)
         pipe.set_scheduler(scheduler)
         return pipe

@@ -21,16 +21,40 @@ class ModelNotFoundError(ValueError):
 
 @contextmanager
 def quiet_transformers():
-    """Silence transformers' import-time notices (diffusers imports image processors that we do
-    not use, and transformers 5 warns that torchvision is absent); restores the level after."""
-    from transformers.utils import logging
+    """Silence transformers' and diffusers' notices and loading bars while importing and
+    loading (diffusers imports image processors that we do not use, transformers 5 warns that
+    torchvision is absent, diffusers that accelerate is); warnings we act on are raised by
+    blendedit itself. Restores the levels after."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
 
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
+    levels = tlog.get_verbosity(), dlog.get_verbosity()
+    bars = tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
     try:
         yield
     finally:
-        logging.set_verbosity(level)
+        tlog.set_verbosity(levels[0])
+        dlog.set_verbosity(levels[1])
+        if bars[0]:
+            tlog.enable_progress_bar()
+        if bars[1]:
+            dlog.enable_progress_bar()
+
+
+def dtype_kwargs(dtype) -> dict:
+    """The dtype keyword of diffusers' ``from_pretrained``: ``dtype`` from 0.42 on (where
+    ``torch_dtype`` is deprecated), ``torch_dtype`` before."""
+    import diffusers
+    from packaging.version import Version
+
+    if dtype is None:
+        return {}
+    new = Version(diffusers.__version__).release >= (0, 42)
+    return {"dtype" if new else "torch_dtype": dtype}
 
 
 def _tiny_random() -> dict:
@@ -39,8 +63,34 @@ def _tiny_random() -> dict:
     return build_tiny_components("tiny")
 
 
+#: The shipped Shapes World models (SHAPES_WORLD.md): ``pipeline/`` (a StableDiffusionPipeline
+#: folder), ``clip/`` (CLIPModel) and ``pixel/`` (UNet2DModel + scheduler), float16 safetensors.
+TOY_DIR = Path(__file__).parent / "assets" / "toy"
+
+
+def toy_folder(part: str) -> Path:
+    """``pipeline``, ``clip`` or ``pixel`` of the shipped Shapes World models."""
+    folder = TOY_DIR / part
+    if not folder.is_dir():
+        raise ModelNotFoundError(
+            f"model: the shipped Shapes World model is missing ({folder} does not exist); "
+            "reinstall blendedit, or train it with `blendedit train-toy` (see MODEL_CARD.md)"
+        )
+    return folder
+
+
+def _toy() -> dict:
+    import torch
+
+    from .ranking import ClipRanker
+
+    c = load_sd_components(str(toy_folder("pipeline")), torch_dtype=torch.float32)
+    c["ranker"] = ClipRanker.from_pretrained("toy", local_files_only=True)
+    return c
+
+
 #: Built-in names -> a function returning pipeline components (and optionally a ranker).
-BUILTIN_MODELS: dict[str, Callable[[], dict]] = {"tiny-random": _tiny_random}
+BUILTIN_MODELS: dict[str, Callable[[], dict]] = {"toy": _toy, "tiny-random": _tiny_random}
 
 HUB_HELP = (
     "it is not in the local Hugging Face cache and the hub cannot be reached (offline or "
@@ -63,18 +113,30 @@ def load_sd_components(
     """Components of a Stable Diffusion pipeline (``unet``, ``vae``, ``text_encoder``,
     ``tokenizer``, ``scheduler``; built-ins may add ``ranker``/``ranker_tokenizer``).
 
-    ``spec``: a built-in name (``tiny-random``), a local diffusers folder (with
-    ``model_index.json``), a single ``.safetensors``/``.ckpt`` file (``config``: the diffusers
-    folder or hub id describing its architecture, needed offline), or a hub id (SD 1.x/2.x).
+    ``spec``: a built-in name (``toy``: the shipped Shapes World model; ``tiny-random``), a
+    local diffusers folder (with ``model_index.json``), a single ``.safetensors``/``.ckpt``
+    file (``config``: the diffusers folder or hub id describing its architecture, needed
+    offline), or a hub id (SD 1.x/2.x).
     """
-    with quiet_transformers():
-        from diffusers import StableDiffusionPipeline
-
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model: expected a model name, folder, file or hub id, got {spec!r}")
     if spec in BUILTIN_MODELS:
         return BUILTIN_MODELS[spec]()
-    kw = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    kw = dict(**dtype_kwargs(torch_dtype), safety_checker=None, requires_safety_checker=False)
+    with quiet_transformers():
+        pipe = _load_pipeline(spec, kw, local_files_only, config)
+    return dict(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+    )
+
+
+def _load_pipeline(spec: str, kw: dict, local_files_only, config):
+    from diffusers import StableDiffusionPipeline
+
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -112,31 +174,31 @@ def load_sd_components(
                 f"model: cannot load {spec!r}: {HUB_HELP.format(spec=spec)}. "
                 f"Built-in models: {builtin}. ({type(e).__name__}: {str(e).splitlines()[0]})"
             ) from e
-    return dict(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
-    )
+    return pipe
 
 
 def load_clip(spec: str, *, local_files_only: bool | None = None):
-    """A ``transformers.CLIPModel`` and its tokenizer from a folder or hub id.
+    """A ``transformers.CLIPModel`` and its tokenizer from a folder, a hub id or ``toy``.
 
     Returns ``(model, tokenizer, folder_or_None)``.
     """
+    import torch
     from transformers import AutoTokenizer, CLIPModel
 
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"rank_model: expected a CLIP folder or hub id, got {spec!r}")
+    if spec == "toy":  # the shipped Shapes World CLIP
+        spec = str(toy_folder("clip"))
     path = Path(spec).expanduser()
     if _looks_like_path(spec) and not path.exists():
         raise ModelNotFoundError(f"rank_model: no such folder: {spec!r}")
     source = str(path) if path.is_dir() else spec
     try:
-        model = CLIPModel.from_pretrained(source, local_files_only=local_files_only)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        with quiet_transformers():
+            model = CLIPModel.from_pretrained(
+                source, local_files_only=local_files_only, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     except Exception as e:
         raise ModelNotFoundError(
             f"rank_model: cannot load CLIP {spec!r}: {HUB_HELP.format(spec=spec)}; or turn "

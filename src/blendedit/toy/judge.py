@@ -169,3 +169,25 @@ def _dilate(m: np.ndarray, k: int) -> np.ndarray:
         for dx in range(-k, k + 1):
             out |= p[k + dy : k + dy + h, k + dx : k + dx + w]
     return out
+
+
+def read_objects(image) -> list[tuple[str, str, float]]:
+    """Every object the judge can read anywhere in ``image``: (colour, shape, radius x S) for
+    each connected region of one object colour, large enough (as :func:`judge` requires) and
+    matching a shape template with IoU >= ``MIN_IOU``."""
+    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    size = img.shape[0]
+    labels = colour_labels(img)
+    found = []
+    for ci, colour in enumerate(COLOURS):
+        comp = components(labels == ci)
+        for k in range(1, comp.max() + 1):
+            region = comp == k
+            ys, xs = np.nonzero(region)
+            r = float((np.sqrt((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2).max() + 0.5) / size)
+            if r < R_MIN * 0.9:
+                continue
+            shape, iou = match_shape(region)
+            if iou >= MIN_IOU:
+                found.append((colour, shape, r))
+    return found

@@ -1,0 +1,159 @@
+"""Measure the shipped Shapes World models against issue 3's acceptance lines.
+
+    python -m blendedit.toy.evaluate [--model-dir DIR] [--out report.json]
+
+- ``t2i``: text-to-image "a {colour} {shape}" over all 30 combinations x 4 seeds; the judge
+  must find the prompted object (whole frame as the mask).
+- ``clip``: zero-shot colour+shape classification of single-object renders.
+- ``vae``: reconstruction PSNR on held-out scenes.
+- ``pixel``: share of unconditional samples with at least one object the judge can read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import dtype_kwargs, quiet_transformers
+from ..ranking import _features
+from .judge import judge, read_objects
+from .world import COLOURS, SHAPES, Scene, place, random_object, render, sample_background
+
+COMBOS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def single_object_scene(seed: int, index: int, colour: str, shape: str) -> Scene:
+    rng = np.random.RandomState([seed, index])
+    obj = place(rng, random_object(rng, shape=shape, colour=colour), [])
+    return Scene(sample_background(rng), (obj,))
+
+
+@torch.no_grad()
+def clip_zero_shot(folder, n: int = 300, seed: int = 2) -> float:
+    """Top-1 accuracy of the CLIP in ``folder`` choosing 'a {colour} {shape}' for ``n``
+    single-object renders (colours and shapes cycled, everything else random)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from .train import clip_pixels, tokenize
+
+    model = CLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    t = F.normalize(_features(model.get_text_features(input_ids=tokenize(tok, COMBOS))), dim=-1)
+    right = 0
+    for a in range(0, n, 50):
+        imgs, labels = [], []
+        for i in range(a, min(n, a + 50)):
+            label = i % len(COMBOS)
+            colour, shape = COMBOS[label].split()[1:]
+            img = render(single_object_scene(seed, i, colour, shape), 128)
+            imgs.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1)
+            labels.append(label)
+        v = _features(model.get_image_features(pixel_values=clip_pixels(torch.stack(imgs))))
+        v = F.normalize(v, dim=-1)
+        right += int((v @ t.T).argmax(1).eq(torch.tensor(labels)).sum())
+    return round(right / n, 4)
+
+
+@torch.no_grad()
+def vae_psnr(folder, heldout, n: int = 200) -> float:
+    """Mean PSNR (dB) of D(E(x)) (posterior mode, as the pipeline encodes) over ``n`` held-out
+    128 px scenes."""
+    from diffusers import AutoencoderKL
+
+    from .data import SceneData
+
+    vae = AutoencoderKL.from_pretrained(folder, **dtype_kwargs(torch.float32)).eval()
+    data = SceneData(heldout)
+    out = []
+    for a in range(0, n, 25):
+        x = torch.from_numpy(data.batch(range(a, min(n, a + 25)))).permute(0, 3, 1, 2).float()
+        rec = vae.decode(vae.encode(x / 127.5 - 1).latent_dist.mode()).sample
+        rec = ((rec + 1) * 127.5).clamp(0, 255).round()
+        mse = (rec - x).pow(2).mean((1, 2, 3))
+        out += [10 * math.log10(255**2 / max(float(m), 1e-10)) for m in mse]
+    return round(float(np.mean(out)), 2)
+
+
+def t2i_success(pipe_folder, seeds=(0, 1, 2, 3), steps: int = 25, guidance: float = 5.0):
+    """Judge text-to-image samples of every 'a {colour} {shape}'. Returns (rate, rows)."""
+    with quiet_transformers():
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        pipe_folder, **dtype_kwargs(torch.float32), safety_checker=None, local_files_only=True
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    full = np.ones((128, 128), bool)
+    for prompt in COMBOS:
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        images = pipe(
+            [prompt] * len(seeds),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            height=128,
+            width=128,
+        ).images
+        for s, img in zip(seeds, images):
+            v = judge(img, full, prompt)
+            rows.append(dict(prompt=prompt, seed=s, success=v.success, reason=v.reason))
+    return sum(r["success"] for r in rows) / len(rows), rows, pipe
+
+
+@torch.no_grad()
+def pixel_readable(folder, n: int = 100, steps: int = 100, seed: int = 0):
+    """Share of ``n`` unconditional samples (DDIM, ``steps``) in which the judge reads at least
+    one object. Returns (rate, images)."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(Path(folder) / "unet", **dtype_kwargs(torch.float32)).eval()
+    sched = DDIMScheduler.from_pretrained(Path(folder) / "scheduler")
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 64, 64, generator=g)
+    for t in sched.timesteps:
+        x = sched.step(unet(x, t).sample, t, x).prev_sample
+    imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    ok = [bool(read_objects(im)) for im in imgs]
+    return sum(ok) / n, imgs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m blendedit.toy.evaluate")
+    p.add_argument("--model-dir", default=str(Path(__file__).parents[1] / "assets" / "toy"))
+    p.add_argument("--heldout", default="runs/toy/heldout")
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--only", nargs="*", default=["t2i", "clip", "vae", "pixel"])
+    args = p.parse_args(argv)
+    d = Path(args.model_dir)
+    res = {}
+    t0 = time.time()
+    if "clip" in args.only:
+        res["clip_zero_shot_top1"] = clip_zero_shot(d / "clip", n=600)
+    if "vae" in args.only:
+        res["vae_psnr_db"] = vae_psnr(d / "pipeline" / "vae", args.heldout, n=200)
+    if "t2i" in args.only:
+        rate, rows, _ = t2i_success(d / "pipeline")
+        res["t2i_judge_success"] = rate
+        res["t2i_failures"] = [r for r in rows if not r["success"]]
+    if "pixel" in args.only and (d / "pixel").exists():
+        res["pixel_readable"] = pixel_readable(d / "pixel")[0]
+    res["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps({k: v for k, v in res.items() if k != "t2i_failures"}, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,733 @@
+"""Train the shipped Shapes World models (SHAPES_WORLD.md) from scratch.
+
+    python -m blendedit.toy.train data   --out runs/toy/data          # render the data set
+    python -m blendedit.toy.train clip   --data runs/toy/data --out runs/toy/clip
+    python -m blendedit.toy.train vae    --data runs/toy/data --out runs/toy/vae
+    python -m blendedit.toy.train unet   --data runs/toy/data --clip runs/toy/clip \
+                                         --vae runs/toy/vae --out runs/toy/unet
+    python -m blendedit.toy.train pixel  --data runs/toy/data --out runs/toy/pixel
+    python -m blendedit.toy.train assemble --work runs/toy --dest src/blendedit/assets/toy
+
+(also ``blendedit train-toy ...``). Every run writes to its ``--out`` folder: ``checkpoint.pt``
+(model, EMA, optimizer, step, wall time; loaded with ``torch.load(weights_only=True)``),
+``loss.csv`` and, at the end, ``model/`` (diffusers / transformers format) and ``card.md``.
+Running the same command again resumes from the checkpoint; a larger ``--steps`` extends a
+finished run. The data stream is a function of (seed, step), so a resumed run sees the batches an
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import quiet_transformers
+from .data import SceneData, build_dataset, train_caption
+from .world import COLOURS, PATTERN_WORDS, SHAPES, describe
+
+# --- architectures ---------------------------------------------------------------------------
+
+CLIP_IMAGE_SIZE = 64
+CLIP_MEAN = CLIP_STD = (0.5, 0.5, 0.5)
+TEXT_MAX_LENGTH = 32
+
+
+def world_words() -> list[str]:
+    """Every word a Shapes World caption uses (one token each in the toy tokenizer)."""
+    words = "a an and on big small background".split()
+    words += list(COLOURS) + list(SHAPES) + list(PATTERN_WORDS.values())
+    words += "cream light gray charcoal tan slate".split()
+    return sorted(set(words))
+
+
+def clip_config(tokenizer):
+    from transformers import CLIPConfig
+
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=512,
+            num_attention_heads=4,
+            num_hidden_layers=4,
+            max_position_embeddings=TEXT_MAX_LENGTH,
+            **ids,
+        ),
+        vision_config=dict(
+            hidden_size=128,
+            intermediate_size=512,
+            num_attention_heads=4,
+            num_hidden_layers=4,
+            image_size=CLIP_IMAGE_SIZE,
+            patch_size=8,
+        ),
+        projection_dim=128,
+    )
+
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(32, 64, 128, 128),
+    layers_per_block=1,
+    norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    mid_block_add_attention=False,  # fully convolutional: trains on crops, runs at any size
+    sample_size=128,
+)
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(64, 128, 192),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=128,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+PIXEL_CONFIG = dict(
+    sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64, 128),
+    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+    norm_num_groups=16,
+)
+LATENT_SCHEDULER = dict(  # Stable Diffusion 1.x's
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+PIXEL_SCHEDULER = dict(  # DDPM's (Ho et al.)
+    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
+)
+
+
+# --- the training loop -----------------------------------------------------------------------
+
+
+@dataclass
+class RunInfo:
+    step: int
+    wall: float  # seconds of training, summed over resumed runs
+
+
+class Run:
+    """Checkpointing, resuming, EMA, LR schedule, loss log and progress bar for one model."""
+
+    def __init__(self, out: Path, model: torch.nn.Module, args, ema: bool):
+        self.out, self.model, self.args = Path(out), model, args
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+        self.ema = None
+        if ema:
+            self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.info = RunInfo(0, 0.0)
+        self.smooth = None  # running loss shown and logged
+        if args.fresh:
+            (self.out / "commands.log").unlink(missing_ok=True)
+        ckpt = self.out / "checkpoint.pt"
+        if ckpt.exists() and not args.fresh:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            if self.ema is not None:
+                self.ema = state["ema"]
+            self.info = RunInfo(int(state["step"]), float(state["wall"]))
+            self.smooth = state.get("smooth")
+            print(f"resumed {ckpt} at step {self.info.step}", file=sys.stderr)
+        with (self.out / "commands.log").open("a") as f:  # the recipe, invocation by invocation
+            f.write(f"from step {self.info.step}: {command_line()}\n")
+
+    def lr(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, self.args.warmup))
+        progress = step / max(1, self.args.steps)
+        return self.args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, progress))))
+
+    def save(self) -> None:
+        state = dict(
+            model=self.model.state_dict(),
+            opt=self.opt.state_dict(),
+            step=self.info.step,
+            wall=self.info.wall,
+        )
+        if self.smooth is not None:
+            state["smooth"] = self.smooth
+        if self.ema is not None:
+            state["ema"] = self.ema
+        tmp = self.out / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / "checkpoint.pt")
+
+    def train(self, loss_fn) -> None:
+        """Run ``loss_fn(step) -> (loss, extra dict)`` until ``args.steps``."""
+        from tqdm.auto import tqdm
+
+        args = self.args
+        log = self.out / "loss.csv"
+        if not log.exists() or self.info.step == 0:
+            log.write_text("step,loss,lr,samples_per_s,wall_s\n")
+        self.model.train()
+        bar = tqdm(
+            total=args.steps, initial=self.info.step, desc=self.out.name, unit="step", smoothing=0
+        )
+        t_last, smooth = time.time(), self.smooth
+        stop = min(args.steps, args.stop_at or args.steps)
+        while self.info.step < stop:
+            t0 = time.time()
+            step = self.info.step
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr(step)
+            loss = loss_fn(step)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            if self.ema is not None:
+                decay = min(args.ema, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for k, v in self.model.state_dict().items():
+                        if v.dtype.is_floating_point:
+                            self.ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                        else:
+                            self.ema[k].copy_(v)
+            self.info.step += 1
+            self.info.wall += time.time() - t0
+            v = float(loss.detach())
+            smooth = v if smooth is None else 0.98 * smooth + 0.02 * v
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.4f}")
+            if self.info.step % args.log_every == 0 or self.info.step == args.steps:
+                rate = args.batch_size * args.log_every / max(1e-9, time.time() - t_last)
+                t_last = time.time()
+                with log.open("a") as f:
+                    f.write(
+                        f"{self.info.step},{smooth:.6f},{self.lr(step):.3g},{rate:.1f},"
+                        f"{self.info.wall:.1f}\n"
+                    )
+            self.smooth = smooth
+            if self.info.step % args.ckpt_every == 0:
+                self.save()
+        bar.close()
+        self.save()
+        self.model.eval()
+        return self.info.step >= args.steps
+
+    def final_state(self) -> dict:
+        return self.ema if self.ema is not None else self.model.state_dict()
+
+
+def command_line() -> str:
+    argv = sys.argv[1:]
+    if argv[:1] == ["train-toy"]:  # called as `blendedit train-toy ...`
+        argv = argv[1:]
+    return "python -m blendedit.toy.train " + " ".join(argv)
+
+
+def write_card(out: Path, title: str, args, run: Run, params: int, metrics: dict, notes: str):
+    log = out / "commands.log"
+    cmds = log.read_text().splitlines() if log.exists() else [command_line()]
+    hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
+    if torch.cuda.is_available():
+        hw = torch.cuda.get_device_name(0)
+    lines = [
+        f"# {title}",
+        "",
+        notes,
+        "",
+        *[f"- command: `{c.split(': ', 1)[-1]}` ({c.split(': ', 1)[0]})" for c in cmds],
+        f"- parameters: {params / 1e6:.2f} M",
+        f"- steps: {run.info.step}, batch size {args.batch_size}, samples seen "
+        f"{run.info.step * args.batch_size}",
+        f"- optimizer: AdamW lr {args.lr} (warm-up {args.warmup} steps, cosine to 10%), "
+        f"weight decay 0.01, grad-norm clip 1"
+        + (f", EMA {args.ema}" if run.ema is not None else ""),
+        f"- data: {args.data} (Shapes World v1, seed {args.seed})",
+        f"- wall time: {run.info.wall / 60:.1f} min of training on {hw}, torch {torch.__version__}",
+        "- final metrics: " + ", ".join(f"{k} {v}" for k, v in metrics.items()),
+        "",
+    ]
+    (out / "card.md").write_text("\n".join(lines))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def _rng(args, step: int) -> np.random.RandomState:
+    return np.random.RandomState([args.seed, step])
+
+
+def _images(data: SceneData, idx) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1]."""
+    x = torch.from_numpy(data.batch(idx).copy()).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1
+
+
+def clip_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images of any size -> the toy CLIP's input (as ClipRanker preprocesses)."""
+    x = F.interpolate(
+        (x + 1) / 2, size=(CLIP_IMAGE_SIZE,) * 2, mode="bicubic", antialias=True
+    ).clamp(0, 1)
+    return (x - 0.5) / 0.5
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        texts,
+        padding="max_length",
+        max_length=TEXT_MAX_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+# --- CLIP --------------------------------------------------------------------------------------
+
+
+def _object_crop(scene, rng, size: int):
+    """A square crop (x0, y0, side) in pixels around one object, and its caption."""
+    o = scene.objects[rng.randint(len(scene.objects))]
+    side = rng.uniform(min(1.0, max(2.4 * o.r, 0.3)), 1.0)
+    lo_x, hi_x = max(0.0, o.cx + o.r - side), min(o.cx - o.r, 1 - side)
+    lo_y, hi_y = max(0.0, o.cy + o.r - side), min(o.cy - o.r, 1 - side)
+    x0 = rng.uniform(lo_x, max(lo_x, hi_x))
+    y0 = rng.uniform(lo_y, max(lo_y, hi_y))
+    px = max(8, round(side * size))
+    return (min(size - px, round(x0 * size)), min(size - px, round(y0 * size)), px), describe(
+        o, with_size=False
+    )
+
+
+def train_clip(args) -> None:
+    from transformers import CLIPModel
+
+    from ..tokenizer import build_clip_tokenizer
+
+    out = Path(args.out)
+    data = SceneData(args.data)
+    tok = build_clip_tokenizer(world_words(), out / "tokenizer", max_length=TEXT_MAX_LENGTH)
+    torch.manual_seed(args.seed)
+    model = CLIPModel(clip_config(tok))
+    run = Run(out, model, args, ema=False)
+
+    def loss_fn(step):
+        rng = _rng(args, step)
+        idx = rng.randint(len(data), size=args.batch_size)
+        x = _images(data, idx)
+        pix, texts = [], []
+        for k, i in enumerate(idx):
+            scene = data.scenes[i]
+            img = x[k : k + 1]
+            if scene.objects and rng.rand() < args.crop_prob:
+                (x0, y0, px), text = _object_crop(scene, rng, img.shape[-1])
+                img = img[..., y0 : y0 + px, x0 : x0 + px]
+            else:
+                text = train_caption(scene, rng, drop=0.0)
+            pix.append(clip_pixels(img))
+            texts.append(text)
+        ids = tokenize(tok, texts)
+        o = model(input_ids=ids, pixel_values=torch.cat(pix))
+        logits = o.logits_per_image  # (B, B), scaled
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+        target = same / same.sum(1, keepdim=True)  # identical captions are all positives
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+    if not run.train(loss_fn):
+        return
+    model.load_state_dict(run.final_state())
+    folder = out / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_preprocessor(folder)
+    from .evaluate import clip_zero_shot
+
+    acc = clip_zero_shot(folder, n=300)
+    params = sum(p.numel() for p in model.parameters())
+    write_card(
+        out,
+        "Shapes World CLIP",
+        args,
+        run,
+        params,
+        {"zero-shot top-1 (300 renders)": acc},
+        "Contrastive image-text model (`transformers.CLIPModel`, ViT 64 px / patch 8, 4 layers "
+        "of 128 wide in each tower) with a CLIP BPE tokenizer learned offline on the world's "
+        "words. Captions are drawn afresh every step; with probability "
+        f"{args.crop_prob} the image is a square crop around one object captioned with that "
+        "object (what ranking sees). Identical captions in a batch count as positives.",
+    )
+
+
+def write_preprocessor(folder: Path) -> None:
+    (Path(folder) / "preprocessor_config.json").write_text(
+        json.dumps(
+            dict(
+                image_processor_type="CLIPImageProcessor",
+                do_resize=True,
+                size={"shortest_edge": CLIP_IMAGE_SIZE},
+                do_center_crop=True,
+                crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
+                do_normalize=True,
+                image_mean=list(CLIP_MEAN),
+                image_std=list(CLIP_STD),
+                resample=3,
+            ),
+            indent=2,
+        )
+    )
+
+
+# --- VAE -------------------------------------------------------------------------------------
+
+
+def train_vae(args) -> None:
+    from diffusers import AutoencoderKL
+
+    out = Path(args.out)
+    data = SceneData(args.data)
+    torch.manual_seed(args.seed)
+    model = AutoencoderKL(**VAE_CONFIG)
+    run = Run(out, model, args, ema=True)
+    size = data.images.shape[1]
+
+    def loss_fn(step):
+        rng = _rng(args, step)
+        idx = rng.randint(len(data), size=args.batch_size)
+        x = _images(data, idx)
+        c = args.crop
+        if c < size:
+            crops = []
+            for k in range(len(idx)):
+                y0, x0 = rng.randint(0, size - c + 1, size=2) // 8 * 8
+                crops.append(x[k, :, y0 : y0 + c, x0 : x0 + c])
+            x = torch.stack(crops)
+        post = model.encode(x).latent_dist
+        rec = model.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + args.kl * kl
+
+    if not run.train(loss_fn):
+        return
+    model.load_state_dict(run.final_state())
+    heldout = SceneData(args.heldout)
+    with torch.no_grad():
+        z = torch.cat(
+            [
+                model.encode(_images(heldout, range(a, min(a + 50, 200)))).latent_dist.mode()
+                for a in range(0, 200, 50)
+            ]
+        )
+    model.register_to_config(scaling_factor=float(1 / z.std()))
+    folder = out / "model"
+    model.save_pretrained(folder)
+    from .evaluate import vae_psnr
+
+    psnr = vae_psnr(folder, args.heldout, n=200)
+    params = sum(p.numel() for p in model.parameters())
+    write_card(
+        out,
+        "Shapes World VAE",
+        args,
+        run,
+        params,
+        {"PSNR on 200 held-out scenes (dB)": psnr, "scaling_factor": round(1 / float(z.std()), 4)},
+        "`diffusers.AutoencoderKL`, downscale 8 (128 px -> 16x16x4 latents), no attention (fully "
+        f"convolutional, trained on random {args.crop} px crops aligned to the 8 px grid). Loss: "
+        f"MSE + 0.5 L1 + {args.kl} x KL (per pixel). The scaling factor is 1 / std of held-out "
+        "latents, as for Stable Diffusion.",
+    )
+
+
+# --- text-to-image UNet ----------------------------------------------------------------------
+
+
+def _encode_latents(vae_folder: Path, data: SceneData, cache: Path, batch: int = 100):
+    """Posterior means x scaling factor of every training image (cached to ``cache``)."""
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    vae = AutoencoderKL.from_pretrained(vae_folder).eval()
+    zs = []
+    with torch.no_grad():
+        for a in tqdm(range(0, len(data), batch), desc="encode latents", unit="batch"):
+            x = _images(data, range(a, min(a + batch, len(data))))
+            zs.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+    z = torch.cat(zs).contiguous()
+    torch.save(z, str(cache) + ".tmp")
+    os.replace(str(cache) + ".tmp", cache)
+    return z
+
+
+def _min_snr_weight(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    ac = scheduler.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_unet(args) -> None:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = SceneData(args.data)
+    z_all = _encode_latents(Path(args.vae) / "model", data, out / "latents.pt")
+    clip_folder = Path(args.clip) / "model"
+    tok = AutoTokenizer.from_pretrained(clip_folder)
+    text = CLIPTextModel.from_pretrained(clip_folder).eval().requires_grad_(False)
+    sched = DDPMScheduler(**{k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"})
+    torch.manual_seed(args.seed)
+    model = UNet2DConditionModel(**UNET_CONFIG)
+    run = Run(out, model, args, ema=True)
+
+    def loss_fn(step):
+        rng = _rng(args, step)
+        idx = rng.randint(len(data), size=args.batch_size)
+        z0 = z_all[idx]
+        texts = [train_caption(data.scenes[i], rng) for i in idx]
+        with torch.no_grad():
+            cond = text(tokenize(tok, texts))[0]
+        g = torch.Generator().manual_seed(int(rng.randint(2**31)))
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
+        zt = sched.add_noise(z0, noise, t)
+        pred = model(zt, t, cond).sample
+        w = _min_snr_weight(sched, t, args.min_snr)
+        return (w * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+
+    if not run.train(loss_fn):
+        return
+    model.load_state_dict(run.final_state())
+    model.save_pretrained(out / "model")
+    params = sum(p.numel() for p in model.parameters())
+    write_card(
+        out,
+        "Shapes World text-to-image UNet",
+        args,
+        run,
+        params,
+        {},
+        "`diffusers.UNet2DConditionModel` on 16x16x4 VAE latents, cross-attention on the toy "
+        "CLIP's text encoder (frozen; last hidden state, as Stable Diffusion), epsilon "
+        "prediction, Stable Diffusion 1.x's noise schedule, min-SNR loss weighting "
+        f"(gamma {args.min_snr}), captions drawn afresh every step, {int(100 * 0.1)}% empty "
+        "(for classifier-free guidance). Weights are the EMA.",
+    )
+
+
+# --- pixel model -----------------------------------------------------------------------------
+
+
+def train_pixel(args) -> None:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    out = Path(args.out)
+    data = SceneData(args.data)
+    sched = DDPMScheduler(**PIXEL_SCHEDULER)
+    torch.manual_seed(args.seed)
+    model = UNet2DModel(**PIXEL_CONFIG)
+    run = Run(out, model, args, ema=True)
+    factor = data.images.shape[1] // PIXEL_CONFIG["sample_size"]
+
+    def loss_fn(step):
+        rng = _rng(args, step)
+        idx = rng.randint(len(data), size=args.batch_size)
+        x0 = F.avg_pool2d(_images(data, idx), factor)  # box-filtered 128 px renders
+        g = torch.Generator().manual_seed(int(rng.randint(2**31)))
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
+        pred = model(sched.add_noise(x0, noise, t), t).sample
+        w = _min_snr_weight(sched, t, args.min_snr)
+        return (w * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+
+    if not run.train(loss_fn):
+        return
+    model.load_state_dict(run.final_state())
+    folder = out / "model"
+    model.save_pretrained(folder / "unet")
+    sched.save_pretrained(folder / "scheduler")
+    params = sum(p.numel() for p in model.parameters())
+    write_card(
+        out,
+        "Shapes World pixel model",
+        args,
+        run,
+        params,
+        {},
+        "Unconditional `diffusers.UNet2DModel` at 64 px (the 128 px renders box-filtered by 2), "
+        "epsilon prediction, DDPM's linear schedule (1e-4 to 0.02, 1000 steps), min-SNR "
+        f"weighting (gamma {args.min_snr}). For Blended Diffusion. Weights are the EMA.",
+    )
+
+
+# --- assembling the shipped folder ------------------------------------------------------------
+
+
+def assemble(args) -> None:
+    """Build the shipped folder from finished runs: ``pipeline/`` (StableDiffusionPipeline:
+    toy VAE, CLIP text encoder and tokenizer, UNet, DDIM), ``clip/`` (CLIPModel, for ranking
+    and guidance) and ``pixel/`` (UNet2DModel + DDPM scheduler), weights in float16."""
+    with quiet_transformers():
+        from diffusers import (
+            AutoencoderKL,
+            DDIMScheduler,
+            StableDiffusionPipeline,
+            UNet2DConditionModel,
+        )
+    from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
+
+    work, dest = Path(args.work), Path(args.dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    clip_folder = work / "clip" / "model"
+    half = torch.float16
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(work / "vae" / "model").to(half),
+        text_encoder=CLIPTextModel.from_pretrained(clip_folder).to(half),
+        tokenizer=AutoTokenizer.from_pretrained(clip_folder),
+        unet=UNet2DConditionModel.from_pretrained(work / "unet" / "model").to(half),
+        scheduler=DDIMScheduler(**LATENT_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp / "pipeline")
+    clip = CLIPModel.from_pretrained(clip_folder).to(half)
+    clip.save_pretrained(tmp / "clip")
+    AutoTokenizer.from_pretrained(clip_folder).save_pretrained(tmp / "clip")
+    write_preprocessor(tmp / "clip")
+    pixel = work / "pixel" / "model"
+    if pixel.exists():
+        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+        DDPMPipeline(
+            unet=UNet2DModel.from_pretrained(pixel / "unet").to(half),
+            scheduler=DDPMScheduler.from_pretrained(pixel / "scheduler"),
+        ).save_pretrained(tmp / "pixel")
+    cards = [work / n / "card.md" for n in ("clip", "vae", "unet", "pixel")]
+    text = [
+        "# Shapes World models (shipped with blendedit)",
+        "",
+        "Trained from scratch by `blendedit.toy.train` on scenes rendered by `blendedit.toy` "
+        "(SHAPES_WORLD.md); weights stored as float16 safetensors, loaded as float32. Data: "
+        "`python -m blendedit.toy.train data --out runs/toy/data -n 30000 --seed 0` (training) "
+        "and `... data --out runs/toy/heldout -n 1000 --seed 1` (held out). Then each model's "
+        "commands below, in this order (the UNet needs the CLIP and the VAE), and "
+        "`python -m blendedit.toy.train assemble`. Figures: `python -m blendedit.toy.evaluate`.",
+        "",
+    ]
+    text += [c.read_text() for c in cards if c.exists()]
+    (tmp / "MODEL_CARD.md").write_text("\n".join(text))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    total = sum(f.stat().st_size for f in dest.rglob("*.safetensors"))
+    print(f"assembled {dest}: {total / 1e6:.1f} MB of safetensors")
+
+
+# --- command line ----------------------------------------------------------------------------
+
+DEFAULTS = {  # per model: steps, batch size, lr, warm-up
+    "clip": dict(steps=3000, batch_size=128, lr=5e-4, warmup=200),
+    "vae": dict(steps=6000, batch_size=16, lr=3e-4, warmup=200),
+    "unet": dict(steps=3000, batch_size=32, lr=4e-4, warmup=200),
+    "pixel": dict(steps=3000, batch_size=16, lr=3e-4, warmup=200),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blendedit train-toy", description="Train the shipped Shapes World models."
+    )
+    sub = p.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("data", help="render a training data set")
+    d.add_argument("--out", default="runs/toy/data")
+    d.add_argument("-n", type=int, default=30000)
+    d.add_argument("--size", type=int, default=128)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workers", type=int, default=None)
+    for name, dflt in DEFAULTS.items():
+        s = sub.add_parser(name, help=f"train the {name} model")
+        s.add_argument("--data", default="runs/toy/data")
+        s.add_argument("--heldout", default="runs/toy/heldout")
+        s.add_argument("--out", default=f"runs/toy/{name}")
+        s.add_argument("--steps", type=int, default=dflt["steps"])
+        s.add_argument("--batch-size", type=int, default=dflt["batch_size"])
+        s.add_argument("--lr", type=float, default=dflt["lr"])
+        s.add_argument("--warmup", type=int, default=dflt["warmup"])
+        s.add_argument("--ema", type=float, default=0.999)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--threads", type=int, default=None)
+        s.add_argument("--log-every", type=int, default=25)
+        s.add_argument("--ckpt-every", type=int, default=250)
+        s.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+        s.add_argument(
+            "--stop-at",
+            type=int,
+            default=None,
+            help="checkpoint and exit at this step (the schedule still runs to --steps); "
+            "run again without it to go on",
+        )
+        if name == "clip":
+            s.add_argument("--crop-prob", type=float, default=0.3)
+        if name == "vae":
+            s.add_argument("--crop", type=int, default=32, help="training crop side (px)")
+            s.add_argument("--kl", type=float, default=1e-6)
+        if name in ("unet", "pixel"):
+            s.add_argument("--min-snr", type=float, default=5.0)
+        if name == "unet":
+            s.add_argument("--clip", default="runs/toy/clip")
+            s.add_argument("--vae", default="runs/toy/vae")
+    a = sub.add_parser("assemble", help="build the shipped folder from finished runs")
+    a.add_argument("--work", default="runs/toy")
+    a.add_argument("--dest", default=str(Path(__file__).parents[1] / "assets" / "toy"))
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.what == "data":
+        build_dataset(args.out, args.n, args.size, args.seed, args.workers)
+        return 0
+    if args.what == "assemble":
+        assemble(args)
+        return 0
+    with quiet_transformers():
+        {"clip": train_clip, "vae": train_vae, "unet": train_unet, "pixel": train_pixel}[args.what](
+            args
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

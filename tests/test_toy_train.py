@@ -1,0 +1,147 @@
+"""Shapes World training code: data sets, captions, tokenizer, checkpoints and resuming."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blendedit.tokenizer import build_clip_tokenizer
+from blendedit.toy import train as T
+from blendedit.toy.data import (
+    SceneData,
+    build_dataset,
+    scene_for,
+    scene_from_dict,
+    scene_to_dict,
+    train_caption,
+)
+from blendedit.toy.judge import read_objects
+from blendedit.toy.world import Background, Obj, Scene, render
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return build_dataset(tmp_path_factory.mktemp("data"), n=12, size=128, seed=0, workers=1)
+
+
+def test_dataset_is_scene_for_index_and_round_trips(data_dir):
+    data = SceneData(data_dir)
+    assert data.images.shape == (12, 128, 128, 3) and data.images.dtype == np.uint8
+    for i in (0, 7):
+        assert data.scenes[i] == scene_for(0, i)
+        assert (
+            scene_from_dict(json.loads(json.dumps(scene_to_dict(data.scenes[i]))))
+            == (data.scenes[i])
+        )
+        assert np.array_equal(data.images[i], np.asarray(render(scene_for(0, i), 128)))
+    assert scene_for(1, 0) != scene_for(0, 0)  # the held-out seed draws other scenes
+    stamp = (data_dir / "images-128.npy").stat().st_mtime_ns
+    build_dataset(data_dir, n=12, size=128, seed=0, workers=1)  # complete: not rebuilt
+    assert (data_dir / "images-128.npy").stat().st_mtime_ns == stamp
+
+
+def test_missing_dataset_says_how_to_build_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="blendedit.toy.train data"):
+        SceneData(tmp_path)
+
+
+def test_captions_drop_about_ten_percent_and_name_only_the_scenes_objects():
+    rng = np.random.RandomState(0)
+    scene = Scene(
+        Background("plain", ("slate",)),
+        (Obj("star", "red", 0.3, 0.3, 0.1, 0.0), Obj("cross", "blue", 0.7, 0.7, 0.18, 0.0)),
+    )
+    caps = [train_caption(scene, rng) for _ in range(2000)]
+    assert 0.08 < caps.count("") / len(caps) < 0.12
+    singles = [c for c in caps if c and " and " not in c]
+    assert len(singles) > 500  # one object of a multi-object scene (SHAPES_WORLD.md)
+    for c in caps:
+        assert ("red star" in c) or ("blue cross" in c) or c == ""
+        assert "green" not in c and "circle" not in c
+
+
+def test_world_tokenizer_one_token_per_word_and_captions_fit(tmp_path):
+    tok = build_clip_tokenizer(T.world_words(), tmp_path, max_length=T.TEXT_MAX_LENGTH)
+    for w in T.world_words():
+        assert len(tok(w).input_ids) == 3, w  # bos, word, eos
+    longest = "a small purple triangle and a big orange square and a small yellow cross on a "
+    longest += "light gray background"
+    assert len(tok(longest).input_ids) <= T.TEXT_MAX_LENGTH
+    ids = T.tokenize(tok, ["a red circle", "a red square", "a blue circle", ""])
+    assert ids.shape == (4, T.TEXT_MAX_LENGTH)
+    assert len({tuple(r.tolist()) for r in ids}) == 4
+
+
+def test_read_objects_reads_every_rendered_object():
+    scene = Scene(
+        Background("stripes", ("cream", "gray"), angle=0.785, period=0.1),
+        (Obj("star", "green", 0.3, 0.3, 0.15, 0.4), Obj("circle", "purple", 0.72, 0.7, 0.12)),
+    )
+    found = {(c, s) for c, s, _ in read_objects(render(scene, 64))}
+    assert found == {("green", "star"), ("purple", "circle")}
+    assert read_objects(render(Scene(Background("plain", ("tan",))), 64)) == []
+
+
+def _pixel_args(data_dir, out, steps, fresh=False, stop_at=None):
+    return T.build_parser().parse_args(
+        [
+            "pixel",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--steps",
+            str(steps),
+            "--batch-size",
+            "2",
+            "--log-every",
+            "1",
+            "--ckpt-every",
+            "1",
+            "--warmup",
+            "2",
+        ]
+        + (["--fresh"] if fresh else [])
+        + (["--stop-at", str(stop_at)] if stop_at else [])
+    )
+
+
+def _shrink_pixel(monkeypatch):
+    small = dict(T.PIXEL_CONFIG, block_out_channels=(8, 8, 16, 16), norm_num_groups=4)
+    monkeypatch.setattr(T, "PIXEL_CONFIG", small)
+
+
+def test_pixel_training_resumes_exactly_and_writes_a_loadable_model(
+    data_dir, tmp_path, monkeypatch
+):
+    _shrink_pixel(monkeypatch)
+    T.train_pixel(_pixel_args(data_dir, tmp_path / "straight", 4))
+    T.train_pixel(_pixel_args(data_dir, tmp_path / "resumed", 4, stop_at=2))  # interrupted
+    assert not (tmp_path / "resumed" / "model").exists()
+    T.train_pixel(_pixel_args(data_dir, tmp_path / "resumed", 4))  # the same command again
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
+    a = load_file(tmp_path / "straight" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "resumed" / "loss.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss") and [r.split(",")[0] for r in log[1:]] == [
+        "1",
+        "2",
+        "3",
+        "4",
+    ]
+    card = (tmp_path / "resumed" / "card.md").read_text()
+    assert "steps: 4" in card and "python -m blendedit.toy.train" in card
+    from diffusers import UNet2DModel
+
+    UNet2DModel.from_pretrained(tmp_path / "resumed" / "model" / "unet")
+
+
+def test_fresh_ignores_the_checkpoint(data_dir, tmp_path, monkeypatch):
+    _shrink_pixel(monkeypatch)
+    T.train_pixel(_pixel_args(data_dir, tmp_path / "r", 2))
+    T.train_pixel(_pixel_args(data_dir, tmp_path / "r", 1, fresh=True))
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 1
