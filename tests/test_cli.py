@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from blendedit import models
 from blendedit.cli import main
 
 
@@ -166,6 +167,18 @@ def test_help_explains_every_option(capsys):
 def test_demo_runs_offline(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--quiet", "--steps", "3"]) == 0
     meta = json.loads((tmp_path / "d" / "scene.json").read_text())
-    assert meta["model"] == "toy" and len(meta["results"]) == 4 and meta["seed"] == 0
+    expected = "toy" if models.toy_shipped() else "tiny-random"  # falls back, and says so
+    assert meta["model"] == expected and len(meta["results"]) == 4 and meta["seed"] == 0
     assert (tmp_path / "d" / "inputs" / "scene.png").exists()
     assert "judge: " in capsys.readouterr().err  # the demo reports the pixel judge's verdict
+
+
+def test_demo_without_the_shipped_model_says_so_and_runs_on_tiny_random(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(models, "TOY_DIR", tmp_path / "no-models")
+    assert main(["demo", "--out", str(tmp_path / "d"), "--quiet", "--steps", "2", "-n", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "not in this checkout yet" in err and "tiny-random" in err
+    meta = json.loads((tmp_path / "d" / "scene.json").read_text())
+    assert meta["model"] == "tiny-random"

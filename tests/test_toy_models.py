@@ -10,8 +10,12 @@ from blendedit.toy.judge import judge
 from blendedit.toy.world import COLOURS, SHAPES
 
 MAX_BYTES = 60 * 1000 * 1000
+shipped = pytest.mark.skipif(
+    not models.toy_shipped(), reason="the Shapes World models are not shipped yet (issue 3)"
+)
 
 
+@shipped
 def test_shipped_weights_are_safetensors_and_at_most_60_mb():
     files = [f for f in models.TOY_DIR.rglob("*") if f.is_file()]
     weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth")]
@@ -29,6 +33,7 @@ def toy():
     return BlendedLatentDiffusionPipeline.from_pretrained("toy")
 
 
+@shipped
 def test_toy_loads_by_name_in_float32_with_its_own_ranker(toy):
     assert toy.native_size == 128 and toy.dtype == torch.float32
     assert toy.text_encoder.dtype == torch.float32 and toy.vae.dtype == torch.float32
@@ -39,6 +44,7 @@ def test_toy_loads_by_name_in_float32_with_its_own_ranker(toy):
     assert len(ids) == 30 and all(len(i) == 5 for i in ids)  # bos a colour shape eos
 
 
+@shipped
 def test_shipped_clip_and_pixel_model_load_by_folder_and_name():
     from diffusers import DDPMPipeline
 
@@ -54,6 +60,7 @@ def test_missing_shipped_model_says_how_to_get_it(monkeypatch, tmp_path):
         models.load_sd_components("toy")
 
 
+@shipped
 def test_demo_edit_with_the_shipped_model_is_judged_right_and_keeps_the_background(toy):
     image, mask = example_scene()
     out = toy(

@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(args) -> int:
+    from . import models
     from .demo import write_example
     from .io import load_image, load_mask
     from .toy.judge import judge, parse_prompt
@@ -183,6 +184,13 @@ def _demo(args) -> int:
     out = Path(args.out)
     image_path, mask_path = write_example(out / "inputs")
     args.image, args.mask, args.mask_from_alpha = str(image_path), str(mask_path), False
+    if args.model == "toy" and not models.toy_shipped():
+        print(
+            "blendedit demo: the shipped Shapes World model is not in this checkout yet (it is "
+            "being trained: `blendedit train-toy`, see the README); running on 'tiny-random'.",
+            file=sys.stderr,
+        )
+        args.model = "tiny-random"
     if args.model == "tiny-random":
         print(
             "blendedit demo: 'tiny-random' has untrained weights: the edit is noise inside the "

@@ -68,6 +68,11 @@ def _tiny_random() -> dict:
 TOY_DIR = Path(__file__).parent / "assets" / "toy"
 
 
+def toy_shipped() -> bool:
+    """Whether this installation has the shipped Shapes World text-to-image pipeline."""
+    return (TOY_DIR / "pipeline" / "model_index.json").is_file()
+
+
 def toy_folder(part: str) -> Path:
     """``pipeline``, ``clip`` or ``pixel`` of the shipped Shapes World models."""
     folder = TOY_DIR / part

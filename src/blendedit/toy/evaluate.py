@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from ..models import dtype_kwargs, quiet_transformers
 from ..ranking import _features
 from .judge import judge, read_objects
-from .world import COLOURS, SHAPES, Scene, place, random_object, render, sample_background
-
-COMBOS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+from .train import CLASS_PROMPTS as COMBOS
+from .world import Scene, place, random_object, render, sample_background
 
 
 def single_object_scene(seed: int, index: int, colour: str, shape: str) -> Scene:

@@ -34,14 +34,16 @@ import torch
 import torch.nn.functional as F
 
 from ..models import quiet_transformers
+from ..tiny import SD_SCHEDULER
 from .data import SceneData, build_dataset, train_caption
-from .world import COLOURS, PATTERN_WORDS, SHAPES, describe
+from .world import COLOURS, PATTERN_WORDS, SHAPES, article, describe
 
 # --- architectures ---------------------------------------------------------------------------
 
 CLIP_IMAGE_SIZE = 64
 CLIP_MEAN = CLIP_STD = (0.5, 0.5, 0.5)
 TEXT_MAX_LENGTH = 32
+CLASS_PROMPTS = [f"{article(c)} {c} {s}" for c in COLOURS for s in SHAPES]  # "an orange star"
 
 
 def world_words() -> list[str]:
@@ -52,7 +54,7 @@ def world_words() -> list[str]:
     return sorted(set(words))
 
 
-def clip_config(tokenizer):
+def clip_config(tokenizer, patch_size: int = 8):
     from transformers import CLIPConfig
 
     ids = dict(
@@ -76,7 +78,7 @@ def clip_config(tokenizer):
             num_attention_heads=4,
             num_hidden_layers=4,
             image_size=CLIP_IMAGE_SIZE,
-            patch_size=8,
+            patch_size=patch_size,
         ),
         projection_dim=128,
     )
@@ -116,15 +118,7 @@ PIXEL_CONFIG = dict(
     up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
     norm_num_groups=16,
 )
-LATENT_SCHEDULER = dict(  # Stable Diffusion 1.x's
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+LATENT_SCHEDULER = SD_SCHEDULER  # Stable Diffusion 1.x's noise schedule
 PIXEL_SCHEDULER = dict(  # DDPM's (Ho et al.)
     num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
 )
@@ -310,7 +304,7 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def _object_crop(scene, rng, size: int):
-    """A square crop (x0, y0, side) in pixels around one object, and its caption."""
+    """A square crop (x0, y0, side) in pixels around one object, its caption and the object."""
     o = scene.objects[rng.randint(len(scene.objects))]
     side = rng.uniform(min(1.0, max(2.4 * o.r, 0.3)), 1.0)
     lo_x, hi_x = max(0.0, o.cx + o.r - side), min(o.cx - o.r, 1 - side)
@@ -318,9 +312,8 @@ def _object_crop(scene, rng, size: int):
     x0 = rng.uniform(lo_x, max(lo_x, hi_x))
     y0 = rng.uniform(lo_y, max(lo_y, hi_y))
     px = max(8, round(side * size))
-    return (min(size - px, round(x0 * size)), min(size - px, round(y0 * size)), px), describe(
-        o, with_size=False
-    )
+    box = (min(size - px, round(x0 * size)), min(size - px, round(y0 * size)), px)
+    return box, describe(o, with_size=False), o
 
 
 def train_clip(args) -> None:
@@ -332,7 +325,14 @@ def train_clip(args) -> None:
     data = SceneData(args.data)
     tok = build_clip_tokenizer(world_words(), out / "tokenizer", max_length=TEXT_MAX_LENGTH)
     torch.manual_seed(args.seed)
-    model = CLIPModel(clip_config(tok))
+    model = CLIPModel(clip_config(tok, args.patch))
+    if args.init_from:  # start from a trained CLIP: every weight whose shape still fits
+        mine = model.state_dict()
+        src = CLIPModel.from_pretrained(args.init_from).state_dict()
+        fits = {k: v for k, v in src.items() if k in mine and mine[k].shape == v.shape}
+        model.load_state_dict(fits, strict=False)
+    if args.freeze_text:
+        model.text_model.requires_grad_(False)
     run = Run(out, model, args, ema=False)
 
     def loss_fn(step):
@@ -340,22 +340,33 @@ def train_clip(args) -> None:
         idx = rng.randint(len(data), size=args.batch_size)
         x = _images(data, idx)
         pix, texts = [], []
+        labels = []  # index into CLASS_PROMPTS where the image shows one object, else -100
         for k, i in enumerate(idx):
             scene = data.scenes[i]
             img = x[k : k + 1]
+            label = -100
             if scene.objects and rng.rand() < args.crop_prob:
-                (x0, y0, px), text = _object_crop(scene, rng, img.shape[-1])
+                (x0, y0, px), text, obj = _object_crop(scene, rng, img.shape[-1])
                 img = img[..., y0 : y0 + px, x0 : x0 + px]
+                label = CLASS_PROMPTS.index(describe(obj, with_size=False))
             else:
                 text = train_caption(scene, rng, drop=0.0)
+                if len(scene.objects) == 1:
+                    label = CLASS_PROMPTS.index(describe(scene.objects[0], with_size=False))
             pix.append(clip_pixels(img))
             texts.append(text)
-        ids = tokenize(tok, texts)
+            labels.append(label)
+        n = len(texts)
+        ids = tokenize(tok, texts + (CLASS_PROMPTS if args.class_loss else []))
         o = model(input_ids=ids, pixel_values=torch.cat(pix))
-        logits = o.logits_per_image  # (B, B), scaled
+        logits = o.logits_per_image[:, :n]  # (B, B), scaled
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
         target = same / same.sum(1, keepdim=True)  # identical captions are all positives
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        if args.class_loss:  # zero-shot classification against every "a {colour} {shape}"
+            cls = o.logits_per_image[:, n:]
+            loss = loss + args.class_loss * F.cross_entropy(cls, torch.tensor(labels))
+        return loss
 
     if not run.train(loss_fn):
         return
@@ -375,11 +386,24 @@ def train_clip(args) -> None:
         run,
         params,
         {"zero-shot top-1 (300 renders)": acc},
-        "Contrastive image-text model (`transformers.CLIPModel`, ViT 64 px / patch 8, 4 layers "
-        "of 128 wide in each tower) with a CLIP BPE tokenizer learned offline on the world's "
-        "words. Captions are drawn afresh every step; with probability "
+        f"Contrastive image-text model (`transformers.CLIPModel`, ViT 64 px / patch {args.patch}"
+        ", 4 layers of 128 wide in each tower) with a CLIP BPE tokenizer learned offline on the "
+        "world's words. Captions are drawn afresh every step; with probability "
         f"{args.crop_prob} the image is a square crop around one object captioned with that "
-        "object (what ranking sees). Identical captions in a batch count as positives.",
+        "object (what ranking sees). Identical captions in a batch count as positives."
+        + (
+            f" Plus {args.class_loss} x cross-entropy of one-object images against all 30 "
+            "'a {colour} {shape}' prompts."
+            if args.class_loss
+            else ""
+        )
+        + (
+            f" Started from {args.init_from}"
+            + ("; the text encoder stays frozen (locked-text tuning)" if args.freeze_text else "")
+            + "."
+            if args.init_from
+            else ""
+        ),
     )
 
 
@@ -412,6 +436,11 @@ def train_vae(args) -> None:
     data = SceneData(args.data)
     torch.manual_seed(args.seed)
     model = AutoencoderKL(**VAE_CONFIG)
+    if args.decoder_only:  # the latents (and a UNet trained on them) stay valid
+        src = Path(args.decoder_only)
+        model.load_state_dict(AutoencoderKL.from_pretrained(src).state_dict())
+        model.encoder.requires_grad_(False)
+        model.quant_conv.requires_grad_(False)
     run = Run(out, model, args, ema=True)
     size = data.images.shape[1]
 
@@ -426,6 +455,11 @@ def train_vae(args) -> None:
                 y0, x0 = rng.randint(0, size - c + 1, size=2) // 8 * 8
                 crops.append(x[k, :, y0 : y0 + c, x0 : x0 + c])
             x = torch.stack(crops)
+        if args.decoder_only:  # decode the posterior mode, as the pipeline does
+            with torch.no_grad():
+                z = model.encode(x).latent_dist.mode()
+            rec = model.decode(z).sample
+            return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
         post = model.encode(x).latent_dist
         rec = model.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
@@ -459,7 +493,13 @@ def train_vae(args) -> None:
         "`diffusers.AutoencoderKL`, downscale 8 (128 px -> 16x16x4 latents), no attention (fully "
         f"convolutional, trained on random {args.crop} px crops aligned to the 8 px grid). Loss: "
         f"MSE + 0.5 L1 + {args.kl} x KL (per pixel). The scaling factor is 1 / std of held-out "
-        "latents, as for Stable Diffusion.",
+        "latents, as for Stable Diffusion."
+        + (
+            f" Then only the decoder was fine-tuned (encoder of {args.decoder_only} frozen, so "
+            "latents are unchanged; no KL term), as Stable Diffusion's ft-MSE decoder was."
+            if args.decoder_only
+            else ""
+        ),
     )
 
 
@@ -607,10 +647,10 @@ def assemble(args) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    clip_folder = work / "clip" / "model"
+    clip_folder = work / args.clip / "model"
     half = torch.float16
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(work / "vae" / "model").to(half),
+        vae=AutoencoderKL.from_pretrained(work / args.vae / "model").to(half),
         text_encoder=CLIPTextModel.from_pretrained(clip_folder).to(half),
         tokenizer=AutoTokenizer.from_pretrained(clip_folder),
         unet=UNet2DConditionModel.from_pretrained(work / "unet" / "model").to(half),
@@ -632,7 +672,8 @@ def assemble(args) -> None:
             unet=UNet2DModel.from_pretrained(pixel / "unet").to(half),
             scheduler=DDPMScheduler.from_pretrained(pixel / "scheduler"),
         ).save_pretrained(tmp / "pixel")
-    cards = [work / n / "card.md" for n in ("clip", "vae", "unet", "pixel")]
+    cards = [work / n / "card.md" for n in (args.clip, "vae", args.vae, "unet", "pixel")]
+    cards = list(dict.fromkeys(cards))
     text = [
         "# Shapes World models (shipped with blendedit)",
         "",
@@ -697,9 +738,34 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "clip":
             s.add_argument("--crop-prob", type=float, default=0.3)
+            s.add_argument("--patch", type=int, default=8, help="ViT patch size (px at 64 px)")
+            s.add_argument(
+                "--class-loss",
+                type=float,
+                default=0.0,
+                help="weight of an extra loss: one-object images against all 30 "
+                "'a {colour} {shape}' prompts",
+            )
+            s.add_argument(
+                "--init-from",
+                default=None,
+                help="CLIP folder to start from (weights whose shapes fit; e.g. another patch "
+                "size keeps only the text encoder)",
+            )
+            s.add_argument(
+                "--freeze-text",
+                action="store_true",
+                help="do not train the text encoder (its hidden states condition the UNet)",
+            )
         if name == "vae":
             s.add_argument("--crop", type=int, default=32, help="training crop side (px)")
             s.add_argument("--kl", type=float, default=1e-6)
+            s.add_argument(
+                "--decoder-only",
+                default=None,
+                metavar="VAE_FOLDER",
+                help="fine-tune only the decoder of this VAE (encoder and latents unchanged)",
+            )
         if name in ("unet", "pixel"):
             s.add_argument("--min-snr", type=float, default=5.0)
         if name == "unet":
@@ -707,6 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--vae", default="runs/toy/vae")
     a = sub.add_parser("assemble", help="build the shipped folder from finished runs")
     a.add_argument("--work", default="runs/toy")
+    a.add_argument("--vae", default="vae", help="run folder (under --work) of the VAE to ship")
+    a.add_argument("--clip", default="clip", help="run folder (under --work) of the CLIP to ship")
     a.add_argument("--dest", default=str(Path(__file__).parents[1] / "assets" / "toy"))
     return p
 
