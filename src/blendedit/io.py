@@ -26,7 +26,12 @@ DEFAULT_MAX_PIXELS = 64_000_000
 def _open(src: ImageInput, name: str, max_pixels: int) -> Image.Image:
     """Open ``src`` as a PIL image with EXIF orientation applied; errors name ``name``."""
     if isinstance(src, Image.Image):
-        img = src
+        if getattr(src, "n_frames", 1) > 1:
+            raise ValueError(
+                f"{name}: animated image with {src.n_frames} frames; save the frame to edit "
+                "as a PNG"
+            )
+        img = ImageOps.exif_transpose(src)
     elif isinstance(src, np.ndarray):
         img = _from_array(src, name)
     elif isinstance(src, (str, os.PathLike)):
@@ -42,8 +47,12 @@ def _open(src: ImageInput, name: str, max_pixels: int) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = max_pixels
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", UserWarning)  # PIL's notes on corrupt EXIF
                 img = Image.open(path)
                 img.load()
+                frames = getattr(img, "n_frames", 1)
+                if frames == 1:
+                    img = ImageOps.exif_transpose(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ValueError(
                 f"{name}: {str(path)!r} has more pixels than the limit {max_pixels:,}; "
@@ -51,17 +60,20 @@ def _open(src: ImageInput, name: str, max_pixels: int) -> Image.Image:
             ) from e
         except UnidentifiedImageError as e:
             raise ValueError(f"{name}: {str(path)!r} is not an image PIL can read") from e
-        except OSError as e:
-            raise ValueError(f"{name}: {str(path)!r} could not be read ({e})") from e
+        except Exception as e:  # corrupt data: PIL raises OSError, ValueError, IndexError, ...
+            raise ValueError(
+                f"{name}: {str(path)!r} is damaged or truncated and could not be read "
+                f"({type(e).__name__}: {e})"
+            ) from e
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
+        if frames > 1:
+            raise ValueError(
+                f"{name}: animated image with {frames} frames; save the frame to edit as a PNG"
+            )
     else:
         raise ValueError(
             f"{name}: expected a path, a PIL image or a numpy array, got {type(src).__name__}"
-        )
-    if getattr(img, "n_frames", 1) > 1:
-        raise ValueError(
-            f"{name}: animated image with {img.n_frames} frames; save the frame to edit as a PNG"
         )
     if img.width == 0 or img.height == 0:
         raise ValueError(f"{name}: image has zero size {img.size}")
@@ -70,7 +82,7 @@ def _open(src: ImageInput, name: str, max_pixels: int) -> Image.Image:
             f"{name}: {img.width}x{img.height} is over the pixel limit {max_pixels:,}; "
             "pass a larger max_pixels"
         )
-    return ImageOps.exif_transpose(img)
+    return img
 
 
 def _from_array(a: np.ndarray, name: str) -> Image.Image:
