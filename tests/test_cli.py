@@ -170,7 +170,9 @@ def test_demo_runs_offline(tmp_path, capsys):
     expected = "toy" if models.toy_shipped() else "tiny-random"  # falls back, and says so
     assert meta["model"] == expected and len(meta["results"]) == 4 and meta["seed"] == 0
     assert (tmp_path / "d" / "inputs" / "scene.png").exists()
-    assert "judge: " in capsys.readouterr().err  # the demo reports the pixel judge's verdict
+    out, err = capsys.readouterr()
+    assert "judge: " in err  # the demo reports the pixel judge's verdict
+    assert str(tmp_path / "d" / "scene-sheet.png") in out.splitlines()  # and lists its files
 
 
 def test_demo_without_the_shipped_model_says_so_and_runs_on_tiny_random(

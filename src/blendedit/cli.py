@@ -198,6 +198,8 @@ def _demo(args) -> int:
             file=sys.stderr,
         )
     written = _run_edit(args)
+    for path in written:
+        print(path)
     try:
         parse_prompt(args.prompt)
     except ValueError:
