@@ -198,8 +198,6 @@ def _demo(args) -> int:
             file=sys.stderr,
         )
     written = _run_edit(args)
-    for path in written:
-        print(path)
     try:
         parse_prompt(args.prompt)
     except ValueError:
@@ -218,13 +216,12 @@ def _demo(args) -> int:
 
 
 def _edit(args) -> int:
-    for path in _run_edit(args):
-        print(path)
+    _run_edit(args)
     return 0
 
 
 def _run_edit(args) -> list[Path]:
-    """Load, edit and write; returns the written paths (ranked images first)."""
+    """Load, edit, write and list the written paths; returns them (ranked images first)."""
     import torch
 
     from . import io, models
@@ -316,7 +313,10 @@ def _run_edit(args) -> list[Path]:
         seed=seed,
         wall_seconds=round(wall, 3),
     )
-    return write_results(out_dir, Path(args.image).stem, image, result, seed, meta, inputs)
+    written = write_results(out_dir, Path(args.image).stem, image, result, seed, meta, inputs)
+    for path in written:
+        print(path)
+    return written
 
 
 if __name__ == "__main__":

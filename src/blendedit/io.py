@@ -25,12 +25,9 @@ DEFAULT_MAX_PIXELS = 64_000_000
 
 def _open(src: ImageInput, name: str, max_pixels: int) -> Image.Image:
     """Open ``src`` as a PIL image with EXIF orientation applied; errors name ``name``."""
+    frames = 1
     if isinstance(src, Image.Image):
-        if getattr(src, "n_frames", 1) > 1:
-            raise ValueError(
-                f"{name}: animated image with {src.n_frames} frames; save the frame to edit "
-                "as a PNG"
-            )
+        frames = getattr(src, "n_frames", 1)
         img = ImageOps.exif_transpose(src)
     elif isinstance(src, np.ndarray):
         img = _from_array(src, name)
@@ -51,8 +48,7 @@ def _open(src: ImageInput, name: str, max_pixels: int) -> Image.Image:
                 img = Image.open(path)
                 img.load()
                 frames = getattr(img, "n_frames", 1)
-                if frames == 1:
-                    img = ImageOps.exif_transpose(img)
+                img = ImageOps.exif_transpose(img)  # in here: damaged EXIF raises too
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ValueError(
                 f"{name}: {str(path)!r} has more pixels than the limit {max_pixels:,}; "
@@ -67,13 +63,13 @@ def _open(src: ImageInput, name: str, max_pixels: int) -> Image.Image:
             ) from e
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
-        if frames > 1:
-            raise ValueError(
-                f"{name}: animated image with {frames} frames; save the frame to edit as a PNG"
-            )
     else:
         raise ValueError(
             f"{name}: expected a path, a PIL image or a numpy array, got {type(src).__name__}"
+        )
+    if frames > 1:
+        raise ValueError(
+            f"{name}: animated image with {frames} frames; save the frame to edit as a PNG"
         )
     if img.width == 0 or img.height == 0:
         raise ValueError(f"{name}: image has zero size {img.size}")

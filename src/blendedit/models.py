@@ -79,7 +79,7 @@ def toy_folder(part: str) -> Path:
     if not folder.is_dir():
         raise ModelNotFoundError(
             f"model: the shipped Shapes World model is missing ({folder} does not exist); "
-            "reinstall blendedit, or train it with `blendedit train-toy` (see MODEL_CARD.md)"
+            "reinstall blendedit, or train it with `blendedit train-toy` (README: Shipped models)"
         )
     return folder
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import pil_to_tensor
 from ..models import dtype_kwargs, quiet_transformers
 from ..ranking import _features
 from .judge import judge, read_objects
@@ -53,7 +54,7 @@ def clip_zero_shot(folder, n: int = 300, seed: int = 2) -> float:
             label = i % len(COMBOS)
             colour, shape = COMBOS[label].split()[1:]
             img = render(single_object_scene(seed, i, colour, shape), 128)
-            imgs.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1)
+            imgs.append(pil_to_tensor(img)[0] * 2 - 1)
             labels.append(label)
         v = _features(model.get_image_features(pixel_values=clip_pixels(torch.stack(imgs))))
         v = F.normalize(v, dim=-1)
@@ -68,15 +69,16 @@ def vae_psnr(folder, heldout, n: int = 200) -> float:
     from diffusers import AutoencoderKL
 
     from .data import SceneData
+    from .train import image_batch
 
     vae = AutoencoderKL.from_pretrained(folder, **dtype_kwargs(torch.float32)).eval()
     data = SceneData(heldout)
     out = []
     for a in range(0, n, 25):
-        x = torch.from_numpy(data.batch(range(a, min(n, a + 25)))).permute(0, 3, 1, 2).float()
-        rec = vae.decode(vae.encode(x / 127.5 - 1).latent_dist.mode()).sample
+        x = image_batch(data, range(a, min(n, a + 25)))
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
         rec = ((rec + 1) * 127.5).clamp(0, 255).round()
-        mse = (rec - x).pow(2).mean((1, 2, 3))
+        mse = (rec - ((x + 1) * 127.5).round()).pow(2).mean((1, 2, 3))
         out += [10 * math.log10(255**2 / max(float(m), 1e-10)) for m in mse]
     return round(float(np.mean(out)), 2)
 

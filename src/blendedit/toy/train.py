@@ -180,8 +180,9 @@ class Run:
         torch.save(state, tmp)
         os.replace(tmp, self.out / "checkpoint.pt")
 
-    def train(self, loss_fn) -> None:
-        """Run ``loss_fn(step) -> (loss, extra dict)`` until ``args.steps``."""
+    def train(self, loss_fn) -> bool:
+        """Run ``loss_fn(step) -> loss`` until ``args.steps`` (or ``args.stop_at``), saving
+        checkpoints; returns whether the run reached ``args.steps``."""
         from tqdm.auto import tqdm
 
         args = self.args
@@ -276,7 +277,7 @@ def _rng(args, step: int) -> np.random.RandomState:
     return np.random.RandomState([args.seed, step])
 
 
-def _images(data: SceneData, idx) -> torch.Tensor:
+def image_batch(data: SceneData, idx) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1]."""
     x = torch.from_numpy(data.batch(idx).copy()).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1
@@ -338,7 +339,7 @@ def train_clip(args) -> None:
     def loss_fn(step):
         rng = _rng(args, step)
         idx = rng.randint(len(data), size=args.batch_size)
-        x = _images(data, idx)
+        x = image_batch(data, idx)
         pix, texts = [], []
         labels = []  # index into CLASS_PROMPTS where the image shows one object, else -100
         for k, i in enumerate(idx):
@@ -447,7 +448,7 @@ def train_vae(args) -> None:
     def loss_fn(step):
         rng = _rng(args, step)
         idx = rng.randint(len(data), size=args.batch_size)
-        x = _images(data, idx)
+        x = image_batch(data, idx)
         c = args.crop
         if c < size:
             crops = []
@@ -472,11 +473,12 @@ def train_vae(args) -> None:
     with torch.no_grad():
         z = torch.cat(
             [
-                model.encode(_images(heldout, range(a, min(a + 50, 200)))).latent_dist.mode()
+                model.encode(image_batch(heldout, range(a, min(a + 50, 200)))).latent_dist.mode()
                 for a in range(0, 200, 50)
             ]
         )
-    model.register_to_config(scaling_factor=float(1 / z.std()))
+    scaling = float(1 / z.std())
+    model.register_to_config(scaling_factor=scaling)
     folder = out / "model"
     model.save_pretrained(folder)
     from .evaluate import vae_psnr
@@ -489,7 +491,7 @@ def train_vae(args) -> None:
         args,
         run,
         params,
-        {"PSNR on 200 held-out scenes (dB)": psnr, "scaling_factor": round(1 / float(z.std()), 4)},
+        {"PSNR on 200 held-out scenes (dB)": psnr, "scaling_factor": round(scaling, 4)},
         "`diffusers.AutoencoderKL`, downscale 8 (128 px -> 16x16x4 latents), no attention (fully "
         f"convolutional, trained on random {args.crop} px crops aligned to the 8 px grid). Loss: "
         f"MSE + 0.5 L1 + {args.kl} x KL (per pixel). The scaling factor is 1 / std of held-out "
@@ -517,7 +519,7 @@ def _encode_latents(vae_folder: Path, data: SceneData, cache: Path, batch: int =
     zs = []
     with torch.no_grad():
         for a in tqdm(range(0, len(data), batch), desc="encode latents", unit="batch"):
-            x = _images(data, range(a, min(a + batch, len(data))))
+            x = image_batch(data, range(a, min(a + batch, len(data))))
             zs.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
     z = torch.cat(zs).contiguous()
     torch.save(z, str(cache) + ".tmp")
@@ -599,7 +601,7 @@ def train_pixel(args) -> None:
     def loss_fn(step):
         rng = _rng(args, step)
         idx = rng.randint(len(data), size=args.batch_size)
-        x0 = F.avg_pool2d(_images(data, idx), factor)  # box-filtered 128 px renders
+        x0 = F.avg_pool2d(image_batch(data, idx), factor)  # box-filtered 128 px renders
         g = torch.Generator().manual_seed(int(rng.randint(2**31)))
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
