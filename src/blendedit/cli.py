@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .demo import DEMO_PROMPT
+from .io import DEFAULT_MAX_PIXELS
 from .latent import SCHEDULERS, LatentEditOptions, options_fields
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -20,6 +21,10 @@ SHORT_FLAGS = {"num_inference_steps": ["--steps"], "num_images_per_prompt": ["-n
 
 class CliError(Exception):
     """Bad input found by the CLI itself; printed as one line, exit code 2."""
+
+
+#: Exit codes (docs/errors.md): argparse's usage errors are 2 as well.
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 def _bool_or_auto(s: str):
@@ -145,6 +150,13 @@ def _add_common(
         help="soft masks: pixels >= this are edited (default: 0.5)",
     )
     p.add_argument("--invert-mask", action="store_true", help="black = edit instead of white")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse larger images and masks (decompression bombs) "
+        f"(default: {DEFAULT_MAX_PIXELS:,})",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument(
         "--dtype",
@@ -165,14 +177,25 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from .io import OutputError
+    from .models import ModelNotFoundError
+
     try:
         if args.command == "demo":
             return _demo(args)
         return _edit(args)
+    except KeyboardInterrupt:
+        print("blendedit: interrupted; nothing more was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, CliError, OSError) as e:
+        code = EXIT_INPUT
+        if isinstance(e, ModelNotFoundError):
+            code = EXIT_MODEL
+        elif isinstance(e, OutputError):
+            code = EXIT_OUTPUT
         msg = " ".join(str(e).split())
         print(f"blendedit: error: {msg}", file=sys.stderr)
-        return 2
+        return code
 
 
 def _demo(args) -> int:
@@ -228,29 +251,22 @@ def _run_edit(args) -> list[Path]:
     from .latent import BlendedLatentDiffusionPipeline
     from .outputs import write_results
 
-    # 1. Inputs (validated before any model loads: bad input fails fast)
-    image = io.load_image(args.image)
-    if args.mask_from_alpha:
-        mask = io.load_mask(
-            args.image,
-            image=image,
-            from_alpha=True,
-            threshold=args.mask_threshold,
-            invert=args.invert_mask,
-        )
-    else:
-        mask = io.load_mask(
-            args.mask,
-            image=image,
-            threshold=args.mask_threshold,
-            resize=args.resize_mask,
-            invert=args.invert_mask,
-        )
+    # 1. Inputs and the output folder (checked before any model loads: bad input fails fast)
+    if args.max_pixels < 1:
+        raise CliError(f"--max-pixels: must be a positive integer, got {args.max_pixels}")
+    image = io.load_image(args.image, max_pixels=args.max_pixels)
+    mask = io.load_mask(
+        args.image if args.mask_from_alpha else args.mask,
+        image=image,
+        from_alpha=args.mask_from_alpha,
+        threshold=args.mask_threshold,
+        resize=args.resize_mask and not args.mask_from_alpha,
+        invert=args.invert_mask,
+        max_pixels=args.max_pixels,
+    )
     opts = LatentEditOptions(**{f: getattr(args, f) for f in asdict(LatentEditOptions())})
     inputs = [Path(args.image)] + ([Path(args.mask)] if args.mask else [])
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CliError(f"--out: {str(out_dir)!r} exists and is not a folder")
+    out_dir = io.check_output_folder(args.out)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     n = opts.num_images_per_prompt
     if not 0 <= seed <= 2**63 - 1 - n:
@@ -314,6 +330,8 @@ def _run_edit(args) -> list[Path]:
         wall_seconds=round(wall, 3),
     )
     written = write_results(out_dir, Path(args.image).stem, image, result, seed, meta, inputs)
+    for w in result.warnings:
+        print(f"blendedit: warning: {w}", file=sys.stderr)
     for path in written:
         print(path)
     return written

@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import warnings
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
-#: Images with more pixels than this are refused (decompression bombs); raise it per call.
+#: Images with more pixels than this are refused (decompression bombs); raise it per call
+#: (``max_pixels=``, CLI ``--max-pixels``).
 DEFAULT_MAX_PIXELS = 64_000_000
+
+#: A colour mask is refused when more than this fraction of its pixels have channels that
+#: differ by more than :data:`MASK_CHANNEL_TOLERANCE` (JPEG noise in a grey mask stays below).
+MASK_CHANNEL_TOLERANCE = 32
+MASK_CHANNEL_FRACTION = 0.001
+
+
+class OutputError(ValueError):
+    """The results cannot be written where asked (CLI exit code 4); nothing was written."""
 
 
 def _open(src: ImageInput, name: str, max_pixels: int) -> Image.Image:
@@ -56,6 +67,11 @@ def _open(src: ImageInput, name: str, max_pixels: int) -> Image.Image:
             ) from e
         except UnidentifiedImageError as e:
             raise ValueError(f"{name}: {str(path)!r} is not an image PIL can read") from e
+        except PermissionError as e:
+            raise ValueError(
+                f"{name}: cannot read {str(path)!r}: permission denied; check the file's "
+                "permissions"
+            ) from e
         except Exception as e:  # corrupt data: PIL raises OSError, ValueError, IndexError, ...
             raise ValueError(
                 f"{name}: {str(path)!r} is damaged or truncated and could not be read "
@@ -158,8 +174,8 @@ def load_mask(
         m = 1.0 - np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
     else:
         img = _to_8bit(img)
-        if img.mode in ("RGBA", "LA", "P", "PA"):
-            img = img.convert("RGBA" if img.mode != "LA" else "LA")
+        if img.mode not in ("L", "LA", "1"):
+            _check_grey(img.convert("RGB"))
         m = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     if invert:
         m = 1.0 - m
@@ -171,44 +187,111 @@ def load_mask(
             )
         m_img = Image.fromarray(np.round(m * 255).astype(np.uint8), "L")
         m = np.asarray(m_img.resize(image.size, Image.NEAREST), dtype=np.float32) / 255.0
-    if threshold is not None:
-        m = (m >= threshold).astype(np.float32)
     if not (m > 0).any():
         raise ValueError(
             "mask: the mask is empty (no pixel to edit); white marks the region to edit"
+            + ("" if invert else " (black with invert=True, CLI --invert-mask)")
         )
+    if threshold is not None:
+        top = float(m.max())
+        m = (m >= threshold).astype(np.float32)
+        if not m.any():
+            raise ValueError(
+                f"mask: the mask is empty after thresholding at {threshold} (its brightest "
+                f"pixel is {top:.2f}); lower the threshold (CLI: --mask-threshold)"
+            )
     return Image.fromarray(np.round(m * 255).astype(np.uint8), "L")
 
 
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _check_grey(rgb: Image.Image) -> None:
+    """A mask is black and white (or grey): refuse one whose colour channels disagree."""
+    a = np.asarray(rgb, dtype=np.int16)
+    spread = a.max(axis=2) - a.min(axis=2)
+    frac = float((spread > MASK_CHANNEL_TOLERANCE).mean())
+    if frac > MASK_CHANNEL_FRACTION:
+        raise ValueError(
+            f"mask: its red, green and blue channels disagree on {frac:.1%} of pixels (a colour "
+            "image, not a mask?); save the mask in black and white, white = edit"
+        )
+
+
+def write_files_atomically(files: dict[Path, bytes]) -> list[Path]:
+    """Write every ``path: data`` pair, all or nothing: each goes to a temporary name in its
+    folder first and is renamed into place only once all are written; on any error the
+    temporaries (and targets already renamed) are removed. Raises :class:`OutputError`."""
+    tmps: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            tmps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        done: list[Path] = []
+        try:
+            for tmp, path in tmps:
+                os.replace(tmp, path)
+                done.append(path)
+        except OSError:
+            for path in done:  # all or nothing: take back what was already renamed
+                path.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        folder = next(iter(files)).parent if files else "?"
+        raise OutputError(
+            f"out: cannot write the results to {str(folder)!r} ({e.strerror or e}); "
+            "nothing was written"
+        ) from e
+    finally:
+        for tmp, _ in tmps:
+            Path(tmp).unlink(missing_ok=True)
+    return list(files)
+
+
+def image_bytes(img: Image.Image, path: str | os.PathLike) -> bytes:
+    """``img`` encoded in the format its file name asks for."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"path: unknown image extension {Path(path).suffix!r}")
+    buf = BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n").encode()
 
 
 def save_image(img: Image.Image, path: str | os.PathLike) -> Path:
     """Write ``img`` to ``path`` atomically (a reader never sees a partial file)."""
-    path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"path: unknown image extension {path.suffix!r}")
-    _atomic_write(path, lambda f: img.save(f, format=fmt))
-    return path
+    return write_files_atomically({Path(path): image_bytes(img, path)})[0]
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    path = Path(path)
-    data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
-    _atomic_write(path, lambda f: f.write(data))
-    return path
+    """Write ``obj`` as indented UTF-8 JSON to ``path`` atomically."""
+    return write_files_atomically({Path(path): json_bytes(obj)})[0]
+
+
+def check_output_folder(out_dir: str | os.PathLike) -> Path:
+    """Fail fast (:class:`OutputError`) when results could not be written to ``out_dir``:
+    it is a file, or its nearest existing folder refuses a new file. Creates nothing."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"out: {str(out)!r} exists and is not a folder")
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise OutputError(f"out: cannot create {str(out)!r}: {str(base)!r} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".blendedit-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(
+            f"out: cannot write in {str(base)!r} ({e.strerror or e}); choose another folder"
+        ) from e
+    return out
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

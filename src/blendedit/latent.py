@@ -276,6 +276,10 @@ class BlendedLatentDiffusionPipeline:
         """Validate every argument once; returns (PIL image, float mask (1, 1, H, W))."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ValueError(
+                "prompt: is empty; say what the masked region should show (e.g. 'a red ball')"
+            )
         if not isinstance(opts.negative_prompt, str):
             raise ValueError(f"negative_prompt: expected a string, got {opts.negative_prompt!r}")
         _check_int("num_inference_steps", opts.num_inference_steps, 1, 10_000)
@@ -384,6 +388,10 @@ class BlendedLatentDiffusionPipeline:
         device, dtype, n = self.device, self.dtype, num_images_per_prompt
         timings: dict[str, float] = {}
         warnings: list[str] = []
+        if bool((mask_full > 0).all()):
+            warnings.append(
+                "mask: covers the whole image, so nothing of it is kept (text-to-image)"
+            )
 
         # 2. Region to edit: the whole frame or a box around the mask at native size
         x_full = pil_to_tensor(image)  # (1, 3, H, W)

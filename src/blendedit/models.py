@@ -148,6 +148,12 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
             raise ModelNotFoundError(
                 f"model: folder {spec!r} is not a diffusers pipeline folder (no model_index.json)"
             )
+        missing = _missing_components(path)
+        if missing:
+            raise ModelNotFoundError(
+                f"model: folder {spec!r} lacks the component(s) {', '.join(missing)} that its "
+                "model_index.json lists (no subfolder); copy the complete pipeline folder"
+            )
         try:
             pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kw)
         except Exception as e:  # diffusers raises several types for a broken folder
@@ -180,6 +186,31 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
                 f"Built-in models: {builtin}. ({type(e).__name__}: {str(e).splitlines()[0]})"
             ) from e
     return pipe
+
+
+#: Components a Stable Diffusion folder may leave out (blendedit never uses them).
+OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def _missing_components(folder: Path) -> list[str]:
+    """Components that ``model_index.json`` lists but whose subfolder is absent."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(
+            f"model: {str(folder / 'model_index.json')!r} is not valid JSON ({e})"
+        ) from e
+    return [
+        k
+        for k, v in index.items()
+        if not k.startswith("_")
+        and k not in OPTIONAL_COMPONENTS
+        and isinstance(v, list)
+        and v[:1] != [None]
+        and not (folder / k).is_dir()
+    ]
 
 
 def load_clip(spec: str, *, local_files_only: bool | None = None):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .io import save_image, save_json
+from .io import OutputError, image_bytes, json_bytes, write_files_atomically
 
 
 def result_names(stem: str, scores, order, seed: int) -> list[str]:
@@ -55,25 +55,26 @@ def _same_file(a: Path, b: Path) -> bool:
 def write_results(
     out_dir: Path, stem: str, image: Image.Image, result, seed: int, meta: dict, inputs: list[Path]
 ) -> list[Path]:
-    """Write ranked images, ``{stem}.json`` and ``{stem}-sheet.png`` into ``out_dir``.
+    """Write ranked images, ``{stem}.json`` and ``{stem}-sheet.png`` into ``out_dir``, all or
+    nothing (:func:`blendedit.io.write_files_atomically`).
 
-    Refuses (ValueError) before writing anything if an output path is one of ``inputs``.
+    Refuses (:class:`OutputError`) before writing anything if an output path is one of ``inputs``.
     """
     names = result_names(stem, result.scores, result.order, seed)
     paths = [out_dir / n for n in names] + [out_dir / f"{stem}.json", out_dir / f"{stem}-sheet.png"]
     for p in paths:
         for src in inputs:
             if _same_file(p, src) or p.resolve() == src.resolve():
-                raise ValueError(f"out: writing {str(p)!r} would overwrite the input {str(src)!r}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for img, p in zip(result.images, paths):
-        save_image(img, p)
+                raise OutputError(
+                    f"out: writing {str(p)!r} would overwrite the input {str(src)!r}; "
+                    "choose another output folder"
+                )
+    files = {p: image_bytes(img, p) for img, p in zip(result.images, paths)}
     labels = [
         f"#{i + 1}" + ("" if result.scores is None else f" {result.scores[i]:.3f}")
         for i in range(len(result.images))
     ]
     sheet = contact_sheet(image, result.mask, result.images, labels)
-    save_image(sheet, paths[-1])
     sidecar = dict(meta)
     sidecar["results"] = [
         dict(
@@ -89,5 +90,6 @@ def write_results(
     sidecar["timings"] = {k: round(v, 4) for k, v in result.timings.items()}
     sidecar["warnings"] = result.warnings
     sidecar["contact_sheet"] = paths[-1].name
-    save_json(sidecar, paths[-2])
-    return paths
+    files[paths[-2]] = json_bytes(sidecar)
+    files[paths[-1]] = image_bytes(sheet, paths[-1])
+    return write_files_atomically(files)
