@@ -64,6 +64,7 @@ class Case:
     lib: Callable | None = None  # the library call (None: CLI only)
     check: Callable[[Path], None] | None = None  # for accepted input: checks the CLI's outputs
     setup: Callable | None = None  # setup(monkeypatch) before each of lib and argv
+    on_error: Callable[[Path], None] | None = None  # checks what a batch keeps after an error
 
 
 @dataclass
@@ -646,6 +647,71 @@ def out_disk_full(c):
     )
 
 
+# --- batch manifests ----------------------------------------------------------------------
+
+
+def _batch_case(c, manifest: Path, *flags, good_rows: int = 0) -> Case:
+    from blendedit.batch import run_batch
+    from blendedit.runner import EditRequest, ModelSpec
+
+    def lib():
+        opts = {"num_inference_steps": 2}
+        req = EditRequest(image="", prompt="", options=opts)
+        workers = int(flags[1]) if flags[:1] == ("--workers",) else 1
+        return run_batch(
+            manifest, c.out, ModelSpec("tiny-random"), req, workers=workers, progress=False
+        )
+
+    def on_error(out: Path) -> None:  # the summary, and every good row, complete
+        if not out.exists():
+            return
+        entries = [json.loads(x) for x in (out / "summary.jsonl").read_text().splitlines()]
+        assert sum(e["status"] in ("ok", "skipped") for e in entries) == good_rows
+        sidecars = list(out.glob("rows/*/*.json"))
+        assert len(sidecars) == good_rows and not list(out.rglob("*.tmp"))
+
+    argv = ["batch", str(manifest), "--out", str(c.out), "--model", "tiny-random"]
+    return Case([*argv, "--steps", "2", "--quiet", *flags], lib, on_error=on_error)
+
+
+def _manifest(c, first: str) -> Path:
+    img, m = c.image(), c.mask()
+    good = json.dumps({"image": img.name, "mask": m.name, "prompt": "a red circle"})
+    return c.write("edits.jsonl", f"{first}\n{good}\n".encode())
+
+
+@case
+def manifest_missing(c):
+    return _batch_case(c, c.d / "edits.jsonl")
+
+
+@case
+def manifest_wrong_type(c):
+    return _batch_case(c, c.write("edits.txt", b"image,mask,prompt\n"))
+
+
+@case
+def manifest_row_missing_image(c):
+    row = json.dumps({"image": "nope.png", "mask": "mask.png", "prompt": "a red circle"})
+    return _batch_case(c, _manifest(c, row), good_rows=1)
+
+
+@case
+def manifest_row_not_json(c):
+    return _batch_case(c, _manifest(c, "{image: photo.png"), good_rows=1)
+
+
+@case
+def manifest_row_unknown_option(c):
+    row = json.dumps({"image": "photo.png", "mask": "mask.png", "prompt": "a", "colour": "red"})
+    return _batch_case(c, _manifest(c, row), good_rows=1)
+
+
+@case
+def workers_without_ray(c):
+    return _batch_case(c, _manifest(c, ""), "--workers", "2")
+
+
 # --- the runner ----------------------------------------------------------------------------
 
 ROWS = read_rows()
@@ -692,6 +758,9 @@ def test_catalogue_entry(row, tmp_path, pipe, monkeypatch, capsys):
                 result = cs.lib()
                 if want is not None:
                     assert any(want in w for w in result.warnings), result.warnings
+            elif row.exception == "reported":  # a batch: the row's error is in the summary
+                errors = [e["error"] or "" for e in cs.lib().entries]
+                assert any(want.split(" failed: ", 1)[1] in e for e in errors), errors
             else:
                 with pytest.raises(ValueError) as e:
                     cs.lib()
@@ -717,10 +786,12 @@ def test_catalogue_entry(row, tmp_path, pipe, monkeypatch, capsys):
                 cs.check(c.out)
         else:
             assert want in err, err
-            if code != 2 or "usage:" not in err:
+            if row.exception != "reported" and (code != 2 or "usage:" not in err):
                 assert err.startswith("blendedit: error: ")
             # nothing left behind: the output folder has no file (or was never made)
-            if c.out.is_dir() and c.out != d:
+            if cs.on_error is not None:
+                cs.on_error(c.out)
+            elif c.out.is_dir() and c.out != d:
                 assert not [p for p in c.out.rglob("*") if p.is_file()]
         assert _snapshot(d) == before  # no input modified, no partial output beside them
     assert not [p for p in tmp_path.rglob("*.tmp")]

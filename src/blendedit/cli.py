@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
 from .demo import DEMO_PROMPT
-from .io import DEFAULT_MAX_PIXELS
+from .io import DEFAULT_MAX_PIXELS, check_output_folder
 from .latent import SCHEDULERS, LatentEditOptions, options_fields
+from .runner import DEFAULT_MODEL, DEFAULT_RANK_MODEL, EditRequest, ModelSpec
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DEFAULT_RANK_MODEL = "openai/clip-vit-base-patch32"
 SHORT_FLAGS = {"num_inference_steps": ["--steps"], "num_images_per_prompt": ["-n"]}
-
-
-class CliError(Exception):
-    """Bad input found by the CLI itself; printed as one line, exit code 2."""
 
 
 #: Exit codes (docs/errors.md): argparse's usage errors are 2 as well.
@@ -93,6 +86,38 @@ def build_parser() -> argparse.ArgumentParser:
         default_n=4,
         default_seed=0,
     )
+    b = sub.add_parser(
+        "batch",
+        help="edit every row of a manifest (JSONL or CSV), crash-safe, optionally on Ray",
+        description="Edit every row of MANIFEST (JSONL or CSV: image, mask, prompt, optional "
+        "seed and per-row options) into --out/rows/, skipping rows a previous run finished; "
+        "writes --out/summary.jsonl and summary.csv. The flags below are the rows' defaults.",
+    )
+    b.add_argument("manifest", help="JSONL or CSV file, a row per edit (docs: README, Batch)")
+    b.add_argument(
+        "--method", default="latent", choices=("latent",), help="editing method (default: latent)"
+    )
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="parallel workers; more than 1 needs --ray (default: 1)",
+    )
+    b.add_argument(
+        "--ray", action="store_true", help="run rows on Ray actors (pip install 'blendedit[ray]')"
+    )
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: cores / workers on Ray, else torch's choice)",
+    )
+    b.add_argument(
+        "--ray-address",
+        default=None,
+        help="address of a running Ray cluster (default: start a local one)",
+    )
+    _add_common(b, default_out="blendedit-batch")
     sub.add_parser(
         "train-toy",
         help="train the shipped Shapes World models (`blendedit train-toy --help`)",
@@ -183,11 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "batch":
+            from .batch import main_batch
+
+            return main_batch(args, model_spec(args), edit_request(args))
         return _edit(args)
     except KeyboardInterrupt:
         print("blendedit: interrupted; nothing more was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, CliError, OSError) as e:
+    except (ValueError, OSError) as e:
         code = EXIT_INPUT
         if isinstance(e, ModelNotFoundError):
             code = EXIT_MODEL
@@ -243,95 +272,43 @@ def _edit(args) -> int:
     return 0
 
 
-def _run_edit(args) -> list[Path]:
-    """Load, edit, write and list the written paths; returns them (ranked images first)."""
-    import torch
+def model_spec(args) -> ModelSpec:
+    """The model flags (see :func:`_add_model_flags`) as a :class:`ModelSpec`."""
+    return ModelSpec(
+        model=args.model,
+        config=args.config,
+        scheduler=args.scheduler,
+        rank_model=args.rank_model,
+        device=args.device,
+        dtype=args.dtype,
+    )
 
-    from . import io, models
-    from .latent import BlendedLatentDiffusionPipeline
-    from .outputs import write_results
 
-    # 1. Inputs and the output folder (checked before any model loads: bad input fails fast)
-    if args.max_pixels < 1:
-        raise CliError(f"--max-pixels: must be a positive integer, got {args.max_pixels}")
-    image = io.load_image(args.image, max_pixels=args.max_pixels)
-    mask = io.load_mask(
-        args.image if args.mask_from_alpha else args.mask,
-        image=image,
-        from_alpha=args.mask_from_alpha,
-        threshold=args.mask_threshold,
-        resize=args.resize_mask and not args.mask_from_alpha,
-        invert=args.invert_mask,
+def edit_request(args, **over) -> EditRequest:
+    """The input and option flags as an :class:`EditRequest` (``over`` replaces fields)."""
+    fields = dict(
+        image=getattr(args, "image", ""),
+        prompt=getattr(args, "prompt", ""),
+        mask=None if getattr(args, "mask_from_alpha", False) else getattr(args, "mask", None),
+        seed=args.seed,
+        options={f: getattr(args, f) for f in asdict(LatentEditOptions())},
+        mask_threshold=args.mask_threshold,
+        invert_mask=args.invert_mask,
+        resize_mask=args.resize_mask,
         max_pixels=args.max_pixels,
     )
-    opts = LatentEditOptions(**{f: getattr(args, f) for f in asdict(LatentEditOptions())})
-    inputs = [Path(args.image)] + ([Path(args.mask)] if args.mask else [])
-    out_dir = io.check_output_folder(args.out)
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    n = opts.num_images_per_prompt
-    if not 0 <= seed <= 2**63 - 1 - n:
-        raise CliError(f"--seed: must be in [0, 2**63 - 1 - n], got {seed}")
+    return EditRequest(**(fields | over))
 
-    # 2. Model
-    device = (
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    dtype_name = (
-        args.dtype
-        if args.dtype != "auto"
-        else ("float16" if device.startswith("cuda") else "float32")
-    )
-    rank_model = args.rank_model
-    if rank_model == "auto":
-        is_builtin = args.model in models.BUILTIN_MODELS
-        rank_model = None if is_builtin or n == 1 else DEFAULT_RANK_MODEL
-    pipe = BlendedLatentDiffusionPipeline.from_pretrained(
-        args.model,
-        scheduler=args.scheduler,
-        config=args.config,
-        ranker=None if rank_model == "none" else rank_model,
-    )
-    if args.rank_model == "none":
-        pipe.ranker = None
-    elif rank_model is None and pipe.ranker is not None:
-        rank_model = f"{args.model} (built-in)"
-    pipe.to(device, getattr(torch, dtype_name))
 
-    # 3. Edit
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    t0 = time.perf_counter()
-    result = pipe(
-        args.prompt,
-        image,
-        mask,
-        generator=gens,
-        progress=not args.quiet,
-        **{
-            **asdict(opts),
-            "negative_prompt": opts.negative_prompt or None,
-        },
-    )
-    wall = time.perf_counter() - t0
+def _run_edit(args) -> list[Path]:
+    """Check the inputs, load the model, edit, write and list the written paths."""
+    from .runner import load_inputs, load_pipeline, run_edit
 
-    # 4. Outputs
-    meta = dict(
-        blendedit=__version__,
-        command="edit",
-        image=str(args.image),
-        mask=str(args.mask) if args.mask else "alpha of image",
-        prompt=args.prompt,
-        model=args.model,
-        scheduler=args.scheduler,
-        rank_model=rank_model,
-        device=device,
-        dtype=dtype_name,
-        options=asdict(opts),
-        seed=seed,
-        wall_seconds=round(wall, 3),
-    )
-    written = write_results(out_dir, Path(args.image).stem, image, result, seed, meta, inputs)
-    for w in result.warnings:
-        print(f"blendedit: warning: {w}", file=sys.stderr)
+    req = edit_request(args)
+    load_inputs(req)  # bad input fails before any model loads
+    check_output_folder(args.out)
+    loaded = load_pipeline(model_spec(args), args.num_images_per_prompt)
+    written, _ = run_edit(loaded, req, args.out, progress=not args.quiet)
     for path in written:
         print(path)
     return written

@@ -54,14 +54,15 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def write_results(
     out_dir: Path, stem: str, image: Image.Image, result, seed: int, meta: dict, inputs: list[Path]
-) -> list[Path]:
-    """Write ranked images, ``{stem}.json`` and ``{stem}-sheet.png`` into ``out_dir``, all or
-    nothing (:func:`blendedit.io.write_files_atomically`).
+) -> tuple[list[Path], dict]:
+    """Write ranked images, ``{stem}-sheet.png`` and ``{stem}.json`` into ``out_dir``, all or
+    nothing (:func:`blendedit.io.write_files_atomically`), the sidecar last: when it exists, so
+    do the files it lists. Returns the paths (in that order) and the sidecar.
 
     Refuses (:class:`OutputError`) before writing anything if an output path is one of ``inputs``.
     """
     names = result_names(stem, result.scores, result.order, seed)
-    paths = [out_dir / n for n in names] + [out_dir / f"{stem}.json", out_dir / f"{stem}-sheet.png"]
+    paths = [out_dir / n for n in names] + [out_dir / f"{stem}-sheet.png", out_dir / f"{stem}.json"]
     for p in paths:
         for src in inputs:
             if _same_file(p, src) or p.resolve() == src.resolve():
@@ -89,7 +90,7 @@ def write_results(
     sidecar["crop_box"] = list(result.crop_box)
     sidecar["timings"] = {k: round(v, 4) for k, v in result.timings.items()}
     sidecar["warnings"] = result.warnings
-    sidecar["contact_sheet"] = paths[-1].name
-    files[paths[-2]] = json_bytes(sidecar)
-    files[paths[-1]] = image_bytes(sheet, paths[-1])
-    return write_files_atomically(files)
+    sidecar["contact_sheet"] = paths[-2].name
+    files[paths[-2]] = image_bytes(sheet, paths[-2])
+    files[paths[-1]] = json_bytes(sidecar)
+    return write_files_atomically(files), sidecar

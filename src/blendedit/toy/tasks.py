@@ -123,3 +123,25 @@ def task_suite(n: int, size: int = 128, seed: int = 0) -> list[EditTask]:
         make_task(seed * 100_000 + i, TASK_KINDS[i % 3], size, touch_border=(i % 4 == 3))
         for i in range(n)
     ]
+
+
+def write_manifest(folder, n: int, size: int = 128, seed: int = 0, **row_options):
+    """Write ``n`` edit tasks of :func:`task_suite` (``images/``, ``masks/``) and a
+    ``manifest.jsonl`` for `blendedit batch` into ``folder``; returns the manifest's path.
+    ``row_options`` are added to every row (e.g. ``steps=10``)."""
+    import json
+    from pathlib import Path
+
+    from ..io import save_image
+
+    folder = Path(folder)
+    lines = []
+    for i, t in enumerate(task_suite(n, size, seed)):
+        name = f"task{i:04d}"
+        save_image(t.image, folder / "images" / f"{name}.png")
+        save_image(t.mask, folder / "masks" / f"{name}.png")
+        row = dict(id=name, image=f"images/{name}.png", mask=f"masks/{name}.png", prompt=t.prompt)
+        lines.append(json.dumps(row | row_options))
+    path = folder / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,189 @@
+"""One edit from files to files: the path that `blendedit edit`, `demo` and `batch` share.
+
+:func:`load_pipeline` resolves a model spec, device and precision once; :func:`run_edit` checks a
+request's inputs, edits and writes the ranked results, the JSON sidecar and the contact sheet
+(all or nothing, never over an input).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .io import DEFAULT_MAX_PIXELS
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_RANK_MODEL = "openai/clip-vit-base-patch32"
+
+
+@dataclass
+class ModelSpec:
+    """Which model to load and where: the CLI's --model, --config, --scheduler, --rank-model,
+    --device and --dtype."""
+
+    model: str = DEFAULT_MODEL
+    config: str | None = None
+    scheduler: str = "ddim"
+    rank_model: str = "auto"  # auto, none, or a CLIP folder / hub id
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class EditRequest:
+    """One edit: input files, prompt, seed and options (:class:`LatentEditOptions` fields)."""
+
+    image: str
+    prompt: str
+    mask: str | None = None  # None: the image's transparency is the mask
+    seed: int | None = None  # None: random, recorded in the sidecar
+    options: dict = field(default_factory=dict)
+    mask_threshold: float = 0.5
+    invert_mask: bool = False
+    resize_mask: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class LoadedModel:
+    pipe: object
+    spec: ModelSpec
+    rank_model: str | None  # what ranks results, as recorded in sidecars
+    device: str
+    dtype: str
+
+
+def load_pipeline(spec: ModelSpec, num_images: int = 1) -> LoadedModel:
+    """Load the pipeline (and its ranker) once; ``num_images`` decides the ``auto`` ranker."""
+    import torch
+
+    from . import models
+    from .latent import BlendedLatentDiffusionPipeline
+
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = spec.dtype
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    rank_model = spec.rank_model
+    if rank_model == "auto":
+        is_builtin = spec.model in models.BUILTIN_MODELS
+        rank_model = None if is_builtin or num_images == 1 else DEFAULT_RANK_MODEL
+    pipe = BlendedLatentDiffusionPipeline.from_pretrained(
+        spec.model,
+        scheduler=spec.scheduler,
+        config=spec.config,
+        ranker=None if rank_model == "none" else rank_model,
+    )
+    if spec.rank_model == "none":
+        pipe.ranker = None
+    elif rank_model is None and pipe.ranker is not None:
+        rank_model = f"{spec.model} (built-in)"
+    pipe.to(device, getattr(torch, dtype))
+    return LoadedModel(pipe, spec, None if rank_model == "none" else rank_model, device, dtype)
+
+
+def load_inputs(req: EditRequest):
+    """The request's image and mask, validated (``ValueError`` naming what is wrong)."""
+    from . import io
+
+    if not isinstance(req.max_pixels, int) or req.max_pixels < 1:
+        raise ValueError(f"max_pixels: must be a positive integer, got {req.max_pixels!r}")
+    image = io.load_image(req.image, max_pixels=req.max_pixels)
+    mask = io.load_mask(
+        req.image if req.mask is None else req.mask,
+        image=image,
+        from_alpha=req.mask is None,
+        threshold=req.mask_threshold,
+        resize=req.resize_mask and req.mask is not None,
+        invert=req.invert_mask,
+        max_pixels=req.max_pixels,
+    )
+    return image, mask
+
+
+def edit_options(options: dict):
+    """:class:`LatentEditOptions` from a dict; an unknown name is a ``ValueError``."""
+    from .latent import LatentEditOptions
+
+    known = set(asdict(LatentEditOptions()))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"options: unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    return LatentEditOptions(**options)
+
+
+def check_seed(seed, n: int) -> int:
+    if seed is None:
+        return random.randrange(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1 - n:
+        raise ValueError(f"seed: must be an integer in [0, 2**63 - 1 - n], got {seed!r}")
+    return seed
+
+
+def run_edit(
+    loaded: LoadedModel,
+    req: EditRequest,
+    out_dir: str | Path,
+    *,
+    command: str = "edit",
+    progress: bool = False,
+    warn=None,
+) -> tuple[list[Path], dict]:
+    """Edit ``req`` and write its results into ``out_dir``; returns (paths written, sidecar).
+
+    Inputs and the output folder are checked before sampling; warnings go to ``warn`` (a
+    callable taking a line; default: stderr) as well as into the sidecar.
+    """
+    import torch
+
+    from . import io
+    from .outputs import write_results
+
+    image, mask = load_inputs(req)
+    opts = edit_options(req.options)
+    out_dir = io.check_output_folder(out_dir)
+    n = opts.num_images_per_prompt
+    seed = check_seed(req.seed, n)
+
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    t0 = time.perf_counter()
+    result = loaded.pipe(
+        req.prompt,
+        image,
+        mask,
+        generator=gens,
+        progress=progress,
+        **{**asdict(opts), "negative_prompt": opts.negative_prompt or None},
+    )
+    wall = time.perf_counter() - t0
+    meta = dict(
+        blendedit=__version__,
+        command=command,
+        image=str(req.image),
+        mask=str(req.mask) if req.mask is not None else "alpha of image",
+        prompt=req.prompt,
+        model=loaded.spec.model,
+        scheduler=loaded.spec.scheduler,
+        rank_model=loaded.rank_model,
+        device=loaded.device,
+        dtype=loaded.dtype,
+        options=asdict(opts),
+        seed=seed,
+        wall_seconds=round(wall, 3),
+    )
+    inputs = [Path(req.image)] + ([Path(req.mask)] if req.mask is not None else [])
+    written, sidecar = write_results(
+        out_dir, Path(req.image).stem, image, result, seed, meta, inputs
+    )
+    for w in result.warnings:
+        (warn or (lambda line: print(line, file=sys.stderr)))(f"blendedit: warning: {w}")
+    return written, sidecar
