@@ -118,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of a running Ray cluster (default: start a local one)",
     )
     _add_common(b, default_out="blendedit-batch")
+    w = sub.add_parser(
+        "serve",
+        help="the web UI: paint a mask, type a prompt, get ranked edits",
+        description="Launch the web UI (Gradio) on one shared model. Binds to 127.0.0.1 "
+        "unless --host says otherwise.",
+    )
+    w.add_argument(
+        "--model",
+        default="toy",
+        help="built-in name, diffusers folder, checkpoint file or hub id (default: toy)",
+    )
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    w.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    w.add_argument("--out", default=None, help="where edits are kept (default: a temporary folder)")
+    w.add_argument(
+        "--max-file-size", default="10mb", help="largest upload accepted (default: 10mb)"
+    )
+    w.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     sub.add_parser(
         "train-toy",
         help="train the shipped Shapes World models (`blendedit train-toy --help`)",
@@ -208,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "serve":
+            from .webui import serve
+
+            spec = ModelSpec(model=args.model, device=args.device)
+            serve(spec, args.host, args.port, out=args.out, max_file_size=args.max_file_size)
+            return 0
         if args.command == "batch":
             from .batch import main_batch
 

@@ -137,11 +137,13 @@ def run_edit(
     command: str = "edit",
     progress: bool = False,
     warn=None,
+    callback=None,
 ) -> tuple[list[Path], dict]:
     """Edit ``req`` and write its results into ``out_dir``; returns (paths written, sidecar).
 
     Inputs and the output folder are checked before sampling; warnings go to ``warn`` (a
-    callable taking a line; default: stderr) as well as into the sidecar.
+    callable taking a line; default: stderr) as well as into the sidecar. ``callback(step, t,
+    latents)`` runs after every denoising step.
     """
     import torch
 
@@ -162,6 +164,7 @@ def run_edit(
         mask,
         generator=gens,
         progress=progress,
+        callback=callback,
         **{**asdict(opts), "negative_prompt": opts.negative_prompt or None},
     )
     wall = time.perf_counter() - t0

@@ -1,0 +1,346 @@
+"""`blendedit serve`: a Gradio page over the library. Upload an image (or pick the shipped
+example), paint the mask, type a prompt, press Edit; watch the denoising and get the ranked
+results with their scores, each downloadable, and the whole set as a zip with its sidecar.
+
+A thin layer: every handler calls :mod:`blendedit.runner` (the same path as `blendedit edit`),
+and nothing else edits. One model instance serves every session; a lock and a queue of one
+(``default_concurrency_limit=1``) keep two edits from racing on it. Errors become one readable
+message in the page (``gr.Error``), never a traceback. Uploads are capped (``max_file_size``)
+and images over the pixel limit refused. The server binds to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .io import save_image
+from .runner import EditRequest, LoadedModel, ModelSpec, load_pipeline, run_edit
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MAX_FILE_SIZE = "10mb"
+#: Images over this many pixels are refused in the web UI (the CLI's limit is larger).
+WEB_MAX_PIXELS = 4_000_000
+PREVIEW_EVERY = 1  # decode a preview at most every N steps (and about 10 in all)
+EDITOR_CANVAS = (800, 800)  # the editor's blank canvas: painting with no image gives this
+
+
+class EditError(ValueError):
+    """A request the page cannot run (shown as a message)."""
+
+
+@dataclass
+class EditSession:
+    """The shared model and where results go; one per server."""
+
+    loaded: LoadedModel
+    out_root: Path
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held while the model runs
+
+    def next_folder(self) -> Path:
+        """A fresh folder for one request's inputs and results."""
+        return Path(tempfile.mkdtemp(prefix="edit-", dir=self.out_root))
+
+
+def mask_from_editor(value) -> tuple[Image.Image, Image.Image]:
+    """(image, mask) from a Gradio ImageEditor value: the background is the image, every painted
+    pixel of every layer (alpha > 0) is the mask. ``EditError`` names what is missing."""
+    if not value or value.get("background") is None:
+        raise EditError("image: upload an image (or pick the example) first")
+    bg = value["background"]
+    bg = bg if isinstance(bg, Image.Image) else Image.open(bg)
+    size = bg.size
+    if size == EDITOR_CANVAS and bg.convert("RGB").getextrema() == (
+        (255, 255),
+        (255, 255),
+        (255, 255),
+    ):
+        raise EditError("image: upload an image (or pick the example) first; the canvas is blank")
+    painted = np.zeros((size[1], size[0]), bool)
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        layer = layer if isinstance(layer, Image.Image) else Image.open(layer)
+        if layer.size != size:
+            layer = layer.resize(size, Image.NEAREST)
+        a = np.asarray(layer.convert("RGBA"))[..., 3]
+        painted |= a > 0
+    return bg.convert("RGB"), Image.fromarray(painted.astype(np.uint8) * 255, "L")
+
+
+def run_request(
+    session: EditSession,
+    editor_value,
+    mask_file,
+    prompt: str,
+    options: dict,
+    seed: int | None,
+    on_step=None,
+) -> tuple[list[tuple[Image.Image, str]], list[str]]:
+    """One edit from the page's values; returns (gallery items best first, downloadable files).
+
+    Writes the inputs and outputs into a fresh folder, then calls the runner: the same checks,
+    sampling, ranking and sidecar as `blendedit edit`."""
+    image, painted = mask_from_editor(editor_value)
+    folder = session.next_folder()
+    save_image(image, folder / "inputs" / "image.png")
+    if mask_file is not None:  # an uploaded mask wins over painting
+        mask_path = folder / "inputs" / ("mask" + Path(str(mask_file)).suffix.lower())
+        shutil.copyfile(mask_file, mask_path)
+    else:
+        mask_path = save_image(painted, folder / "inputs" / "mask.png")
+    req = EditRequest(
+        image=str(folder / "inputs" / "image.png"),
+        mask=str(mask_path),
+        prompt=prompt or "",
+        seed=None if seed is None or seed < 0 else int(seed),
+        options=options,
+        resize_mask=mask_file is not None,
+        max_pixels=WEB_MAX_PIXELS,
+    )
+    with session.lock:  # one edit at a time on the shared model
+        written, sidecar = run_edit(
+            session.loaded,
+            req,
+            folder / "results",
+            command="serve",
+            warn=lambda w: None,
+            callback=None if on_step is None else (lambda i, t, z: on_step(i, z)),
+        )
+    results = [p for p in written if p.suffix == ".png" and not p.name.endswith("-sheet.png")]
+    scores = [r["score"] for r in sidecar["results"]]
+    items = [
+        (Image.open(p).copy(), f"#{i + 1}" + ("" if s is None else f"  CLIP {s:.3f}"))
+        for i, (p, s) in enumerate(zip(results, scores))
+    ]
+    archive = folder / "results.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in written:
+            z.write(p, p.name)
+    return items, [str(p) for p in written] + [str(archive)]
+
+
+def stream_request(session: EditSession, editor_value, mask_file, prompt, options, seed):
+    """Run :func:`run_request` in a thread and yield its events as they happen: ("step", (i,
+    preview image or None)) during denoising, then ("done", (items, files)) or ("error", e)
+    for bad input. Other exceptions (bugs) propagate."""
+    import queue
+
+    from .io import tensor_to_pil
+
+    events: queue.Queue = queue.Queue()
+    total = max(1, int(options["num_inference_steps"] * options["strength"]))
+    every = max(PREVIEW_EVERY, total // 10)
+
+    def on_step(i, z):  # in the worker thread, inside the sampling loop
+        img = None
+        if i % every == 0 or i + 1 == total:
+            img = tensor_to_pil(session.loaded.pipe.decode_latents(z[:1]))[0]
+        events.put(("step", (i, img)))
+
+    def work():
+        try:
+            events.put(
+                (
+                    "done",
+                    run_request(session, editor_value, mask_file, prompt, options, seed, on_step),
+                )
+            )
+        except ValueError as e:
+            events.put(("error", e))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            events.put(("bug", e))
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        kind, payload = events.get()
+        if kind == "bug":
+            raise payload
+        yield kind, payload
+        if kind in ("done", "error"):
+            return
+
+
+def build_app(session: EditSession, examples: list[str] | None = None):
+    """The Gradio Blocks app over ``session`` (not launched)."""
+    import gradio as gr
+
+    from .latent import LatentEditOptions
+
+    d = LatentEditOptions()
+    with gr.Blocks(title="blendedit") as app:
+        gr.Markdown(
+            "# blendedit\nUpload an image, **paint the region to edit** with the brush (or "
+            "upload a mask: white = edit), describe what should be there, press **Edit**. "
+            "Everything outside the mask is kept, pixel for pixel."
+        )
+        with gr.Row():
+            with gr.Column():
+                editor = gr.ImageEditor(
+                    label="Image and mask (paint the region to edit)",
+                    type="pil",
+                    image_mode="RGBA",
+                    sources=["upload", "clipboard"],
+                    format="png",
+                    transforms=[],
+                    layers=False,
+                    canvas_size=EDITOR_CANVAS,
+                    brush=gr.Brush(colors=["#ff2060"], color_mode="fixed", default_size=12),
+                    eraser=gr.Eraser(default_size=12),
+                    elem_id="editor",
+                )
+                mask_file = gr.File(
+                    label="Or upload a mask (white = edit)",
+                    file_types=["image"],
+                    type="filepath",
+                    elem_id="mask-file",
+                )
+                prompt = gr.Textbox(
+                    label="Prompt", placeholder="a red circle", elem_id="prompt", max_lines=2
+                )
+                method = gr.Radio(
+                    ["latent (Blended Latent Diffusion)"],
+                    value="latent (Blended Latent Diffusion)",
+                    label="Method",
+                )
+                with gr.Accordion("Options", open=False):
+                    steps = gr.Slider(1, 200, value=d.num_inference_steps, step=1, label="Steps")
+                    n = gr.Slider(1, 16, value=4, step=1, label="Number of results")
+                    seed = gr.Number(value=0, precision=0, label="Seed (-1: random)")
+                    strength = gr.Slider(0.05, 1.0, value=d.strength, step=0.05, label="Strength")
+                    guidance = gr.Slider(
+                        0, 20, value=d.guidance_scale, step=0.5, label="Guidance scale"
+                    )
+                    shrink = gr.Slider(
+                        0, 6, value=d.shrink_iterations, step=1, label="Mask shrinking (k)"
+                    )
+                    from .background import BACKGROUND_METHODS
+
+                    background = gr.Dropdown(
+                        list(BACKGROUND_METHODS), value=d.background, label="Background"
+                    )
+                button = gr.Button("Edit", variant="primary", elem_id="edit-button")
+                if examples:
+                    gr.Examples(examples=[[e] for e in examples], inputs=[editor], label="Examples")
+            with gr.Column():
+                preview = gr.Image(
+                    label="Live preview (the edited region while it denoises, then the best)",
+                    type="pil",
+                    elem_id="preview",
+                    height=256,
+                )
+                gallery = gr.Gallery(
+                    label="Results, best first",
+                    columns=2,
+                    elem_id="gallery",
+                    format="png",
+                    object_fit="contain",
+                )
+                files = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
+
+        def edit(
+            ed,
+            mfile,
+            text,
+            _method,
+            k_steps,
+            k_n,
+            k_seed,
+            k_strength,
+            k_guid,
+            k_shrink,
+            k_bg,
+            progress=gr.Progress(),
+        ):
+            options = dict(
+                num_inference_steps=int(k_steps),
+                num_images_per_prompt=int(k_n),
+                strength=float(k_strength),
+                guidance_scale=float(k_guid),
+                shrink_iterations=int(k_shrink),
+                background=k_bg,
+            )
+            seed_value = None if k_seed is None else int(k_seed)
+            total = max(1, int(int(k_steps) * float(k_strength)))
+            for kind, payload in stream_request(session, ed, mfile, text, options, seed_value):
+                if kind == "step":
+                    i, img = payload
+                    progress((i + 1, total), desc="denoising")
+                    if img is not None:
+                        yield img, gr.skip(), gr.skip()
+                elif kind == "error":  # bad input: a message in the page, never a traceback
+                    raise gr.Error(" ".join(str(payload).split()), duration=None)
+                else:
+                    items, paths = payload
+                    yield items[0][0], items, paths
+
+        button.click(
+            edit,
+            inputs=[
+                editor,
+                mask_file,
+                prompt,
+                method,
+                steps,
+                n,
+                seed,
+                strength,
+                guidance,
+                shrink,
+                background,
+            ],
+            outputs=[preview, gallery, files],
+            concurrency_limit=1,
+        )
+    return app
+
+
+def serve(
+    spec: ModelSpec,
+    host: str = DEFAULT_HOST,
+    port: int | None = None,
+    *,
+    out: str | None = None,
+    max_file_size: str = DEFAULT_MAX_FILE_SIZE,
+    block: bool = True,
+):
+    """Load the model once and launch the page; returns (app, url) when ``block`` is False.
+    The built-in ``toy`` falls back to ``tiny-random`` (with a notice) until it ships."""
+    import sys
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from . import models
+    from .demo import write_example
+
+    if spec.model == "toy" and not models.toy_shipped():
+        print(
+            "blendedit serve: the shipped Shapes World model is not in this checkout yet; "
+            "serving 'tiny-random' (untrained: edits are noise in the mask)",
+            file=sys.stderr,
+        )
+        spec = replace(spec, model="tiny-random")
+    loaded = load_pipeline(spec, num_images=4)
+    root = Path(out) if out else Path(tempfile.mkdtemp(prefix="blendedit-serve-"))
+    root.mkdir(parents=True, exist_ok=True)
+    example, _ = write_example(root / "example")
+    session = EditSession(loaded, root)
+    app = build_app(session, examples=[str(example)])
+    app.queue(default_concurrency_limit=1)
+    _, url, _ = app.launch(
+        server_name=host,
+        server_port=port,
+        max_file_size=max_file_size,
+        prevent_thread_lock=not block,
+        allowed_paths=[str(root)],
+        quiet=not block,
+        footer_links=[],
+    )
+    return app, url

@@ -1,0 +1,265 @@
+"""The web UI: its handlers on a tiny model, and the page end to end in headless Chromium.
+
+The browser test runs when Debian's chromium (/usr/bin/chromium, or BLENDEDIT_CHROMIUM) and
+playwright are installed (`.ci/run` installs chromium; playwright is a test dependency).
+``BLENDEDIT_SCREENSHOT=path`` also saves the page after an edit (docs/webui.png).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from blendedit.demo import example_scene
+from blendedit.runner import LoadedModel, ModelSpec
+from blendedit.webui import EditError, EditSession, mask_from_editor, run_request
+
+pytest.importorskip("gradio")
+
+CHROMIUM = os.environ.get("BLENDEDIT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+OPTIONS = dict(
+    num_inference_steps=4,
+    num_images_per_prompt=2,
+    strength=1.0,
+    guidance_scale=7.5,
+    shrink_iterations=3,
+    background="paste",
+)
+
+
+def editor_value(image: Image.Image, box=(10, 40, 60, 90)) -> dict:
+    """What Gradio's ImageEditor hands a handler: the image as background, strokes as a layer."""
+    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    if box:
+        ImageDraw.Draw(layer).rectangle(box, fill=(255, 32, 96, 255))
+    return {"background": image.convert("RGBA"), "layers": [layer], "composite": None}
+
+
+@pytest.fixture
+def session(pipe, tmp_path):
+    loaded = LoadedModel(pipe, ModelSpec(model="tiny-random"), "tiny ranker", "cpu", "float32")
+    return EditSession(loaded, tmp_path / "serve")
+
+
+def test_painted_layers_are_the_mask_and_the_background_the_image():
+    image, _ = example_scene()
+    img, mask = mask_from_editor(editor_value(image))
+    assert np.array_equal(np.asarray(img), np.asarray(image))
+    m = np.asarray(mask) > 0
+    assert m[40:91, 10:61].all() and m.sum() == 51 * 51
+    with pytest.raises(EditError, match="image: upload an image"):
+        mask_from_editor({"background": None, "layers": []})
+    blank = Image.new("RGBA", (800, 800), (255, 255, 255, 255))
+    with pytest.raises(EditError, match="the canvas is blank"):
+        mask_from_editor(editor_value(blank))
+
+
+def test_run_request_writes_ranked_results_and_keeps_the_background(session):
+    image, _ = example_scene()
+    (session.out_root).mkdir(parents=True)
+    steps = []
+    items, files = run_request(
+        session, editor_value(image), None, "a red circle", OPTIONS, 3, lambda i, z: steps.append(i)
+    )
+    assert steps == [0, 1, 2, 3] and len(items) == 2
+    assert [label.split()[0] for _, label in items] == ["#1", "#2"]
+    names = [Path(f).name for f in files]
+    assert "image.json" in names and "results.zip" in names
+    meta = json.loads(Path(files[names.index("image.json")]).read_text())
+    assert meta["prompt"] == "a red circle" and meta["seed"] == 3 and meta["command"] == "serve"
+    _, mask = mask_from_editor(editor_value(image))
+    keep = np.asarray(mask) == 0
+    for img, _ in items:
+        assert np.array_equal(np.asarray(img)[keep], np.asarray(image)[keep])
+
+
+def test_bad_input_is_a_value_error_naming_it(session):
+    image, _ = example_scene()
+    session.out_root.mkdir(parents=True)
+    with pytest.raises(ValueError, match="mask: the mask is empty"):
+        run_request(session, editor_value(image, box=None), None, "a red circle", OPTIONS, 0)
+    with pytest.raises(ValueError, match="prompt: is empty"):
+        run_request(session, editor_value(image), None, "", OPTIONS, 0)
+
+
+def test_two_requests_at_once_both_complete_as_they_would_alone(session):
+    session.out_root.mkdir(parents=True)
+    image, _ = example_scene()
+    jobs = [("a red circle", 1), ("a blue square", 2)]
+    alone = [run_request(session, editor_value(image), None, p, OPTIONS, s)[0] for p, s in jobs]
+    together: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def go(k: int) -> None:
+        try:
+            together[k] = run_request(
+                session, editor_value(image), None, *jobs[k][:1], OPTIONS, jobs[k][1]
+            )[0]
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k in range(2):
+        assert [np.asarray(i).tobytes() for i, _ in together[k]] == [
+            np.asarray(i).tobytes() for i, _ in alone[k]
+        ]
+
+
+# --- in a real browser -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not (Path(CHROMIUM).exists() and shutil.which(CHROMIUM)):
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+    pytest.importorskip("playwright")
+    from blendedit.webui import serve
+
+    out = tmp_path_factory.mktemp("serve")
+    app, url = serve(
+        ModelSpec(model="tiny-random"),
+        "127.0.0.1",
+        _free_port(),
+        out=str(out),
+        block=False,
+        max_file_size="1mb",
+    )
+    yield url, out
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _open_with_scene(browser, url: str, scene: Path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#editor canvas")
+    zoom = page.locator("#editor").inner_text()
+    page.locator("#editor input[type=file]").first.set_input_files(str(scene))
+    # the editor re-zooms once the image is on its canvas
+    page.wait_for_function(
+        "z => document.querySelector('#editor').innerText !== z", arg=zoom, timeout=30_000
+    )
+    return page
+
+
+def _paint(page) -> None:
+    page.get_by_role("button", name="Brush", exact=True).click()
+    box = page.locator("#editor canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    for dy in range(-30, 31, 10):  # strokes over the empty left part of the scene
+        page.mouse.move(cx - 110, cy + dy)
+        page.mouse.down()
+        page.mouse.move(cx - 40, cy + dy, steps=6)
+        page.mouse.up()
+
+
+def _edit(page, prompt: str) -> None:
+    page.locator("#prompt textarea, #prompt input").first.fill(prompt)
+    page.locator("#edit-button").click()
+
+
+def _sidecars(out: Path) -> dict[str, dict]:
+    metas = [json.loads(p.read_text()) for p in out.glob("edit-*/results/*.json")]
+    return {m["prompt"]: m for m in metas}
+
+
+def test_page_edit_end_to_end(server, browser):
+    url, out = server
+    scene = out / "example" / "scene.png"
+    page = _open_with_scene(browser, url, scene)
+    _paint(page)
+    _edit(page, "a red circle")
+    page.wait_for_function("document.querySelectorAll('#gallery img').length >= 4", timeout=180_000)
+    page.wait_for_function(
+        "document.querySelector('#downloads').innerText.includes('.zip')", timeout=30_000
+    )
+    listed = " ".join(page.locator("#downloads").inner_text().split())
+    assert "results .zip" in listed and "image .json" in listed  # name and suffix in two spans
+    assert page.locator("#preview img").count() == 1  # the live preview, then the best result
+    meta = _sidecars(out)["a red circle"]
+    assert meta["command"] == "serve" and len(meta["results"]) == 4
+    folder = next(out.glob("edit-*/results/image.json")).parent.parent
+    src = np.asarray(Image.open(folder / "inputs" / "image.png"))
+    mask = np.asarray(Image.open(folder / "inputs" / "mask.png"))
+    assert np.array_equal(src, np.asarray(Image.open(scene).convert("RGB")))  # lossless upload
+    assert 0.05 < (mask > 0).mean() < 0.5  # the strokes, not the whole canvas
+    best = np.asarray(Image.open(folder / "results" / meta["results"][0]["file"]))
+    assert np.array_equal(best[mask == 0], src[mask == 0])
+    if os.environ.get("BLENDEDIT_SCREENSHOT"):
+        page.screenshot(path=os.environ["BLENDEDIT_SCREENSHOT"], full_page=True)
+    page.close()
+
+
+def test_page_without_a_mask_shows_the_error(server, browser):
+    url, out = server
+    page = _open_with_scene(browser, url, out / "example" / "scene.png")
+    _edit(page, "a blue star")
+    msg = page.get_by_text("mask: the mask is empty", exact=False)
+    msg.first.wait_for(timeout=60_000)
+    assert "Traceback" not in page.content()
+    page.close()
+
+
+def test_two_pages_edit_at_once(server, browser):
+    url, out = server
+    pages = [_open_with_scene(browser, url, out / "example" / "scene.png") for _ in range(2)]
+    prompts = ["a green square", "a purple cross"]
+    for page in pages:
+        _paint(page)
+    for page, prompt in zip(pages, prompts):
+        _edit(page, prompt)
+    for page in pages:
+        page.wait_for_function(
+            "document.querySelectorAll('#gallery img').length >= 4", timeout=300_000
+        )
+    metas = _sidecars(out)
+    for prompt in prompts:
+        assert len(metas[prompt]["results"]) == 4
+    for page in pages:
+        page.close()
+
+
+def test_uploads_over_the_limit_are_refused(server):
+    import httpx
+
+    url, _ = server
+    big = b"\0" * (2 * 1024 * 1024)  # the test server's limit is 1 MB
+    r = httpx.post(url.rstrip("/") + "/gradio_api/upload", files={"files": ("big.png", big)})
+    assert r.status_code == 413, r.text
