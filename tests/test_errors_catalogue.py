@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import blendedit.io as bio
 from blendedit import BlendedLatentDiffusionPipeline, load_image, load_mask
@@ -710,6 +710,49 @@ def manifest_row_unknown_option(c):
 @case
 def workers_without_ray(c):
     return _batch_case(c, _manifest(c, ""), "--workers", "2")
+
+
+# --- web UI ---------------------------------------------------------------------------------
+
+
+def _page_request(c, image: Image.Image | None, box=(10, 10, 30, 30)) -> Callable:
+    from blendedit.runner import LoadedModel, ModelSpec
+    from blendedit.webui import EditSession, run_request
+
+    session = EditSession(LoadedModel(c.pipe, ModelSpec("tiny-random"), None, "cpu", "f32"), c.out)
+    layer = None
+    if image is not None:
+        layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+        if box:
+            ImageDraw.Draw(layer).rectangle(box, fill=(255, 0, 0, 255))
+    value = {"background": image, "layers": [layer] if layer else [], "composite": None}
+
+    def lib():
+        c.out.mkdir(exist_ok=True)
+        opts = dict(num_inference_steps=2, num_images_per_prompt=1, strength=1.0)
+        run_request(session, value, None, "a red circle", opts, 0)
+
+    return lib
+
+
+@case
+def webui_no_image(c):
+    return Case(None, _page_request(c, None))
+
+
+@case
+def webui_blank_canvas(c):
+    return Case(None, _page_request(c, Image.new("RGBA", (800, 800), (255, 255, 255, 255))))
+
+
+@case
+def webui_nothing_painted(c):
+    return Case(None, _page_request(c, load_image(c.image()), box=None))
+
+
+@case
+def webui_image_too_large(c):
+    return Case(None, _page_request(c, Image.new("RGB", (2100, 2000), (9, 9, 9))))
 
 
 # --- the runner ----------------------------------------------------------------------------

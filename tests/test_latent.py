@@ -251,8 +251,6 @@ def test_bad_prompt_image_and_mask_are_named(pipe, image, box_mask):
         pipe("a", image, torch.ones(64, 32))
     with pytest.raises(ValueError, match="^generator: a list must hold num_images_per_prompt=2"):
         pipe("a", image, box_mask, num_images_per_prompt=2, generator=[gen(0)])
-    with pytest.raises(ValueError, match=r"^background: .*'decoder' \(planned"):
-        pipe("a", image, box_mask, background="decoder")
     with pytest.raises(ValueError, match="^strength: 0.05 x num_inference_steps 10 runs no step"):
         pipe("a", image, box_mask, num_inference_steps=10, strength=0.05)
 

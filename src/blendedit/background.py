@@ -1,19 +1,33 @@
 """Background reconstruction after decoding (Blended Latent Diffusion, step 6).
 
 Decoding blended latents does not give back the original pixels outside the mask (the VAE is
-lossy). A reconstruction method takes the decoded edits, the source and the mask and returns the
-final images. Methods share one signature so that new ones (``decoder`` fine-tuning, ``poisson``
-cloning) plug in beside these.
+lossy). A reconstruction method takes the decoded edits, the source and the mask (and, for
+``decoder``, the latents and the VAE) and returns the final images:
+
+- ``paste``: original pixels outside the mask, the edit feathered just inside its edge;
+- ``poisson``: seamless cloning: inside the mask, the function whose gradients are the edit's
+  and whose values on the mask's border are the source's (a discrete Poisson equation, solved
+  by conjugate gradients); outside the mask, the source exactly;
+- ``decoder`` (the paper): fine-tune a copy of the VAE decoder on this image so that it decodes
+  the edited latents to the edit inside the mask and to the source outside it
+  (MSE(D(z) m, edit m) + lambda MSE(D(z) (1 - m), x (1 - m))); ``latents`` mode optimizes z
+  instead of the decoder's weights. The loaded VAE is never changed;
+- ``none``: the raw decode, for studies.
 """
 
 from __future__ import annotations
 
+import copy
+import time
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 
 from . import masks as M
 
-BACKGROUND_METHODS = ("paste", "none")
-PLANNED_BACKGROUND_METHODS = ("decoder", "poisson")
+BACKGROUND_METHODS = ("paste", "poisson", "decoder", "none")
+DECODER_MODES = ("weights", "latents")
 
 
 def paste(
@@ -35,11 +49,199 @@ def none(
     return edit
 
 
-def reconstruct(
-    method: str, edit: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, *, feather: int
+# --- Poisson (seamless cloning) -------------------------------------------------------------
+
+
+def _neighbours(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 4 neighbours of every pixel (zero-padded): up, down, left, right."""
+    p = F.pad(x, (1, 1, 1, 1))
+    return [p[..., :-2, 1:-1], p[..., 2:, 1:-1], p[..., 1:-1, :-2], p[..., 1:-1, 2:]]
+
+
+def poisson(
+    edit: torch.Tensor,
+    source: torch.Tensor,
+    mask: torch.Tensor,
+    feather: int = 0,
+    *,
+    max_iter: int = 3000,
+    tol: float = 1e-6,
 ) -> torch.Tensor:
-    """Dispatch to a background method by name."""
-    fns = {"paste": paste, "none": none}
+    """Seamless cloning of ``edit`` into ``source`` over the region ``mask > 0``.
+
+    Inside the region solves sum_q (f_p - f_q) = sum_q (e_p - e_q) over the in-image 4-neighbours
+    q, with f_q = source_q for neighbours outside the region (Dirichlet) and no term past the
+    image border (Neumann); outside the region the result is the source exactly. Matrix-free
+    conjugate gradients on every (sample, channel) at once; ``feather`` is unused.
+    """
+    region = (mask > 0).to(edit)  # (1, 1, H, W)
+    if not region.any():
+        return source.expand_as(edit).clone()
+    ones = torch.ones_like(region)
+    inside = _neighbours(ones)  # 1 where the neighbour lies in the image
+    degree = sum(inside)
+    if bool((region > 0).all()):  # no border to anchor to: the edit itself
+        return edit.clone()
+    e, s = edit.double(), source.double().expand_as(edit)
+    r, deg = region.double(), degree.double()
+    # b = sum over in-image neighbours of (e_p - e_q) + source values of neighbours outside
+    b = deg * e - sum(n * k for n, k in zip(_neighbours(e), inside))
+    b = b + sum(n * k for n, k in zip(_neighbours(s * (1 - r)), inside))
+    b = b * r
+
+    def A(f):  # the Laplacian restricted to the region
+        f = f * r
+        return (deg * f - sum(n * k for n, k in zip(_neighbours(f), inside))) * r
+
+    f = e * r
+    res = b - A(f)
+    p = res.clone()
+    rs = (res * res).sum(dim=(-2, -1), keepdim=True)
+    b_norm = (b * b).sum(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    for _ in range(max_iter):
+        if bool((rs <= tol * tol * b_norm).all()):
+            break
+        ap = A(p)
+        alpha = rs / (p * ap).sum(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+        f = f + alpha * p
+        res = res - alpha * ap
+        rs_new = (res * res).sum(dim=(-2, -1), keepdim=True)
+        p = res + (rs_new / rs.clamp_min(1e-30)) * p
+        rs = rs_new
+    out = f * r + s * (1 - r)
+    return out.clamp(0, 1).to(edit.dtype)
+
+
+# --- decoder fine-tuning ---------------------------------------------------------------------
+
+
+@dataclass
+class DecoderTuning:
+    """What one ``decoder`` reconstruction did (per sample): the loss before and after each
+    step, the crop it worked on and its time."""
+
+    losses: list[list[float]] = field(default_factory=list)
+    latent_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    seconds: float = 0.0
+
+
+class _Decode(torch.nn.Module):
+    """post_quant_conv + decoder of an AutoencoderKL: latents (unscaled) -> pixels in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.post_quant_conv = getattr(vae, "post_quant_conv", None)
+        self.decoder = vae.decoder
+
+    def forward(self, z):
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+
+def latent_crop(m_lat: torch.Tensor, margin: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the latent mask's box grown by ``margin`` cells, within the frame."""
+    ys, xs = torch.nonzero(m_lat[0, 0] > 0, as_tuple=True)
+    h, w = m_lat.shape[-2:]
+    return (
+        max(0, int(xs.min()) - margin),
+        max(0, int(ys.min()) - margin),
+        min(w, int(xs.max()) + 1 + margin),
+        min(h, int(ys.max()) + 1 + margin),
+    )
+
+
+def decoder_finetune(
+    vae,
+    latents: torch.Tensor,
+    source: torch.Tensor,
+    mask: torch.Tensor,
+    edit: torch.Tensor,
+    *,
+    steps: int = 75,
+    lr: float = 1e-4,
+    lam: float = 100.0,
+    mode: str = "weights",
+    crop_margin: int | None = 4,
+) -> tuple[torch.Tensor, DecoderTuning]:
+    """The paper's background reconstruction, one sample at a time on a copy of the decoder.
+
+    ``latents`` (N, 4, h, w) scaled as the UNet sees them, ``source`` (1, 3, 8h, 8w) and
+    ``edit`` (N, 3, 8h, 8w) in [0, 1], ``mask`` (1, 1, 8h, 8w). Minimizes
+    MSE(D(z) m, edit m) + lam MSE(D(z) (1 - m), x (1 - m)) with Adam (``lr``, ``steps``) over the
+    decoder's weights (``mode='weights'``) or over z (``'latents'``). With ``crop_margin`` it works
+    on the latent box of the mask grown by that many cells, and the pixels outside the box are
+    the source's (a convolutional decoder's output there depends little on what lies far away).
+    Returns the images (N, 3, 8h, 8w) in [0, 1] and a :class:`DecoderTuning`.
+    """
+    if mode not in DECODER_MODES:
+        raise ValueError(f"decoder_mode: expected one of {DECODER_MODES}, got {mode!r}")
+    t0 = time.perf_counter()
+    f = source.shape[-1] // latents.shape[-1]  # the VAE's downscale factor
+    m_lat = F.max_pool2d(mask.float(), f, f)
+    box = (0, 0, latents.shape[-1], latents.shape[-2])
+    if crop_margin is not None and bool((m_lat > 0).any()):
+        box = latent_crop(m_lat, crop_margin)
+    lx0, ly0, lx1, ly1 = box
+    px = (lx0 * f, ly0 * f, lx1 * f, ly1 * f)
+
+    device = latents.device
+    base = _Decode(vae)
+    scale = vae.config.scaling_factor
+    x = (source[..., px[1] : px[3], px[0] : px[2]] * 2 - 1).to(device, torch.float32)
+    m = mask[..., px[1] : px[3], px[0] : px[2]].to(device, torch.float32)
+    out = source.expand(latents.shape[0], -1, -1, -1).clone().float()
+    info = DecoderTuning(latent_box=box)
+    for k in range(latents.shape[0]):
+        z = (latents[k : k + 1, :, ly0:ly1, lx0:lx1] / scale).to(device, torch.float32)
+        target = (edit[k : k + 1, :, px[1] : px[3], px[0] : px[2]] * 2 - 1).to(device).float()
+        dec = copy.deepcopy(base).float().train(False)  # the loaded VAE is never touched
+        if mode == "weights":
+            params = [p for p in dec.parameters()]
+            for p in params:
+                p.requires_grad_(True)
+        else:
+            for p in dec.parameters():
+                p.requires_grad_(False)
+            z = z.clone().requires_grad_(True)
+            params = [z]
+        opt = torch.optim.Adam(params, lr=lr)
+        losses = []
+        with torch.enable_grad():
+            for _ in range(steps + 1):
+                y = dec(z)
+                loss = F.mse_loss(y * m, target * m) + lam * F.mse_loss(y * (1 - m), x * (1 - m))
+                losses.append(loss.item())
+                if len(losses) == steps + 1:
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        info.losses.append(losses)
+        out[k, :, px[1] : px[3], px[0] : px[2]] = ((y.detach() + 1) / 2).clamp(0, 1).cpu()[0]
+        del dec, opt
+    info.seconds = time.perf_counter() - t0
+    return out, info
+
+
+def reconstruct(
+    method: str,
+    edit: torch.Tensor,
+    source: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    feather: int,
+    vae=None,
+    latents: torch.Tensor | None = None,
+    decoder_options: dict | None = None,
+) -> tuple[torch.Tensor, DecoderTuning | None]:
+    """Dispatch to a background method by name; ``decoder`` needs ``vae`` and ``latents``.
+    Returns the images and, for ``decoder``, what the tuning did."""
+    if method == "decoder":
+        if vae is None or latents is None:
+            raise ValueError("background: 'decoder' needs the VAE and the edited latents")
+        return decoder_finetune(vae, latents, source, mask, edit, **(decoder_options or {}))
+    fns = {"paste": paste, "none": none, "poisson": poisson}
     if method not in fns:
         raise ValueError(f"background: expected one of {BACKGROUND_METHODS}, got {method!r}")
-    return fns[method](edit, source, mask, feather)
+    return fns[method](edit, source, mask, feather), None

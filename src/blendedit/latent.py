@@ -55,7 +55,9 @@ class LatentEditOptions:
     )
     background: str = _opt(
         "paste",
-        "background reconstruction: paste (original pixels outside the mask) or none",
+        "background reconstruction: paste (original pixels outside the mask), poisson "
+        "(seamless cloning), decoder (fine-tune a copy of the VAE decoder on this image, the "
+        "paper's) or none (the raw decode)",
         B.BACKGROUND_METHODS,
     )
     background_noise: str = _opt(
@@ -64,6 +66,19 @@ class LatentEditOptions:
         BACKGROUND_NOISE_MODES,
     )
     feather: int = _opt(3, "pixels of feathering just inside the mask edge when pasting")
+    decoder_steps: int = _opt(75, "background=decoder: Adam steps of the fine-tuning")
+    decoder_lr: float = _opt(1e-4, "background=decoder: Adam learning rate")
+    decoder_lambda: float = _opt(100.0, "background=decoder: weight of the background loss")
+    decoder_mode: str = _opt(
+        "weights",
+        "background=decoder: optimize the decoder's weights or the latents",
+        B.DECODER_MODES,
+    )
+    decoder_crop_margin: int = _opt(
+        4,
+        "background=decoder: work on the mask's latent box grown by this many cells "
+        "(-1: the whole frame)",
+    )
     crop_to_mask: Any = _opt(
         "auto",
         "edit only a box around the mask: auto (when the image is larger than the "
@@ -93,6 +108,7 @@ class BlendedLatentDiffusionOutput:
     crop_box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the region that was edited
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    reconstruction: Any = None  # background="decoder": a background.DecoderTuning (losses ...)
 
 
 # --- the math, as small functions over tensors -----------------------------------------------
@@ -295,22 +311,18 @@ class BlendedLatentDiffusionPipeline:
                 "runs no step; raise either"
             )
         for name, choices in (
+            ("background", B.BACKGROUND_METHODS),
+            ("decoder_mode", B.DECODER_MODES),
             ("mask_downsample", M.MASK_DOWNSAMPLE_MODES),
             ("background_noise", BACKGROUND_NOISE_MODES),
             ("rank_region", RANK_REGIONS),
         ):
             if getattr(opts, name) not in choices:
                 raise ValueError(f"{name}: expected one of {choices}, got {getattr(opts, name)!r}")
-        if opts.background not in B.BACKGROUND_METHODS:
-            later = (
-                " (planned, not in this version)"
-                if opts.background in B.PLANNED_BACKGROUND_METHODS
-                else ""
-            )
-            raise ValueError(
-                f"background: expected one of {B.BACKGROUND_METHODS}, got "
-                f"{opts.background!r}{later}"
-            )
+        _check_int("decoder_steps", opts.decoder_steps, 0, 100_000)
+        _check_float("decoder_lr", opts.decoder_lr, 0.0, 10.0, low_open=True)
+        _check_float("decoder_lambda", opts.decoder_lambda, 0.0, 1e9)
+        _check_int("decoder_crop_margin", opts.decoder_crop_margin, -1, 10_000)
         if opts.crop_to_mask not in CROP_MODES:
             raise ValueError(
                 f"crop_to_mask: expected 'auto', True or False, got {opts.crop_to_mask!r}"
@@ -353,6 +365,11 @@ class BlendedLatentDiffusionPipeline:
         background: str = _D.background,
         background_noise: str = _D.background_noise,
         feather: int = _D.feather,
+        decoder_steps: int = _D.decoder_steps,
+        decoder_lr: float = _D.decoder_lr,
+        decoder_lambda: float = _D.decoder_lambda,
+        decoder_mode: str = _D.decoder_mode,
+        decoder_crop_margin: int = _D.decoder_crop_margin,
         crop_to_mask: Any = _D.crop_to_mask,
         crop_context: float = _D.crop_context,
         rank_region: str = _D.rank_region,
@@ -379,6 +396,11 @@ class BlendedLatentDiffusionPipeline:
             background=background,
             background_noise=background_noise,
             feather=feather,
+            decoder_steps=decoder_steps,
+            decoder_lr=decoder_lr,
+            decoder_lambda=decoder_lambda,
+            decoder_mode=decoder_mode,
+            decoder_crop_margin=decoder_crop_margin,
             crop_to_mask=crop_to_mask,
             crop_context=crop_context,
             rank_region=rank_region,
@@ -455,28 +477,10 @@ class BlendedLatentDiffusionPipeline:
         _sync(device)
         timings["sample"] = time.perf_counter() - t0
 
-        # 8. Decode
-        t0 = time.perf_counter()
-        edit = self.decode_latents(z)[..., :h, :w].cpu()  # (N, 3, h, w)
-        timings["decode"] = time.perf_counter() - t0
-
-        # 9. Background reconstruction, then paste the region back into the frame
-        t0 = time.perf_counter()
-        region = B.reconstruct(background, edit, x_src, m_px, feather=feather)
-        frames = x_full.expand(n, -1, -1, -1).clone()
-        frames[..., y0:y1, x0:x1] = region
-        frames = (frames * 255).round() / 255  # what is saved is what gets ranked
-        timings["background"] = time.perf_counter() - t0
-
-        # 10. Rank by CLIP, best first
-        t0 = time.perf_counter()
-        scores = None
-        order = list(range(n))
-        if self.ranker is not None:
-            s = self.ranker.score(frames, prompt, mask_full, rank_region)
-            order = torch.argsort(s, descending=True, stable=True).tolist()
-            scores = [float(s[k]) for k in order]
-        timings["rank"] = time.perf_counter() - t0
+        # 8-10. Decode, reconstruct the background, paste into the frame, rank
+        frames, order, scores, info = self._finish(
+            z, x_full, box, x_pad, m_pad, (h, w), mask_full, prompt, opts, timings
+        )
         timings["total"] = time.perf_counter() - t_total
 
         # 11. Output
@@ -492,7 +496,122 @@ class BlendedLatentDiffusionPipeline:
             crop_box=box,
             timings=timings,
             warnings=warnings,
+            reconstruction=_reordered(info, order),
         )
+
+    def _finish(self, z, x_full, box, x_pad, m_pad, hw, mask_full, prompt, opts, timings):
+        """Steps 8-10 of an edit: decode ``z``, reconstruct the background of the edited region,
+        paste it into the frame and rank. Returns (frames, order, scores, decoder info)."""
+        (h, w), (x0, y0, x1, y1), n = hw, box, z.shape[0]
+        _sync(self.device)
+        t0 = time.perf_counter()
+        edit = self.decode_latents(z).cpu()  # (N, 3, H_pad, W_pad)
+        timings["decode"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if opts.background == "decoder":  # on the padded frame the latents cover
+            margin = opts.decoder_crop_margin
+            region, info = B.reconstruct(
+                "decoder",
+                edit,
+                x_pad,
+                (m_pad > 0).float(),
+                feather=opts.feather,
+                vae=self.vae,
+                latents=z,
+                decoder_options=dict(
+                    steps=opts.decoder_steps,
+                    lr=opts.decoder_lr,
+                    lam=opts.decoder_lambda,
+                    mode=opts.decoder_mode,
+                    crop_margin=None if margin < 0 else margin,
+                ),
+            )
+            region = region[..., :h, :w]
+        else:
+            crop = (..., slice(0, h), slice(0, w))
+            region, info = B.reconstruct(
+                opts.background, edit[crop], x_pad[crop], m_pad[crop], feather=opts.feather
+            )
+        frames = x_full.expand(n, -1, -1, -1).clone()
+        frames[..., y0:y1, x0:x1] = region
+        frames = (frames * 255).round() / 255  # what is saved is what gets ranked
+        _sync(self.device)
+        timings["background"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        scores, order = None, list(range(n))
+        if self.ranker is not None and prompt is not None:
+            s = self.ranker.score(frames, prompt, mask_full, opts.rank_region)
+            order = torch.argsort(s, descending=True, stable=True).tolist()
+            scores = [float(s[k]) for k in order]
+        timings["rank"] = time.perf_counter() - t0
+        return frames, order, scores, info
+
+    @torch.no_grad()
+    def reconstruct_background(
+        self,
+        output: BlendedLatentDiffusionOutput,
+        image,
+        prompt: str | None = None,
+        **options,
+    ) -> BlendedLatentDiffusionOutput:
+        """Redo the background step of an earlier edit without sampling again (the public
+        code's separate reconstruction step): decode ``output.latents`` and reconstruct with
+        the given options (``background``, ``feather``, ``decoder_*``; the others are ignored).
+        ``image`` is the edit's source image. The order stays ``output``'s; with ``prompt`` and a
+        ranker the new images are scored and ranked again."""
+        t_total = time.perf_counter()
+        allowed = {"background", "feather", "rank_region"} | {
+            f.name for f in fields(LatentEditOptions) if f.name.startswith("decoder_")
+        }
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ValueError(f"options: not background options: {', '.join(unknown)}")
+        opts = LatentEditOptions(**options)
+        image = _as_pil(image, "image")
+        if image.size != output.mask.size:
+            raise ValueError(
+                f"image: size {image.width}x{image.height} differs from the edit's mask "
+                f"{output.mask.width}x{output.mask.height}; pass the edit's source image"
+            )
+        self.check_inputs(prompt or "x", image, output.mask, opts, None, None)
+        x_full = pil_to_tensor(image)
+        mask_full = pil_to_tensor(output.mask.convert("RGB"))[:, :1]
+        x0, y0, x1, y1 = box = output.crop_box
+        x_pad, (h, w) = M.pad_to_multiple(
+            x_full[..., y0:y1, x0:x1], self.vae_scale_factor, "reflect"
+        )
+        m_pad, _ = M.pad_to_multiple(
+            mask_full[..., y0:y1, x0:x1], self.vae_scale_factor, "constant"
+        )
+        timings: dict[str, float] = {}
+        z = output.latents.to(self.device, self.dtype)
+        frames, order, scores, info = self._finish(
+            z, x_full, box, x_pad, m_pad, (h, w), mask_full, prompt, opts, timings
+        )
+        timings["total"] = time.perf_counter() - t_total
+        return BlendedLatentDiffusionOutput(
+            images=tensor_to_pil(frames[order]),
+            scores=scores,
+            order=[output.order[k] for k in order],
+            latents=z[order].cpu(),
+            source_latents=output.source_latents,
+            mask=output.mask,
+            latent_mask=output.latent_mask,
+            mask_schedule=output.mask_schedule,
+            crop_box=box,
+            timings=timings,
+            warnings=list(output.warnings),
+            reconstruction=_reordered(info, order),
+        )
+
+
+def _reordered(info, order):
+    """A decoder tuning's per-sample losses in ranked order (None passes through)."""
+    if info is not None:
+        info.losses = [info.losses[k] for k in order]
+    return info
 
 
 # --- argument checks ---------------------------------------------------------------------------

@@ -58,6 +58,11 @@ def mask_from_editor(value) -> tuple[Image.Image, Image.Image]:
     bg = value["background"]
     bg = bg if isinstance(bg, Image.Image) else Image.open(bg)
     size = bg.size
+    if size[0] * size[1] > WEB_MAX_PIXELS:
+        raise EditError(
+            f"image: {size[0]}x{size[1]} is over the pixel limit {WEB_MAX_PIXELS:,} of this "
+            "page; downscale it first (the command line takes larger images)"
+        )
     if size == EDITOR_CANVAS and bg.convert("RGB").getextrema() == (
         (255, 255),
         (255, 255),
