@@ -135,3 +135,35 @@ def test_demo_without_the_shipped_model_says_so_and_runs_on_tiny_random(
     assert "not in this checkout yet" in err and "tiny-random" in err
     meta = json.loads((tmp_path / "d" / "scene.json").read_text())
     assert meta["model"] == "tiny-random"
+
+
+def test_edit_with_the_pixel_method(files, tmp_path):
+    img, mask = files
+    rc = edit(
+        img,
+        mask,
+        tmp_path / "px",
+        "--method",
+        "pixel",
+        "--steps",
+        "10",
+        "--skip-timesteps",
+        "3",
+        "-n",
+        "2",
+        "--num-augmentations",
+        "4",
+        "--seed",
+        "5",
+    )
+    assert rc == 0
+    meta = json.loads((tmp_path / "px" / "photo.json").read_text())
+    assert meta["method"] == "pixel" and meta["scheduler"] == "ddpm"
+    assert meta["options"]["num_augmentations"] == 4 and meta["options"]["skip_timesteps"] == 3
+    assert meta["options"]["clip_guidance_scale"] == 1000.0  # the pixel default
+    assert sorted(r["seed"] for r in meta["results"]) == [5, 6]
+    src = np.asarray(Image.open(img)).astype(int)
+    keep = np.asarray(Image.open(mask)) == 0
+    for r in meta["results"]:
+        out = np.asarray(Image.open(tmp_path / "px" / r["file"])).astype(int)
+        assert np.abs(out - src)[keep].max() == 0

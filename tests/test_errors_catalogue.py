@@ -505,6 +505,34 @@ def choice_unknown(c):
     return _option_case(c, ["--background", "blur"])
 
 
+@case
+def option_of_the_other_method(c):
+    from blendedit.runner import edit_options
+
+    case = _option_case(c, ["--clip-guidance-scale", "500"])
+    case.lib = lambda: edit_options({"clip_guidance_scale": 500.0}, "latent")
+    return case
+
+
+@case
+def pixel_lpips_unavailable(c):
+    from blendedit import BlendedDiffusionPipeline
+
+    img, m = c.image(), c.mask()
+    pixel = BlendedDiffusionPipeline.from_pretrained("tiny-random")
+    return Case(
+        c.argv(
+            img, m, "--method", "pixel", "--skip-timesteps", "0", "--background-lpips-scale", "1"
+        ),
+        lambda: pixel("a red circle", load_image(img), load_mask(m), background_lpips_scale=1.0),
+    )
+
+
+@case
+def pixel_without_clip(c):
+    return _option_case(c, ["--method", "pixel", "--rank-model", "none"])
+
+
 # --- models --------------------------------------------------------------------------------
 
 

@@ -36,7 +36,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .io import check_output_folder, write_files_atomically
-from .runner import EditRequest, LoadedModel, ModelSpec, edit_options, load_pipeline, run_edit
+from .runner import (
+    NONE_DEFAULT_TYPES,
+    EditRequest,
+    LoadedModel,
+    ModelSpec,
+    edit_options,
+    load_pipeline,
+    options_class,
+    run_edit,
+)
 
 ALIASES = {"steps": "num_inference_steps", "n": "num_images_per_prompt"}
 REQUEST_FIELDS = ("mask_threshold", "invert_mask", "resize_mask", "max_pixels")
@@ -137,10 +146,11 @@ def _coerce(name: str, value, default):
         if v == "auto" and name == "crop_to_mask":
             return "auto"
         raise ValueError(f"{name}: expected true or false, got {value!r}")
+    kind_of = NONE_DEFAULT_TYPES.get(name, float) if default is None else type(default)
     try:
-        return int(v) if isinstance(default, int) else float(v)
+        return int(v) if kind_of is int else float(v)
     except ValueError:
-        kind = "an integer" if isinstance(default, int) else "a number"
+        kind = "an integer" if kind_of is int else "a number"
         raise ValueError(f"{name}: expected {kind}, got {value!r}") from None
 
 
@@ -153,7 +163,13 @@ def _sha256_file(path: Path) -> str:
 
 
 def plan_row(
-    raw: dict | str, row: int, base: Path, defaults: EditRequest, out: Path, model: str
+    raw: dict | str,
+    row: int,
+    base: Path,
+    defaults: EditRequest,
+    out: Path,
+    model: str,
+    method: str = "latent",
 ) -> Row:
     """Resolve a row against the command line's defaults; key it by what determines its
     output. Problems become the row's error (nothing raised)."""
@@ -161,7 +177,7 @@ def plan_row(
         return Row(row, {}, key=f"row{row}", error=f"manifest: {raw}")
     r = Row(row, raw)
     try:
-        r.request = req = _request(raw, base, defaults)
+        r.request = req = _request(raw, base, defaults, method)
         image_sha = _sha256_file(Path(req.image)) if Path(req.image).is_file() else None
         mask_sha = (
             None
@@ -175,6 +191,7 @@ def plan_row(
             image=image_sha or str(req.image),
             mask=mask_sha or (str(req.mask) if req.mask else "alpha"),
             model=model,
+            method=method,
             **{k: v for k, v in asdict(req).items() if k not in ("image", "mask")},
         )
         r.key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -185,10 +202,8 @@ def plan_row(
     return r
 
 
-def _request(raw: dict, base: Path, defaults: EditRequest) -> EditRequest:
-    from .latent import LatentEditOptions
-
-    option_defaults = asdict(LatentEditOptions()) | defaults.options
+def _request(raw: dict, base: Path, defaults: EditRequest, method: str) -> EditRequest:
+    option_defaults = asdict(options_class(method)()) | defaults.options
     known = set(ROW_FIELDS) | set(REQUEST_FIELDS) | set(option_defaults) | set(ALIASES)
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -216,7 +231,7 @@ def _request(raw: dict, base: Path, defaults: EditRequest) -> EditRequest:
         prompt=raw["prompt"],
         mask=None if mask_from_alpha else str(base / mask),
         seed=seed,
-        options=asdict(edit_options(options)),  # all fields: the key sees every value
+        options=asdict(edit_options(options, method)),  # all fields: the key sees every value
         **extra,
     )
 
@@ -324,7 +339,8 @@ def run_batch(
     if not raws:
         raise ManifestError(f"manifest: {str(manifest)!r} has no rows")
     rows = [
-        plan_row(r, i, manifest.parent, defaults, out, spec.model) for i, r in enumerate(raws, 1)
+        plan_row(r, i, manifest.parent, defaults, out, spec.model, spec.method)
+        for i, r in enumerate(raws, 1)
     ]
 
     entries: dict[int, dict] = {}

@@ -11,7 +11,13 @@ from . import __version__
 from .demo import DEMO_PROMPT
 from .io import DEFAULT_MAX_PIXELS, check_output_folder
 from .latent import SCHEDULERS, LatentEditOptions, options_fields
-from .runner import DEFAULT_MODEL, DEFAULT_RANK_MODEL, EditRequest, ModelSpec
+from .runner import (
+    DEFAULT_MODEL,
+    DEFAULT_RANK_MODEL,
+    NONE_DEFAULT_TYPES,
+    EditRequest,
+    ModelSpec,
+)
 
 SHORT_FLAGS = {"num_inference_steps": ["--steps"], "num_images_per_prompt": ["-n"]}
 
@@ -31,20 +37,44 @@ def _bool_or_auto(s: str):
     raise argparse.ArgumentTypeError(f"expected auto, true or false, got {s!r}")
 
 
+def _flag_type(name: str, default):
+    if name == "crop_to_mask" or isinstance(default, bool):
+        return _bool_or_auto
+    return NONE_DEFAULT_TYPES[name] if default is None else type(default)
+
+
 def _add_option_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per :class:`LatentEditOptions` field, with its default and help."""
-    g = p.add_argument_group("edit options")
-    for name, default, help, choices in options_fields():
-        flags = [f"--{name.replace('_', '-')}", *SHORT_FLAGS.get(name, [])]
-        kind = _bool_or_auto if name == "crop_to_mask" else type(default)
-        g.add_argument(
-            *flags,
-            dest=name,
-            type=kind,
-            default=default,
-            choices=choices,
-            help=f"{help} (default: {default})",
-        )
+    """One flag per option of either method (:class:`LatentEditOptions`,
+    :class:`PixelEditOptions`), with the default and help of each. Flags default to None: an
+    option not given takes its method's default; one of the other method is an error."""
+    from .pixel import pixel_options_fields
+
+    latent = {n: (d, h, c) for n, d, h, c in options_fields()}
+    pixel = {n: (d, h, c) for n, d, h, c in pixel_options_fields()}
+    groups = [
+        ("edit options (--method latent; those marked 'both' also --method pixel)", latent),
+        (
+            "pixel method options (--method pixel)",
+            {k: v for k, v in pixel.items() if k not in latent},
+        ),
+    ]
+    for title, table in groups:
+        g = p.add_argument_group(title)
+        for name, (default, help, choices) in table.items():
+            if name in latent and name in pixel:
+                ld, pd = latent[name][0], pixel[name][0]
+                shown = f"{ld}" if ld == pd else f"{ld} latent, {pd} pixel"
+                help, shown = f"both: {help}", shown
+            else:
+                shown = default
+            g.add_argument(
+                *[f"--{name.replace('_', '-')}", *SHORT_FLAGS.get(name, [])],
+                dest=name,
+                type=_flag_type(name, default),
+                default=None,
+                choices=choices,
+                help=f"{help} (default: {shown})",
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,9 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
         "writes --out/summary.jsonl and summary.csv. The flags below are the rows' defaults.",
     )
     b.add_argument("manifest", help="JSONL or CSV file, a row per edit (docs: README, Batch)")
-    b.add_argument(
-        "--method", default="latent", choices=("latent",), help="editing method (default: latent)"
-    )
     b.add_argument(
         "--workers",
         type=int,
@@ -157,6 +184,13 @@ def _add_common(
         default=default_model,
         help="built-in name, diffusers folder, .safetensors/.ckpt file or hub id "
         f"(default: {default_model})",
+    )
+    p.add_argument(
+        "--method",
+        default="latent",
+        choices=("latent", "pixel"),
+        help="latent: Blended Latent Diffusion (a Stable Diffusion model); pixel: Blended "
+        "Diffusion (a pixel-space UNet2DModel guided by CLIP, --rank-model) (default: latent)",
     )
     p.add_argument(
         "--config",
@@ -296,10 +330,20 @@ def _edit(args) -> int:
     return 0
 
 
+def _option_names() -> list[str]:
+    from .pixel import PixelEditOptions
+
+    return list(dict.fromkeys([*asdict(LatentEditOptions()), *asdict(PixelEditOptions())]))
+
+
+_OPTION_NAMES = _option_names()
+
+
 def model_spec(args) -> ModelSpec:
     """The model flags (see :func:`_add_model_flags`) as a :class:`ModelSpec`."""
     return ModelSpec(
         model=args.model,
+        method=args.method,
         config=args.config,
         scheduler=args.scheduler,
         rank_model=args.rank_model,
@@ -315,7 +359,7 @@ def edit_request(args, **over) -> EditRequest:
         prompt=getattr(args, "prompt", ""),
         mask=None if getattr(args, "mask_from_alpha", False) else getattr(args, "mask", None),
         seed=args.seed,
-        options={f: getattr(args, f) for f in asdict(LatentEditOptions())},
+        options={f: v for f in _OPTION_NAMES if (v := getattr(args, f, None)) is not None},
         mask_threshold=args.mask_threshold,
         invert_mask=args.invert_mask,
         resize_mask=args.resize_mask,
@@ -331,7 +375,7 @@ def _run_edit(args) -> list[Path]:
     req = edit_request(args)
     load_inputs(req)  # bad input fails before any model loads
     check_output_folder(args.out)
-    loaded = load_pipeline(model_spec(args), args.num_images_per_prompt)
+    loaded = load_pipeline(model_spec(args), args.num_images_per_prompt or 1)
     written, _ = run_edit(loaded, req, args.out, progress=not args.quiet)
     for path in written:
         print(path)

@@ -241,3 +241,62 @@ def load_clip(spec: str, *, local_files_only: bool | None = None):
             f"ranking off (CLI: --rank-model none). ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from e
     return model, tokenizer, (source if path.is_dir() else None)
+
+
+def load_pixel_components(spec: str, *, local_files_only: bool | None = None) -> dict:
+    """A pixel-space model for Blended Diffusion: ``unet`` (``UNet2DModel``), ``scheduler``
+    and, for built-ins, ``clip`` (a :class:`~blendedit.ranking.ClipRanker`).
+
+    ``spec``: ``toy`` (the shipped 64 px Shapes World model with its CLIP), ``tiny-random``
+    (random, for tests), a folder with ``unet/`` and ``scheduler/`` (a ``DDPMPipeline`` folder),
+    or a hub id of such a repository.
+    """
+    from .ranking import ClipRanker
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model: expected a model name, folder or hub id, got {spec!r}")
+    if spec == "tiny-random":
+        from .tiny import build_tiny_pixel_components
+
+        c = build_tiny_pixel_components()
+        c["clip"] = ClipRanker(c.pop("clip"), c.pop("clip_tokenizer"))
+        return c
+    if spec == "toy":
+        c = _pixel_folder(toy_folder("pixel"), "toy", True)
+        c["clip"] = ClipRanker.from_pretrained("toy", local_files_only=True)
+        return c
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _pixel_folder(path, spec, True)
+    if _looks_like_path(spec):
+        raise ModelNotFoundError(f"model: no such folder: {spec!r}")
+    return _pixel_folder(spec, spec, local_files_only)
+
+
+def _pixel_folder(source, spec: str, local_files_only) -> dict:
+    import torch
+
+    with quiet_transformers():
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        try:
+            unet = UNet2DModel.from_pretrained(
+                str(source),
+                subfolder="unet",
+                local_files_only=local_files_only,
+                **dtype_kwargs(torch.float32),
+            )
+            scheduler = DDPMScheduler.from_pretrained(
+                str(source), subfolder="scheduler", local_files_only=local_files_only
+            )
+        except Exception as e:
+            where = (
+                "a folder needs unet/ and scheduler/ (a DDPMPipeline folder)"
+                if Path(str(source)).is_dir()
+                else HUB_HELP.format(spec=spec)
+            )
+            raise ModelNotFoundError(
+                f"model: cannot load the pixel model {spec!r}: {where}. "
+                f"({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from e
+    return dict(unet=unet.eval(), scheduler=scheduler)

@@ -86,8 +86,18 @@ class ClipRanker:
                 M.mask_bbox(mask), (images.shape[-1], images.shape[-2]), 1, context
             )
             images = images[..., y0:y1, x0:x1]
+        img, txt = self.embed_images(images), self.embed_text(prompt)
+        return (F.normalize(img.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).T)[:, 0].cpu()
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings of (B, 3, H, W) in [0, 1]; differentiable in ``images``."""
         dtype = next(self.model.parameters()).dtype
         pixels = self._preprocess(images.float()).to(self.device, dtype)
+        return _features(self.model.get_image_features(pixel_values=pixels))
+
+    @torch.no_grad()
+    def embed_text(self, prompt: str) -> torch.Tensor:
+        """CLIP text embedding (1, D) of ``prompt``."""
         tokens = self.tokenizer(
             [prompt],
             padding="max_length",
@@ -95,10 +105,7 @@ class ClipRanker:
             return_tensors="pt",
             max_length=self.model.config.text_config.max_position_embeddings,
         ).to(self.device)
-        img = self.model.get_image_features(pixel_values=pixels)
-        txt = self.model.get_text_features(input_ids=tokens.input_ids)
-        img, txt = _features(img), _features(txt)
-        return (F.normalize(img.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).T)[:, 0].cpu()
+        return _features(self.model.get_text_features(input_ids=tokens.input_ids))
 
 
 def _features(out) -> torch.Tensor:

@@ -22,10 +22,11 @@ DEFAULT_RANK_MODEL = "openai/clip-vit-base-patch32"
 
 @dataclass
 class ModelSpec:
-    """Which model to load and where: the CLI's --model, --config, --scheduler, --rank-model,
-    --device and --dtype."""
+    """Which model to load and where: the CLI's --model, --method, --config, --scheduler,
+    --rank-model, --device and --dtype."""
 
     model: str = DEFAULT_MODEL
+    method: str = "latent"  # latent (Blended Latent Diffusion) or pixel (Blended Diffusion)
     config: str | None = None
     scheduler: str = "ddim"
     rank_model: str = "auto"  # auto, none, or a CLIP folder / hub id
@@ -35,7 +36,8 @@ class ModelSpec:
 
 @dataclass
 class EditRequest:
-    """One edit: input files, prompt, seed and options (:class:`LatentEditOptions` fields)."""
+    """One edit: input files, prompt, seed and options (fields of the method's options class:
+    :class:`LatentEditOptions` or :class:`PixelEditOptions`)."""
 
     image: str
     prompt: str
@@ -57,13 +59,21 @@ class LoadedModel:
     dtype: str
 
 
+METHODS = ("latent", "pixel")
+#: Types of the options whose default is None (for parsing them from text).
+NONE_DEFAULT_TYPES = {"strength": float, "skip_timesteps": int}
+
+
 def load_pipeline(spec: ModelSpec, num_images: int = 1) -> LoadedModel:
     """Load the pipeline (and its ranker) once; ``num_images`` decides the ``auto`` ranker."""
     import torch
 
     from . import models
     from .latent import BlendedLatentDiffusionPipeline
+    from .pixel import BlendedDiffusionPipeline
 
+    if spec.method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {spec.method!r}")
     device = spec.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,8 +81,18 @@ def load_pipeline(spec: ModelSpec, num_images: int = 1) -> LoadedModel:
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
     rank_model = spec.rank_model
+    is_builtin = spec.model in models.BUILTIN_MODELS
+    if spec.method == "pixel":  # its CLIP guides and ranks: it cannot be turned off
+        if rank_model == "none":
+            raise ValueError("rank_model: the pixel method needs a CLIP model (it guides with it)")
+        clip = None if rank_model == "auto" and is_builtin else rank_model
+        if clip == "auto":
+            clip = DEFAULT_RANK_MODEL
+        pipe = BlendedDiffusionPipeline.from_pretrained(spec.model, clip=clip)
+        rank_model = clip or f"{spec.model} (built-in)"
+        pipe.to(device, getattr(torch, dtype))
+        return LoadedModel(pipe, spec, rank_model, device, dtype)
     if rank_model == "auto":
-        is_builtin = spec.model in models.BUILTIN_MODELS
         rank_model = None if is_builtin or num_images == 1 else DEFAULT_RANK_MODEL
     pipe = BlendedLatentDiffusionPipeline.from_pretrained(
         spec.model,
@@ -107,18 +127,36 @@ def load_inputs(req: EditRequest):
     return image, mask
 
 
-def edit_options(options: dict):
-    """:class:`LatentEditOptions` from a dict; an unknown name is a ``ValueError``."""
+def options_class(method: str):
+    """The options dataclass of ``method``."""
     from .latent import LatentEditOptions
+    from .pixel import PixelEditOptions
 
-    known = set(asdict(LatentEditOptions()))
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    return LatentEditOptions if method == "latent" else PixelEditOptions
+
+
+def edit_options(options: dict, method: str = "latent"):
+    """The method's options dataclass from a dict; an option of the other method, or of none,
+    is a ``ValueError`` naming it."""
+    cls = options_class(method)
+    other = "pixel" if method == "latent" else "latent"
+    known = set(asdict(cls()))
+    theirs = set(asdict(options_class(other)())) - known
+    wrong = sorted(set(options) & theirs)
+    if wrong:
+        raise ValueError(
+            f"options: {', '.join(map(repr, wrong))} apply to the {other} method, not {method} "
+            f"(CLI: --method {other})"
+        )
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(
             f"options: unknown option(s) {', '.join(map(repr, unknown))}; "
             f"known: {', '.join(sorted(known))}"
         )
-    return LatentEditOptions(**options)
+    return cls(**options)
 
 
 def check_seed(seed, n: int) -> int:
@@ -151,21 +189,19 @@ def run_edit(
     from .outputs import write_results
 
     image, mask = load_inputs(req)
-    opts = edit_options(req.options)
+    method = loaded.spec.method
+    opts = edit_options(req.options, method)
     out_dir = io.check_output_folder(out_dir)
-    n = opts.num_images_per_prompt
+    n = opts.num_images_per_prompt * getattr(opts, "num_batches", 1)
     seed = check_seed(req.seed, n)
 
     gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    kwargs = asdict(opts)
+    if method == "latent":
+        kwargs["negative_prompt"] = opts.negative_prompt or None
     t0 = time.perf_counter()
     result = loaded.pipe(
-        req.prompt,
-        image,
-        mask,
-        generator=gens,
-        progress=progress,
-        callback=callback,
-        **{**asdict(opts), "negative_prompt": opts.negative_prompt or None},
+        req.prompt, image, mask, generator=gens, progress=progress, callback=callback, **kwargs
     )
     wall = time.perf_counter() - t0
     meta = dict(
@@ -175,7 +211,8 @@ def run_edit(
         mask=str(req.mask) if req.mask is not None else "alpha of image",
         prompt=req.prompt,
         model=loaded.spec.model,
-        scheduler=loaded.spec.scheduler,
+        method=method,
+        scheduler=loaded.spec.scheduler if method == "latent" else opts.sampler,
         rank_model=loaded.rank_model,
         device=loaded.device,
         dtype=loaded.dtype,

@@ -130,8 +130,29 @@ def build_tiny_components(
     unet = UNet2DConditionModel(**_unet_config(preset, width_div, sample_size))
     vae = AutoencoderKL(**_vae_config(preset, width_div, sample_size))
     text_encoder = CLIPTextModel(_text_config(preset, width_div, vocab, **ids))
-    text_cfg = _text_config("tiny", width_div, vocab, **ids)
-    ranker = CLIPModel(
+    ranker = tiny_clip(tokenizer)
+    for m in (unet, vae, text_encoder, ranker):
+        m.eval()
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        ranker=ranker,
+        ranker_tokenizer=tokenizer,
+    )
+
+
+def tiny_clip(tokenizer) -> CLIPModel:
+    """A tiny random ``CLIPModel`` (32 px images, patch 8) for ``tokenizer``'s vocabulary."""
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_cfg = _text_config("tiny", 4, len(tokenizer), **ids)
+    return CLIPModel(
         CLIPConfig(
             text_config=text_cfg.to_dict(),
             vision_config=dict(
@@ -145,15 +166,40 @@ def build_tiny_components(
             ),
             projection_dim=32,
         )
+    ).eval()
+
+
+def build_tiny_pixel_components(
+    *,
+    seed: int = 0,
+    sample_size: int = 32,
+    prediction_type: str = "epsilon",
+    learned_sigma: bool = False,
+    tokenizer_dir: str | Path | None = None,
+) -> dict:
+    """A random pixel-space model for Blended Diffusion tests: ``unet`` (a small
+    ``UNet2DModel``, 6 output channels when ``learned_sigma``), ``scheduler`` (DDPM, linear
+    betas) and ``clip`` / ``clip_tokenizer`` (a tiny ``CLIPModel``)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    if tokenizer_dir is None:
+        tokenizer_dir = tempfile.mkdtemp(prefix="blendedit-tok-")
+    tokenizer = build_clip_tokenizer(list(WORDS), tokenizer_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=6 if learned_sigma else 3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).eval()
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        prediction_type=prediction_type,
+        variance_type="learned_range" if learned_sigma else "fixed_small",
     )
-    for m in (unet, vae, text_encoder, ranker):
-        m.eval()
-    return dict(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=DDIMScheduler(**SD_SCHEDULER),
-        ranker=ranker,
-        ranker_tokenizer=tokenizer,
-    )
+    return dict(unet=unet, scheduler=scheduler, clip=tiny_clip(tokenizer), clip_tokenizer=tokenizer)
