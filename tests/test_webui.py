@@ -127,6 +127,33 @@ def test_two_requests_at_once_both_complete_as_they_would_alone(session):
         ]
 
 
+def test_the_pixel_method_from_the_page_handlers(session):
+    session.out_root.mkdir(parents=True)
+    image, _ = example_scene()
+    opts = dict(num_inference_steps=8, num_images_per_prompt=2, strength=0.75)
+    with pytest.raises(EditError, match="no pixel model"):
+        run_request(session, editor_value(image), None, "a red circle", opts, 0, method="pixel")
+    session.pixel_spec = ModelSpec(model="tiny-random", method="pixel")
+    steps = []
+    items, files = run_request(
+        session,
+        editor_value(image),
+        None,
+        "a red circle",
+        opts | dict(clip_guidance_scale=500.0),
+        0,
+        lambda i, z: steps.append(i),
+        method="pixel",
+    )
+    assert len(items) == 2 and steps == list(range(6))
+    meta = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+    assert meta["method"] == "pixel" and meta["options"]["clip_guidance_scale"] == 500.0
+    _, mask = mask_from_editor(editor_value(image))
+    keep = np.asarray(mask) == 0
+    for img, _ in items:
+        assert np.array_equal(np.asarray(img)[keep], np.asarray(image)[keep])
+
+
 # --- in a real browser -------------------------------------------------------------------------
 
 
@@ -213,6 +240,7 @@ def test_page_edit_end_to_end(server, browser):
     listed = " ".join(page.locator("#downloads").inner_text().split())
     assert "results .zip" in listed and "image .json" in listed  # name and suffix in two spans
     assert page.locator("#preview img").count() == 1  # the live preview, then the best result
+    assert page.locator("#method").get_by_text("pixel (Blended Diffusion)").count() == 1
     meta = _sidecars(out)["a red circle"]
     assert meta["command"] == "serve" and len(meta["results"]) == 4
     folder = next(out.glob("edit-*/results/image.json")).parent.parent

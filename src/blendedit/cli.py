@@ -163,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-file-size", default="10mb", help="largest upload accepted (default: 10mb)"
     )
     w.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    w.add_argument(
+        "--pixel-model",
+        default=None,
+        help="a pixel model (DDPMPipeline folder) for the pixel method, with --rank-model as "
+        "its CLIP (default: the built-in model's own, if --model is built in)",
+    )
+    w.add_argument(
+        "--rank-model", default="auto", help="CLIP for ranking and pixel guidance (default: auto)"
+    )
     sub.add_parser(
         "train-toy",
         help="train the shipped Shapes World models (`blendedit train-toy --help`)",
@@ -263,8 +272,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .webui import serve
 
-            spec = ModelSpec(model=args.model, device=args.device)
-            serve(spec, args.host, args.port, out=args.out, max_file_size=args.max_file_size)
+            spec = ModelSpec(model=args.model, device=args.device, rank_model=args.rank_model)
+            serve(
+                spec,
+                args.host,
+                args.port,
+                out=args.out,
+                max_file_size=args.max_file_size,
+                pixel_model=args.pixel_model,
+            )
             return 0
         if args.command == "batch":
             from .batch import main_batch

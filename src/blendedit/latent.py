@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -148,10 +148,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class OnUNet:
+    """A pipeline's device and dtype: those of its UNet."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
 # --- the pipeline --------------------------------------------------------------------------
 
 
-class BlendedLatentDiffusionPipeline:
+class BlendedLatentDiffusionPipeline(OnUNet):
     """Blended Latent Diffusion over any Stable Diffusion model (diffusers components).
 
     >>> pipe = BlendedLatentDiffusionPipeline.from_pretrained(
@@ -224,14 +236,6 @@ class BlendedLatentDiffusionPipeline:
         if self.ranker is not None:
             self.ranker.to(device=device)
         return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
 
     @property
     def native_size(self) -> int:
@@ -328,16 +332,7 @@ class BlendedLatentDiffusionPipeline:
                 f"crop_to_mask: expected 'auto', True or False, got {opts.crop_to_mask!r}"
             )
         n = opts.num_images_per_prompt
-        if isinstance(generator, list):
-            if len(generator) != n or not all(isinstance(g, torch.Generator) for g in generator):
-                raise ValueError(
-                    f"generator: a list must hold num_images_per_prompt={n} torch.Generator "
-                    f"objects, got {len(generator)} items"
-                )
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                f"generator: expected a torch.Generator, got {type(generator).__name__}"
-            )
+        check_generator(generator, n, f"num_images_per_prompt={n}")
         if callback is not None and not callable(callback):
             raise ValueError(f"callback: expected a callable, got {type(callback).__name__}")
 
@@ -422,11 +417,7 @@ class BlendedLatentDiffusionPipeline:
         box = (0, 0, W, H)
         if crop:
             box = M.crop_box(M.mask_bbox(mask_full), (W, H), self.native_size, crop_context)
-        x0, y0, x1, y1 = box
-        x_src, m_px = x_full[..., y0:y1, x0:x1], mask_full[..., y0:y1, x0:x1]
-        # Pad to sizes the VAE can take; cropped off again before the background step
-        x_pad, (h, w) = M.pad_to_multiple(x_src, self.vae_scale_factor, "reflect")
-        m_pad, _ = M.pad_to_multiple(m_px, self.vae_scale_factor, "constant")
+        x_pad, m_pad, (h, w) = self._region(x_full, mask_full, box)
 
         # 3. Encode the prompt
         cfg = guidance_scale > 1.0
@@ -498,6 +489,16 @@ class BlendedLatentDiffusionPipeline:
             warnings=warnings,
             reconstruction=_reordered(info, order),
         )
+
+    def _region(self, x_full, mask_full, box):
+        """The image and mask in ``box``, padded to sizes the VAE takes (reflect / zeros);
+        returns (x_pad, m_pad, (h, w)), (h, w) the size before padding."""
+        x0, y0, x1, y1 = box
+        x_pad, hw = M.pad_to_multiple(x_full[..., y0:y1, x0:x1], self.vae_scale_factor, "reflect")
+        m_pad, _ = M.pad_to_multiple(
+            mask_full[..., y0:y1, x0:x1], self.vae_scale_factor, "constant"
+        )
+        return x_pad, m_pad, hw
 
     def _finish(self, z, x_full, box, x_pad, m_pad, hw, mask_full, prompt, opts, timings):
         """Steps 8-10 of an edit: decode ``z``, reconstruct the background of the edited region,
@@ -578,29 +579,20 @@ class BlendedLatentDiffusionPipeline:
         self.check_inputs(prompt or "x", image, output.mask, opts, None, None)
         x_full = pil_to_tensor(image)
         mask_full = pil_to_tensor(output.mask.convert("RGB"))[:, :1]
-        x0, y0, x1, y1 = box = output.crop_box
-        x_pad, (h, w) = M.pad_to_multiple(
-            x_full[..., y0:y1, x0:x1], self.vae_scale_factor, "reflect"
-        )
-        m_pad, _ = M.pad_to_multiple(
-            mask_full[..., y0:y1, x0:x1], self.vae_scale_factor, "constant"
-        )
+        box = output.crop_box
+        x_pad, m_pad, (h, w) = self._region(x_full, mask_full, box)
         timings: dict[str, float] = {}
         z = output.latents.to(self.device, self.dtype)
         frames, order, scores, info = self._finish(
             z, x_full, box, x_pad, m_pad, (h, w), mask_full, prompt, opts, timings
         )
         timings["total"] = time.perf_counter() - t_total
-        return BlendedLatentDiffusionOutput(
+        return replace(
+            output,
             images=tensor_to_pil(frames[order]),
             scores=scores,
             order=[output.order[k] for k in order],
             latents=z[order].cpu(),
-            source_latents=output.source_latents,
-            mask=output.mask,
-            latent_mask=output.latent_mask,
-            mask_schedule=output.mask_schedule,
-            crop_box=box,
             timings=timings,
             warnings=list(output.warnings),
             reconstruction=_reordered(info, order),
@@ -615,6 +607,18 @@ def _reordered(info, order):
 
 
 # --- argument checks ---------------------------------------------------------------------------
+
+
+def check_generator(generator, n: int, what: str) -> None:
+    """``generator``: None, one ``torch.Generator``, or a list of ``n`` (``what`` names n)."""
+    if isinstance(generator, list):
+        if len(generator) != n or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(
+                f"generator: a list must hold {what} torch.Generator objects, got "
+                f"{len(generator)} items"
+            )
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
 
 
 def _check_int(name: str, v, lo: int, hi: int) -> None:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import guidance as G
 from . import masks as M
 from .io import pil_to_tensor, tensor_to_pil
-from .latent import _as_mask, _as_pil, _check_float, _check_int, _randn
+from .latent import OnUNet, _as_mask, _as_pil, _check_float, _check_int, _randn, check_generator
 from .ranking import RANK_REGIONS, ClipRanker
 
 SAMPLERS = ("ddpm", "ddim")
@@ -92,7 +92,7 @@ class BlendedDiffusionOutput:
     warnings: list[str] = field(default_factory=list)
 
 
-class BlendedDiffusionPipeline:
+class BlendedDiffusionPipeline(OnUNet):
     """Blended Diffusion over a diffusers ``UNet2DModel`` (epsilon, v or learned-sigma outputs)
     and its DDPM-style scheduler, guided by a ``transformers.CLIPModel``.
 
@@ -136,14 +136,6 @@ class BlendedDiffusionPipeline:
         self.unet.to(device=device, dtype=dtype)
         self.clip.to(device=device)
         return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
 
     @property
     def native_size(self) -> int:
@@ -220,18 +212,7 @@ class BlendedDiffusionPipeline:
             if o[name] not in choices:
                 raise ValueError(f"{name}: expected one of {choices}, got {o[name]!r}")
         total = o["num_images_per_prompt"] * o["num_batches"]
-        if isinstance(generator, list):
-            if len(generator) != total or not all(
-                isinstance(g, torch.Generator) for g in generator
-            ):
-                raise ValueError(
-                    f"generator: a list must hold num_images_per_prompt x num_batches = {total} "
-                    f"torch.Generator objects, got {len(generator)} items"
-                )
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                f"generator: expected a torch.Generator, got {type(generator).__name__}"
-            )
+        check_generator(generator, total, f"num_images_per_prompt x num_batches = {total}")
         image = _as_pil(image, "image")
         return image, _as_mask(mask, image)
 

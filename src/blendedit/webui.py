@@ -30,7 +30,11 @@ DEFAULT_MAX_FILE_SIZE = "10mb"
 #: Images over this many pixels are refused in the web UI (the CLI's limit is larger).
 WEB_MAX_PIXELS = 4_000_000
 PREVIEW_EVERY = 1  # decode a preview at most every N steps (and about 10 in all)
-EDITOR_CANVAS = (800, 800)  # the editor's blank canvas: painting with no image gives this
+EDITOR_CANVAS = (800, 800)
+LATENT_LABEL = "latent (Blended Latent Diffusion)"
+PIXEL_LABEL = (
+    "pixel (Blended Diffusion)"  # the editor's blank canvas: painting with no image gives this
+)
 
 
 class EditError(ValueError):
@@ -41,9 +45,24 @@ class EditError(ValueError):
 class EditSession:
     """The shared model and where results go; one per server."""
 
-    loaded: LoadedModel
+    loaded: LoadedModel  # the latent method's pipeline
     out_root: Path
-    lock: threading.Lock = field(default_factory=threading.Lock)  # held while the model runs
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held while a model runs
+    pixel_spec: ModelSpec | None = None  # the pixel method's model, loaded on first use
+    pixel: LoadedModel | None = None
+
+    def model_for(self, method: str) -> LoadedModel:
+        """The loaded model of ``method`` (call with the lock held)."""
+        if method == "latent":
+            return self.loaded
+        if self.pixel is None:
+            if self.pixel_spec is None:
+                raise EditError(
+                    "method: this server has no pixel model; start it with a built-in model "
+                    "(toy) or --pixel-model"
+                )
+            self.pixel = load_pipeline(self.pixel_spec)
+        return self.pixel
 
     def next_folder(self) -> Path:
         """A fresh folder for one request's inputs and results."""
@@ -89,6 +108,7 @@ def run_request(
     options: dict,
     seed: int | None,
     on_step=None,
+    method: str = "latent",
 ) -> tuple[list[tuple[Image.Image, str]], list[str]]:
     """One edit from the page's values; returns (gallery items best first, downloadable files).
 
@@ -113,7 +133,7 @@ def run_request(
     )
     with session.lock:  # one edit at a time on the shared model
         written, sidecar = run_edit(
-            session.loaded,
+            session.model_for(method),
             req,
             folder / "results",
             command="serve",
@@ -133,7 +153,9 @@ def run_request(
     return items, [str(p) for p in written] + [str(archive)]
 
 
-def stream_request(session: EditSession, editor_value, mask_file, prompt, options, seed):
+def stream_request(
+    session: EditSession, editor_value, mask_file, prompt, options, seed, method="latent"
+):
     """Run :func:`run_request` in a thread and yield its events as they happen: ("step", (i,
     preview image or None)) during denoising, then ("done", (items, files)) or ("error", e)
     for bad input. Other exceptions (bugs) propagate."""
@@ -148,7 +170,11 @@ def stream_request(session: EditSession, editor_value, mask_file, prompt, option
     def on_step(i, z):  # in the worker thread, inside the sampling loop
         img = None
         if i % every == 0 or i + 1 == total:
-            img = tensor_to_pil(session.loaded.pipe.decode_latents(z[:1]))[0]
+            if method == "latent":
+                x = session.loaded.pipe.decode_latents(z[:1])
+            else:  # the pixel method's x_t, in [-1, 1]
+                x = (z[:1].float().clamp(-1, 1) + 1) / 2
+            img = tensor_to_pil(x)[0]
         events.put(("step", (i, img)))
 
     def work():
@@ -156,7 +182,9 @@ def stream_request(session: EditSession, editor_value, mask_file, prompt, option
             events.put(
                 (
                     "done",
-                    run_request(session, editor_value, mask_file, prompt, options, seed, on_step),
+                    run_request(
+                        session, editor_value, mask_file, prompt, options, seed, on_step, method
+                    ),
                 )
             )
         except ValueError as e:
@@ -212,9 +240,10 @@ def build_app(session: EditSession, examples: list[str] | None = None):
                     label="Prompt", placeholder="a red circle", elem_id="prompt", max_lines=2
                 )
                 method = gr.Radio(
-                    ["latent (Blended Latent Diffusion)"],
-                    value="latent (Blended Latent Diffusion)",
+                    [LATENT_LABEL] + ([PIXEL_LABEL] if session.pixel_spec else []),
+                    value=LATENT_LABEL,
                     label="Method",
+                    elem_id="method",
                 )
                 with gr.Accordion("Options", open=False):
                     steps = gr.Slider(1, 200, value=d.num_inference_steps, step=1, label="Steps")
@@ -231,6 +260,9 @@ def build_app(session: EditSession, examples: list[str] | None = None):
 
                     background = gr.Dropdown(
                         list(BACKGROUND_METHODS), value=d.background, label="Background"
+                    )
+                    clip_scale = gr.Slider(
+                        0, 5000, value=1000, step=50, label="CLIP guidance scale (pixel method)"
                     )
                 button = gr.Button("Edit", variant="primary", elem_id="edit-button")
                 if examples:
@@ -255,7 +287,7 @@ def build_app(session: EditSession, examples: list[str] | None = None):
             ed,
             mfile,
             text,
-            _method,
+            k_method,
             k_steps,
             k_n,
             k_seed,
@@ -263,19 +295,27 @@ def build_app(session: EditSession, examples: list[str] | None = None):
             k_guid,
             k_shrink,
             k_bg,
+            k_clip,
             progress=gr.Progress(),
         ):
+            how = "pixel" if k_method == PIXEL_LABEL else "latent"
             options = dict(
                 num_inference_steps=int(k_steps),
                 num_images_per_prompt=int(k_n),
                 strength=float(k_strength),
-                guidance_scale=float(k_guid),
-                shrink_iterations=int(k_shrink),
-                background=k_bg,
             )
+            if how == "latent":
+                options |= dict(
+                    guidance_scale=float(k_guid),
+                    shrink_iterations=int(k_shrink),
+                    background=k_bg,
+                )
+            else:
+                options |= dict(clip_guidance_scale=float(k_clip))
             seed_value = None if k_seed is None else int(k_seed)
             total = max(1, int(int(k_steps) * float(k_strength)))
-            for kind, payload in stream_request(session, ed, mfile, text, options, seed_value):
+            events = stream_request(session, ed, mfile, text, options, seed_value, how)
+            for kind, payload in events:
                 if kind == "step":
                     i, img = payload
                     progress((i + 1, total), desc="denoising")
@@ -301,6 +341,7 @@ def build_app(session: EditSession, examples: list[str] | None = None):
                 guidance,
                 shrink,
                 background,
+                clip_scale,
             ],
             outputs=[preview, gallery, files],
             concurrency_limit=1,
@@ -316,9 +357,12 @@ def serve(
     out: str | None = None,
     max_file_size: str = DEFAULT_MAX_FILE_SIZE,
     block: bool = True,
+    pixel_model: str | None = None,
 ):
     """Load the model once and launch the page; returns (app, url) when ``block`` is False.
-    The built-in ``toy`` falls back to ``tiny-random`` (with a notice) until it ships."""
+    The built-in ``toy`` falls back to ``tiny-random`` (with a notice) until it ships. The
+    pixel method is offered with a built-in model, or with ``pixel_model`` (loaded on first
+    use; ``spec.rank_model`` is its CLIP)."""
     import sys
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -336,7 +380,10 @@ def serve(
     root = Path(out) if out else Path(tempfile.mkdtemp(prefix="blendedit-serve-"))
     root.mkdir(parents=True, exist_ok=True)
     example, _ = write_example(root / "example")
-    session = EditSession(loaded, root)
+    pixel_spec = None  # the pixel method: a built-in model has one, else --pixel-model
+    if pixel_model or spec.model in models.BUILTIN_MODELS:
+        pixel_spec = replace(spec, model=pixel_model or spec.model, method="pixel")
+    session = EditSession(loaded, root, pixel_spec=pixel_spec)
     app = build_app(session, examples=[str(example)])
     app.queue(default_concurrency_limit=1)
     _, url, _ = app.launch(
