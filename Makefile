@@ -1,9 +1,11 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test` (the tests).
-# Both create .venv on first use: torch 2.13.0 (the CPU wheel on local disk), then this package.
+# Both create .venv on first use: torch 2.13.0 (the CPU wheel on local disk), then this package;
+# `make test` adds the test extra (pytest, ruff, hypothesis, ray, gradio, playwright).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test lint bench-speed clean
@@ -11,18 +13,22 @@ export HF_HUB_OFFLINE := 1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 demo: $(STAMP)
 	$(BIN)/blendedit demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/pytest
 
-bench-speed: $(STAMP)
+bench-speed: $(TEST_STAMP)
 	$(BIN)/python benchmarks/speed.py
 
 clean:
