@@ -172,6 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--rank-model", default="auto", help="CLIP for ranking and pixel guidance (default: auto)"
     )
+    q = sub.add_parser(
+        "bench",
+        help="judge every method and baseline on seeded Shapes World edits; write a report",
+        description="Run every method and baseline on the same seeded Shapes World edit tasks "
+        "(the shipped model, the same steps, seeds and samples), score them with the pixel "
+        "judge and write report.md, results.json and plots to --out.",
+    )
+    q.add_argument("--model", default="toy", help="built-in name or pipeline folder (default: toy)")
+    q.add_argument("--pixel-model", default=None, help="pixel model for the pixel method")
+    q.add_argument(
+        "--rank-model", default=None, help="CLIP folder (built-in models bring their own)"
+    )
+    q.add_argument("--quick", action="store_true", help="30 tasks, 20 steps, 5 methods")
+    q.add_argument("--tasks", type=int, default=None, help="number of tasks (default: 120)")
+    q.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25)")
+    q.add_argument("--samples", type=int, default=4, help="samples per edit (default: 4)")
+    q.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all)")
+    q.add_argument(
+        "--out", default="blendedit-bench", help="report folder (default: blendedit-bench)"
+    )
+    q.add_argument("--label", default="", help="a line for the report (what model this is)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser(
         "train-toy",
         help="train the shipped Shapes World models (`blendedit train-toy --help`)",
@@ -282,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                 pixel_model=args.pixel_model,
             )
             return 0
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "batch":
             from .batch import main_batch
 
@@ -338,6 +362,32 @@ def _demo(args) -> int:
         f"mask: PSNR {v.psnr_outside:.1f} dB, max error {v.max_err_outside:.0f}/255",
         file=sys.stderr,
     )
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import METHODS, QUICK_METHODS, BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        model=args.model,
+        clip=args.rank_model,
+        pixel_model=args.pixel_model,
+        tasks=args.tasks or (30 if args.quick else 120),
+        steps=args.steps or (20 if args.quick else 25),
+        samples=args.samples,
+        methods=args.methods or (QUICK_METHODS if args.quick else list(METHODS)),
+        label=args.label,
+    )
+    if cfg.model == "toy":
+        from . import models
+
+        if not models.toy_shipped():
+            raise ValueError(
+                "model: the shipped Shapes World model is not in this checkout yet; pass "
+                "--model <pipeline folder> (e.g. one `blendedit train-toy assemble` wrote)"
+            )
+    run_bench(cfg, args.out, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    print(Path(args.out) / "report.md")
     return 0
 
 

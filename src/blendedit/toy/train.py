@@ -650,11 +650,12 @@ def assemble(args) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     clip_folder = work / args.clip / "model"
+    text_folder = work / args.text_encoder / "model"  # the one the UNet was trained with
     half = torch.float16
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / args.vae / "model").to(half),
-        text_encoder=CLIPTextModel.from_pretrained(clip_folder).to(half),
-        tokenizer=AutoTokenizer.from_pretrained(clip_folder),
+        text_encoder=CLIPTextModel.from_pretrained(text_folder).to(half),
+        tokenizer=AutoTokenizer.from_pretrained(text_folder),
         unet=UNet2DConditionModel.from_pretrained(work / "unet" / "model").to(half),
         scheduler=DDIMScheduler(**LATENT_SCHEDULER),
         safety_checker=None,
@@ -777,6 +778,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--work", default="runs/toy")
     a.add_argument("--vae", default="vae", help="run folder (under --work) of the VAE to ship")
     a.add_argument("--clip", default="clip", help="run folder (under --work) of the CLIP to ship")
+    a.add_argument(
+        "--text-encoder",
+        default="clip",
+        help="run folder of the CLIP whose text encoder the UNet was trained with (the "
+        "pipeline's text encoder; the shipped CLIP may be a later one)",
+    )
     a.add_argument("--dest", default=str(Path(__file__).parents[1] / "assets" / "toy"))
     return p
 

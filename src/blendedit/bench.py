@@ -1,0 +1,444 @@
+"""`blendedit bench`: every method and baseline on the same seeded Shapes World edit tasks, scored
+by the project's pixel judge, with a markdown report and plots.
+
+Tasks: :func:`blendedit.toy.tasks.task_suite` (replace an object, add into empty background,
+small masks two or three latent cells wide, every fourth touching the border; every colour and
+shape). Every method runs on the same model, steps, seeds and number of samples; a method that
+ranks returns its best sample, one that does not its first.
+
+Methods (:data:`METHODS`): our latent method with its defaults and one option changed at a time
+(shrinking k = 0, background none / poisson / decoder, nearest mask downsampling, fresh
+background noise, no ranking), diffusers' ``StableDiffusionInpaintPipeline`` on the same
+4-channel UNet, text-to-image of the prompt pasted into the mask, img2img of the whole frame
+(SDEdit) pasted into the mask, and the pixel method (Blended Diffusion) when a pixel model is
+given.
+
+Per method: judged success rate with a 95 % Wilson interval, PSNR and max error outside the mask,
+PSNR in the band just outside it (seam), CLIP score of the edited region, seconds per edit and
+the process's peak resident memory while it ran (Linux).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import background as B
+from .io import pil_to_tensor, save_json, tensor_to_pil
+
+#: name -> (kind, options). ``ours*`` are our latent method with these options over its defaults.
+METHODS: dict[str, tuple[str, dict]] = {
+    "ours": ("ours", {}),
+    "ours k=0": ("ours", {"shrink_iterations": 0}),
+    "ours nearest": ("ours", {"mask_downsample": "nearest"}),
+    "ours fresh noise": ("ours", {"background_noise": "fresh"}),
+    "ours first sample": ("ours", {"rank": False}),
+    "ours background=none": ("ours", {"background": "none"}),
+    "ours background=poisson": ("ours", {"background": "poisson"}),
+    "ours background=decoder": ("ours", {"background": "decoder"}),
+    "diffusers inpaint": ("inpaint", {}),
+    "text-to-image + paste": ("t2i", {}),
+    "SDEdit + paste": ("sdedit", {"strength": 0.75}),
+    "pixel (Blended Diffusion)": ("pixel", {}),
+}
+QUICK_METHODS = [
+    "ours",
+    "ours k=0",
+    "ours first sample",
+    "diffusers inpaint",
+    "text-to-image + paste",
+]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def _rss_mb(key: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+@dataclass
+class BenchConfig:
+    model: str = "toy"
+    clip: str | None = None  # CLIP folder that ranks and judges CLIP scores (built-ins: their own)
+    pixel_model: str | None = None  # None: the built-in's own when the model is built in
+    tasks: int = 120
+    steps: int = 25
+    samples: int = 4
+    guidance_scale: float = 5.0
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seed: int = 0
+    examples: int = 6  # tasks shown in the grid of example edits
+    label: str = ""  # a line for the report: what model this is, where it stands
+
+
+class Runner:
+    """Every method over one set of loaded components."""
+
+    def __init__(self, cfg: BenchConfig):
+        from .latent import BlendedLatentDiffusionPipeline
+        from .models import BUILTIN_MODELS, quiet_transformers
+
+        with quiet_transformers():
+            from diffusers import (
+                StableDiffusionImg2ImgPipeline,
+                StableDiffusionInpaintPipeline,
+                StableDiffusionPipeline,
+            )
+
+        self.cfg = cfg
+        self.ours = BlendedLatentDiffusionPipeline.from_pretrained(cfg.model, ranker=cfg.clip)
+        cuda = torch.cuda.is_available()  # float32 on the CPU (shipped weights are float16)
+        self.ours.to("cuda" if cuda else "cpu", torch.float16 if cuda else torch.float32)
+        if self.ours.ranker is None:
+            raise ValueError("clip: a model that is not built in needs a CLIP (--rank-model)")
+        p = self.ours
+        shared = dict(unet=p.unet, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer)
+        off = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        with quiet_transformers():
+            self.inpaint = StableDiffusionInpaintPipeline(scheduler=p.scheduler, **shared, **off)
+            self.t2i = StableDiffusionPipeline(scheduler=p.scheduler, **shared, **off)
+            self.img2img = StableDiffusionImg2ImgPipeline(scheduler=p.scheduler, **shared, **off)
+        for q in (self.inpaint, self.t2i, self.img2img):
+            q.set_progress_bar_config(disable=True)
+        self.pixel = None
+        pixel_spec = cfg.pixel_model or (cfg.model if cfg.model in BUILTIN_MODELS else None)
+        if pixel_spec and any(METHODS[m][0] == "pixel" for m in cfg.methods):
+            from .pixel import BlendedDiffusionPipeline
+
+            self.pixel = BlendedDiffusionPipeline.from_pretrained(pixel_spec, clip=p.ranker)
+
+    def gens(self, seed: int, n: int):
+        return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+    def best(self, images: list[Image.Image], prompt: str, mask: Image.Image) -> Image.Image:
+        """The highest-scoring image by the model's CLIP (the crop around the mask)."""
+        x = torch.cat([pil_to_tensor(i) for i in images])
+        m = pil_to_tensor(mask.convert("RGB"))[:, :1]
+        s = self.ours.ranker.score(x, prompt, m, "crop")
+        return images[int(torch.argmax(s))]
+
+    def run(self, name: str, task) -> Image.Image:
+        kind, opts = METHODS[name]
+        c, n = self.cfg, self.cfg.samples
+        common = dict(num_inference_steps=c.steps, guidance_scale=c.guidance_scale)
+        size = task.image.width
+        if kind == "ours":
+            opts = dict(opts)
+            rank = opts.pop("rank", True)
+            ranker, self.ours.ranker = self.ours.ranker, (self.ours.ranker if rank else None)
+            try:
+                out = self.ours(
+                    task.prompt,
+                    task.image,
+                    task.mask,
+                    num_images_per_prompt=n,
+                    generator=self.gens(task.seed, n),
+                    **common,
+                    **opts,
+                )
+            finally:
+                self.ours.ranker = ranker
+            return out.images[0] if rank else out.images[out.order.index(0)]
+        if kind == "pixel":
+            if self.pixel is None:
+                raise ValueError("pixel_model: the pixel method needs a pixel model")
+            out = self.pixel(
+                task.prompt,
+                task.image,
+                task.mask,
+                num_inference_steps=max(4 * c.steps // 3, 4),  # the same steps run after skipping
+                num_images_per_prompt=n,
+                generator=self.gens(task.seed, n),
+            )
+            return out.images[0]
+        g = self.gens(task.seed, n)
+        if kind == "inpaint":
+            images = self.inpaint(
+                task.prompt,
+                image=task.image,
+                mask_image=task.mask,
+                height=size,
+                width=size,
+                strength=1.0,
+                num_images_per_prompt=n,
+                generator=g,
+                **common,
+            ).images
+            return self.best(images, task.prompt, task.mask)  # its raw output: it keeps nothing
+        if kind == "t2i":
+            images = self.t2i(
+                task.prompt,
+                height=size,
+                width=size,
+                num_images_per_prompt=n,
+                generator=g,
+                **common,
+            ).images
+        else:  # sdedit
+            images = self.img2img(
+                task.prompt,
+                image=task.image,
+                strength=opts["strength"],
+                num_images_per_prompt=n,
+                generator=g,
+                **common,
+            ).images
+        src = pil_to_tensor(task.image)
+        m = pil_to_tensor(task.mask.convert("RGB"))[:, :1]
+        pasted = [tensor_to_pil(B.paste(pil_to_tensor(i), src, m, feather=3))[0] for i in images]
+        return self.best(pasted, task.prompt, task.mask)
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=print) -> dict:
+    """Run every method of ``cfg`` over the task suite; write ``results.json``, ``report.md``
+    and the plots to ``out``; return the results."""
+    from tqdm.auto import tqdm
+
+    from .toy.judge import judge
+    from .toy.tasks import task_suite
+
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; known: {list(METHODS)}")
+    out = Path(out)
+    t_all = time.perf_counter()
+    runner = Runner(cfg)
+    methods = [m for m in cfg.methods if METHODS[m][0] != "pixel" or runner.pixel is not None]
+    tasks = task_suite(cfg.tasks, size=runner.ours.native_size, seed=cfg.seed)
+    rows: dict[str, list[dict]] = {}
+    peaks: dict[str, float] = {}
+    examples: dict[str, list[Image.Image]] = {}
+    for name in methods:
+        _reset_peak()
+        rows[name], examples[name] = [], []
+        for task in tqdm(tasks, desc=name, disable=not progress, leave=False):
+            t0 = time.perf_counter()
+            img = runner.run(name, task)
+            dt = time.perf_counter() - t0
+            v = judge(img, task.mask, task.prompt, source=task.image)
+            m = pil_to_tensor(task.mask.convert("RGB"))[:, :1]
+            clip = float(runner.ours.ranker.score(pil_to_tensor(img), task.prompt, m, "crop")[0])
+            rows[name].append(
+                dict(
+                    task=task.seed,
+                    kind=task.kind,
+                    success=v.success,
+                    reason=v.reason,
+                    psnr_outside=v.psnr_outside,
+                    max_err_outside=v.max_err_outside,
+                    psnr_seam=v.psnr_seam,
+                    clip=clip,
+                    seconds=dt,
+                )
+            )
+            if len(examples[name]) < cfg.examples:
+                examples[name].append(img)
+        peaks[name] = _rss_mb("VmHWM")
+        s = summarize(rows[name])
+        log(
+            f"{name}: success {s['success']:.0%} [{s['ci'][0]:.0%}, {s['ci'][1]:.0%}], "
+            f"{s['seconds']:.2f} s/edit"
+        )
+    results = dict(
+        config=asdict(cfg),
+        tasks=[dict(seed=t.seed, kind=t.kind, prompt=t.prompt) for t in tasks],
+        methods={m: summarize(rows[m]) | {"peak_mb": peaks[m]} for m in methods},
+        per_task={m: rows[m] for m in methods},
+        wall_seconds=time.perf_counter() - t_all,
+    )
+    results["defaults"] = compare_defaults(results["methods"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(results, out / "results.json")
+    plots = write_plots(results, examples, tasks, out)
+    (out / "report.md").write_text(report(results, plots))
+    return results
+
+
+def _finite(xs):
+    return [x for x in xs if x is not None and math.isfinite(x)]
+
+
+def summarize(rows: list[dict]) -> dict:
+    k, n = sum(r["success"] for r in rows), len(rows)
+    by_kind = {}
+    for kind in sorted({r["kind"] for r in rows}):
+        sub = [r for r in rows if r["kind"] == kind]
+        by_kind[kind] = sum(r["success"] for r in sub) / len(sub)
+    psnr = _finite(r["psnr_outside"] for r in rows)
+    seam = _finite(r["psnr_seam"] for r in rows)
+    return dict(
+        success=k / n if n else 0.0,
+        ci=wilson(k, n),
+        n=n,
+        by_kind=by_kind,
+        psnr_outside=statistics.median(psnr) if psnr else float("inf"),
+        all_exact_outside=all(r["max_err_outside"] == 0 for r in rows),
+        max_err_outside=max(r["max_err_outside"] for r in rows),
+        psnr_seam=statistics.median(seam) if seam else float("inf"),
+        clip=statistics.mean(r["clip"] for r in rows),
+        seconds=statistics.median(r["seconds"] for r in rows),
+    )
+
+
+#: Our option studies: (option, default's method, alternative's method).
+DEFAULT_STUDIES = [
+    ("shrink_iterations", "ours", "ours k=0", "3", "0"),
+    ("ranking", "ours", "ours first sample", "best of N", "first sample"),
+    ("background_noise", "ours", "ours fresh noise", "fixed", "fresh"),
+    ("mask_downsample", "ours", "ours nearest", "max", "nearest"),
+]
+
+
+def compare_defaults(methods: dict) -> list[dict]:
+    """For each option study present: which setting edits better (success, then PSNR)."""
+    out = []
+    for option, a, b, va, vb in DEFAULT_STUDIES:
+        if a in methods and b in methods:
+            sa, sb = methods[a], methods[b]
+            better = (
+                va
+                if (sa["success"], sa["psnr_outside"]) >= (sb["success"], sb["psnr_outside"])
+                else vb
+            )
+            out.append(
+                dict(
+                    option=option,
+                    default=va,
+                    other=vb,
+                    default_success=sa["success"],
+                    other_success=sb["success"],
+                    better=better,
+                    default_is_best=better == va,
+                )
+            )
+    return out
+
+
+def write_plots(results: dict, examples: dict, tasks, out: Path) -> list[str]:
+    """success vs time, background error per method, a grid of example edits; [] without
+    matplotlib (the report says so)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    m = results["methods"]
+    names = list(m)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        lo, hi = m[name]["ci"]
+        y = m[name]["success"]
+        ax.errorbar(m[name]["seconds"], y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3)
+        ax.annotate(
+            name, (m[name]["seconds"], y), fontsize=7, xytext=(4, 2), textcoords="offset points"
+        )
+    ax.set_xlabel("seconds per edit (median)")
+    ax.set_ylabel("judged success (95 % CI)")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(out / "success_vs_time.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    vals = [min(m[n]["psnr_outside"], 60.0) for n in names]
+    ax.barh(names, vals)
+    ax.set_xlabel("PSNR outside the mask, dB (median; exact = shown as 60)")
+    fig.tight_layout()
+    fig.savefig(out / "background_error.png", dpi=110)
+    plt.close(fig)
+    from PIL import ImageDraw
+
+    cols = len(tasks[: len(next(iter(examples.values()), []))])
+    size = tasks[0].image.width
+    grid = Image.new("RGB", (size * (cols + 1), size * (len(names) + 1)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, size // 2), "task (mask red)", fill=(0, 0, 0))
+    for i, name in enumerate(names):
+        for k, part in enumerate(name.replace(" + ", " +\n").replace("=", "=\n").split("\n")):
+            draw.text((4, size * (i + 1) + size // 2 - 8 + 12 * k), part, fill=(0, 0, 0))
+    for j in range(cols):
+        src = tasks[j].image.copy()
+        overlay = Image.composite(
+            Image.new("RGB", src.size, (255, 0, 64)), src, tasks[j].mask.point(lambda v: v // 2)
+        )
+        grid.paste(overlay, (size * (j + 1), 0))
+    for i, name in enumerate(names):
+        for j, img in enumerate(examples[name][:cols]):
+            grid.paste(img, (size * (j + 1), size * (i + 1)))
+    grid.save(out / "examples.png")
+    labels = "\n".join(f"row {i + 1}: {n}" for i, n in enumerate(names))
+    (out / "examples.txt").write_text("row 0: the tasks (mask in red)\n" + labels + "\n")
+    return ["success_vs_time.png", "background_error.png", "examples.png"]
+
+
+def report(r: dict, plots: list[str]) -> str:
+    c = r["config"]
+    lines = [
+        "# Quality and speed: every method on the same Shapes World edits",
+        "",
+        f"{len(r['tasks'])} tasks (replace, add, small masks; every fourth touching the border), "
+        f"model `{c['model']}`, {c['steps']} steps, {c['samples']} samples per edit (ranked "
+        f"methods return the best by the model's CLIP, the others the first), guidance "
+        f"{c['guidance_scale']}, seed {c['seed']}. Whole run {r['wall_seconds']:.0f} s.",
+        "",
+        *([c["label"], ""] if c.get("label") else []),
+        "| method | success [95 % CI] | replace / add / small | PSNR outside (dB) | every pixel "
+        "kept | seam PSNR (dB) | CLIP | s / edit | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in r["methods"].items():
+        bk = s["by_kind"]
+        kinds = " / ".join(f"{bk.get(k, float('nan')):.0%}" for k in ("replace", "add", "small"))
+        lines.append(
+            f"| {name} | {s['success']:.0%} [{s['ci'][0]:.0%}, {s['ci'][1]:.0%}] | {kinds} | "
+            f"{s['psnr_outside']:.1f} | {'yes' if s['all_exact_outside'] else 'no'} | "
+            f"{s['psnr_seam']:.1f} | {s['clip']:.3f} | {s['seconds']:.2f} | {s['peak_mb']:.0f} |"
+        )
+    lines += ["", "## Defaults, from these runs", ""]
+    for d in r["defaults"]:
+        verdict = "the default is best" if d["default_is_best"] else f"**{d['other']} is better**"
+        lines.append(
+            f"- `{d['option']}`: {d['default']} {d['default_success']:.0%} against {d['other']} "
+            f"{d['other_success']:.0%}: {verdict}."
+        )
+    if not r["defaults"]:
+        lines.append("- (no option study in this run)")
+    lines += [""]
+    if plots:
+        lines += [f"![{p}]({p})" for p in plots] + [
+            "",
+            "examples.png: top row the tasks (mask in red), then one row per method in the "
+            "order of the table.",
+        ]
+    else:
+        lines.append("(no plots: `pip install matplotlib`)")
+    return "\n".join(lines) + "\n"

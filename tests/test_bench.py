@@ -1,0 +1,51 @@
+"""The quality benchmark's mechanics on the tiny random model (its numbers mean nothing here;
+the report for the shipped model lives in benchmarks/results/quality/)."""
+
+import json
+
+import pytest
+
+from blendedit.bench import BenchConfig, compare_defaults, run_bench, wilson
+from blendedit.cli import main
+
+
+def test_wilson_interval():
+    lo, hi = wilson(8, 10)
+    assert lo == pytest.approx(0.490, abs=1e-3) and hi == pytest.approx(0.943, abs=1e-3)
+    assert wilson(0, 20)[0] == 0.0 and wilson(20, 20)[1] == 1.0
+
+
+def test_bench_runs_every_method_and_writes_the_report(tmp_path):
+    methods = ["ours", "ours first sample", "diffusers inpaint", "text-to-image + paste"]
+    cfg = BenchConfig(model="tiny-random", tasks=3, steps=2, samples=2, methods=methods)
+    r = run_bench(cfg, tmp_path, progress=False, log=lambda m: None)
+    assert list(r["methods"]) == methods and len(r["tasks"]) == 3
+    for name in methods:
+        s = r["methods"][name]
+        assert s["n"] == 3 and 0 <= s["ci"][0] <= s["success"] <= s["ci"][1] <= 1
+        assert s["seconds"] > 0
+    # paste keeps every pixel outside the mask; diffusers' inpainting re-decodes the frame
+    assert r["methods"]["ours"]["all_exact_outside"]
+    assert r["methods"]["text-to-image + paste"]["all_exact_outside"]
+    assert not r["methods"]["diffusers inpaint"]["all_exact_outside"]
+    text = (tmp_path / "report.md").read_text()
+    assert all(f"| {m} |" in text for m in methods) and "ranking" in text
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["tasks"] == 3
+    for png in ("success_vs_time.png", "background_error.png", "examples.png"):
+        assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
+
+
+def test_defaults_study_says_which_setting_won():
+    m = {
+        "ours": dict(success=0.5, psnr_outside=40.0),
+        "ours k=0": dict(success=0.6, psnr_outside=40.0),
+    }
+    (d,) = compare_defaults(m)
+    assert d["option"] == "shrink_iterations" and d["better"] == "0" and not d["default_is_best"]
+
+
+def test_bench_without_the_shipped_model_says_what_to_do(tmp_path, monkeypatch):
+    from blendedit import models
+
+    monkeypatch.setattr(models, "TOY_DIR", tmp_path / "none")
+    assert main(["bench", "--quick", "--out", str(tmp_path / "b")]) == 2
