@@ -37,11 +37,14 @@ def test_bench_runs_every_method_and_writes_the_report(tmp_path):
 
 def test_defaults_study_says_which_setting_won():
     m = {
-        "ours": dict(success=0.5, psnr_outside=40.0),
-        "ours k=0": dict(success=0.6, psnr_outside=40.0),
+        "ours": dict(success=0.5, psnr_outside=40.0, ci=wilson(50, 100)),
+        "ours k=0": dict(success=0.6, psnr_outside=40.0, ci=wilson(60, 100)),
     }
     (d,) = compare_defaults(m)
     assert d["option"] == "shrink_iterations" and d["better"] == "0" and not d["default_is_best"]
+    assert not d["significant"]  # 50 % and 60 % of 100: the intervals overlap
+    m["ours k=0"] |= dict(success=0.8, ci=wilson(80, 100))
+    assert compare_defaults(m)[0]["significant"]
 
 
 def test_bench_without_the_shipped_model_says_what_to_do(tmp_path, monkeypatch):

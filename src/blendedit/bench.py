@@ -328,6 +328,7 @@ def compare_defaults(methods: dict) -> list[dict]:
                 if (sa["success"], sa["psnr_outside"]) >= (sb["success"], sb["psnr_outside"])
                 else vb
             )
+            overlap = sa["ci"][0] <= sb["ci"][1] and sb["ci"][0] <= sa["ci"][1]
             out.append(
                 dict(
                     option=option,
@@ -337,6 +338,7 @@ def compare_defaults(methods: dict) -> list[dict]:
                     other_success=sb["success"],
                     better=better,
                     default_is_best=better == va,
+                    significant=not overlap,
                 )
             )
     return out
@@ -426,6 +428,8 @@ def report(r: dict, plots: list[str]) -> str:
     lines += ["", "## Defaults, from these runs", ""]
     for d in r["defaults"]:
         verdict = "the default is best" if d["default_is_best"] else f"**{d['other']} is better**"
+        if not d.get("significant", True):
+            verdict += " (within noise: the 95 % intervals overlap; the default stays)"
         lines.append(
             f"- `{d['option']}`: {d['default']} {d['default_success']:.0%} against {d['other']} "
             f"{d['other_success']:.0%}: {verdict}."
