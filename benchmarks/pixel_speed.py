@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from blendedit import BlendedDiffusionPipeline, BlendedLatentDiffusionPipeline, ClipRanker
+from blendedit.bench import reset_peak_rss, rss_mb
 from blendedit.demo import example_scene
 from blendedit.io import save_json
 from blendedit.models import quiet_transformers
@@ -66,14 +67,6 @@ def models():
     return latent, pixel
 
 
-def _status(key: str) -> float:
-    """A /proc/self/status figure in MB (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def probe_memory(aug_batch: int) -> None:
     """In a fresh process: a pixel edit of 4 images (5 guided steps) with this augmentation
     batch; the resident set's peak during the edit (Linux: VmHWM reset through clear_refs)."""
@@ -81,8 +74,8 @@ def probe_memory(aug_batch: int) -> None:
     image, mask = example_scene(64)
     run = dict(num_inference_steps=20, skip_timesteps=15, num_images_per_prompt=4)
     pixel(PROMPT, image, mask, **run, generator=torch.Generator().manual_seed(0))  # warm up
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak
-    base = _status("VmRSS")
+    reset_peak_rss()
+    base = rss_mb("VmRSS")
     t0 = time.perf_counter()
     pixel(
         PROMPT,
@@ -93,7 +86,7 @@ def probe_memory(aug_batch: int) -> None:
         generator=torch.Generator().manual_seed(0),
     )
     dt = (time.perf_counter() - t0) / 5
-    peak = _status("VmHWM")
+    peak = rss_mb("VmHWM")
     print(json.dumps(dict(seconds_per_step=dt, peak_mb=peak, growth_mb=peak - base)))
 
 

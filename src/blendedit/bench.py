@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from . import background as B
-from .io import pil_to_tensor, save_json, tensor_to_pil
+from .io import mask_to_tensor, pil_to_tensor, save_json, tensor_to_pil
+from .runner import resolve_device
 
 #: name -> (kind, options). ``ours*`` are our latent method with these options over its defaults.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -67,7 +68,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
-def _rss_mb(key: str) -> float:
+def rss_mb(key: str = "VmHWM") -> float:
+    """A /proc/self/status figure in MB: VmHWM (peak resident set) or VmRSS; NaN off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):
@@ -77,7 +79,8 @@ def _rss_mb(key: str) -> float:
     return float("nan")
 
 
-def _reset_peak() -> None:
+def reset_peak_rss() -> None:
+    """Reset the process's peak resident set (VmHWM) to its current size (Linux)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -115,8 +118,8 @@ class Runner:
 
         self.cfg = cfg
         self.ours = BlendedLatentDiffusionPipeline.from_pretrained(cfg.model, ranker=cfg.clip)
-        cuda = torch.cuda.is_available()  # float32 on the CPU (shipped weights are float16)
-        self.ours.to("cuda" if cuda else "cpu", torch.float16 if cuda else torch.float32)
+        device, dtype = resolve_device()  # float32 on the CPU (shipped weights are float16)
+        self.ours.to(device, getattr(torch, dtype))
         if self.ours.ranker is None:
             raise ValueError("clip: a model that is not built in needs a CLIP (--rank-model)")
         p = self.ours
@@ -141,7 +144,7 @@ class Runner:
     def best(self, images: list[Image.Image], prompt: str, mask: Image.Image) -> Image.Image:
         """The highest-scoring image by the model's CLIP (the crop around the mask)."""
         x = torch.cat([pil_to_tensor(i) for i in images])
-        m = pil_to_tensor(mask.convert("RGB"))[:, :1]
+        m = mask_to_tensor(mask)
         s = self.ours.ranker.score(x, prompt, m, "crop")
         return images[int(torch.argmax(s))]
 
@@ -212,7 +215,7 @@ class Runner:
                 **common,
             ).images
         src = pil_to_tensor(task.image)
-        m = pil_to_tensor(task.mask.convert("RGB"))[:, :1]
+        m = mask_to_tensor(task.mask)
         pasted = [tensor_to_pil(B.paste(pil_to_tensor(i), src, m, feather=3))[0] for i in images]
         return self.best(pasted, task.prompt, task.mask)
 
@@ -237,14 +240,14 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
     peaks: dict[str, float] = {}
     examples: dict[str, list[Image.Image]] = {}
     for name in methods:
-        _reset_peak()
+        reset_peak_rss()
         rows[name], examples[name] = [], []
         for task in tqdm(tasks, desc=name, disable=not progress, leave=False):
             t0 = time.perf_counter()
             img = runner.run(name, task)
             dt = time.perf_counter() - t0
             v = judge(img, task.mask, task.prompt, source=task.image)
-            m = pil_to_tensor(task.mask.convert("RGB"))[:, :1]
+            m = mask_to_tensor(task.mask)
             clip = float(runner.ours.ranker.score(pil_to_tensor(img), task.prompt, m, "crop")[0])
             rows[name].append(
                 dict(
@@ -261,7 +264,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
             )
             if len(examples[name]) < cfg.examples:
                 examples[name].append(img)
-        peaks[name] = _rss_mb("VmHWM")
+        peaks[name] = rss_mb("VmHWM")
         s = summarize(rows[name])
         log(
             f"{name}: success {s['success']:.0%} [{s['ci'][0]:.0%}, {s['ci'][1]:.0%}], "

@@ -439,10 +439,10 @@ def _run_edit(args) -> list[Path]:
     from .runner import load_inputs, load_pipeline, run_edit
 
     req = edit_request(args)
-    load_inputs(req)  # bad input fails before any model loads
+    inputs = load_inputs(req)  # bad input fails before any model loads
     check_output_folder(args.out)
     loaded = load_pipeline(model_spec(args), args.num_images_per_prompt or 1)
-    written, _ = run_edit(loaded, req, args.out, progress=not args.quiet)
+    written, _ = run_edit(loaded, req, args.out, progress=not args.quiet, inputs=inputs)
     for path in written:
         print(path)
     return written

@@ -300,6 +300,17 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
 
 
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """PIL mask ('L', 255 = edit) -> (1, 1, H, W) float in [0, 1]."""
+    a = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy(a)[None, None].contiguous()
+
+
+def tensor_to_mask(m: torch.Tensor) -> Image.Image:
+    """(1, 1, H, W) float in [0, 1] -> PIL mask ('L'), rounded."""
+    return Image.fromarray((m[0, 0].detach().cpu().numpy() * 255).round().astype(np.uint8), "L")
+
+
 def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) float in [0, 1] -> list of PIL RGB images (rounded, not truncated)."""
     a = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import background as B
 from . import masks as M
-from .io import load_image, load_mask, pil_to_tensor, tensor_to_pil
+from .io import load_image, load_mask, mask_to_tensor, pil_to_tensor, tensor_to_mask, tensor_to_pil
 from .ranking import RANK_REGIONS, ClipRanker
 
 SCHEDULERS = ("ddim", "dpm++", "euler")
@@ -294,12 +294,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
 
     def check_inputs(self, prompt, image, mask, opts: LatentEditOptions, generator, callback):
         """Validate every argument once; returns (PIL image, float mask (1, 1, H, W))."""
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
-        if not prompt.strip():
-            raise ValueError(
-                "prompt: is empty; say what the masked region should show (e.g. 'a red ball')"
-            )
+        check_prompt(prompt)
         if not isinstance(opts.negative_prompt, str):
             raise ValueError(f"negative_prompt: expected a string, got {opts.negative_prompt!r}")
         _check_int("num_inference_steps", opts.num_inference_steps, 1, 10_000)
@@ -481,7 +476,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             order=order,
             latents=z[order].cpu(),
             source_latents=z_src.cpu(),
-            mask=Image.fromarray((mask_full[0, 0].numpy() * 255).round().astype(np.uint8), "L"),
+            mask=tensor_to_mask(mask_full),
             latent_mask=m_lat.cpu(),
             mask_schedule=[s.cpu() for s in schedule],
             crop_box=box,
@@ -578,7 +573,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             )
         self.check_inputs(prompt or "x", image, output.mask, opts, None, None)
         x_full = pil_to_tensor(image)
-        mask_full = pil_to_tensor(output.mask.convert("RGB"))[:, :1]
+        mask_full = mask_to_tensor(output.mask)
         box = output.crop_box
         x_pad, m_pad, (h, w) = self._region(x_full, mask_full, box)
         timings: dict[str, float] = {}
@@ -607,6 +602,16 @@ def _reordered(info, order):
 
 
 # --- argument checks ---------------------------------------------------------------------------
+
+
+def check_prompt(prompt) -> None:
+    """A prompt is a string with something in it."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError(
+            "prompt: is empty; say what the masked region should show (e.g. 'a red ball')"
+        )
 
 
 def check_generator(generator, n: int, what: str) -> None:
@@ -670,7 +675,7 @@ def _as_mask(mask, image: Image.Image) -> torch.Tensor:
             raise ValueError("mask: the mask is empty (no pixel to edit)")
         return t[None, None]
     m = load_mask(mask, image=image, threshold=None)
-    return pil_to_tensor(m.convert("RGB"))[:, :1]
+    return mask_to_tensor(m)
 
 
 def options_fields():

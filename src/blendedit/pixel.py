@@ -29,8 +29,17 @@ from tqdm.auto import tqdm
 
 from . import guidance as G
 from . import masks as M
-from .io import pil_to_tensor, tensor_to_pil
-from .latent import OnUNet, _as_mask, _as_pil, _check_float, _check_int, _randn, check_generator
+from .io import pil_to_tensor, tensor_to_mask, tensor_to_pil
+from .latent import (
+    OnUNet,
+    _as_mask,
+    _as_pil,
+    _check_float,
+    _check_int,
+    _randn,
+    check_generator,
+    check_prompt,
+)
 from .ranking import RANK_REGIONS, ClipRanker
 
 SAMPLERS = ("ddpm", "ddim")
@@ -183,10 +192,7 @@ class BlendedDiffusionPipeline(OnUNet):
     # -- input checks ---------------------------------------------------------------------
 
     def check_inputs(self, prompt, image, mask, o: dict, generator):
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
-        if not prompt.strip():
-            raise ValueError("prompt: is empty; say what the masked region should show")
+        check_prompt(prompt)
         _check_int("num_inference_steps", o["num_inference_steps"], 2, 10_000)
         _check_int("num_images_per_prompt", o["num_images_per_prompt"], 1, 256)
         _check_int("num_batches", o["num_batches"], 1, 1024)
@@ -377,7 +383,7 @@ class BlendedDiffusionPipeline(OnUNet):
             images=tensor_to_pil(frames[order]),
             scores=[float(s_all[k]) for k in order],
             order=order,
-            mask=Image.fromarray((mask_full[0, 0].numpy() * 255).round().astype(np.uint8), "L"),
+            mask=tensor_to_mask(mask_full),
             crop_box=box,
             timings=timings,
             clip_losses=[float(clip_l[k]) for k in order],

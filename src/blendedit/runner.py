@@ -64,6 +64,18 @@ METHODS = ("latent", "pixel")
 NONE_DEFAULT_TYPES = {"strength": float, "skip_timesteps": int}
 
 
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """``auto`` device: cuda when there is one, else cpu; ``auto`` dtype: float16 on a GPU,
+    float32 on the CPU. Returns the names."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
 def load_pipeline(spec: ModelSpec, num_images: int = 1) -> LoadedModel:
     """Load the pipeline (and its ranker) once; ``num_images`` decides the ``auto`` ranker."""
     import torch
@@ -74,12 +86,7 @@ def load_pipeline(spec: ModelSpec, num_images: int = 1) -> LoadedModel:
 
     if spec.method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {spec.method!r}")
-    device = spec.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = spec.dtype
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "float32"
+    device, dtype = resolve_device(spec.device, spec.dtype)
     rank_model = spec.rank_model
     is_builtin = spec.model in models.BUILTIN_MODELS
     if spec.method == "pixel":  # its CLIP guides and ranks: it cannot be turned off
@@ -176,19 +183,21 @@ def run_edit(
     progress: bool = False,
     warn=None,
     callback=None,
+    inputs=None,
 ) -> tuple[list[Path], dict]:
     """Edit ``req`` and write its results into ``out_dir``; returns (paths written, sidecar).
 
     Inputs and the output folder are checked before sampling; warnings go to ``warn`` (a
     callable taking a line; default: stderr) as well as into the sidecar. ``callback(step, t,
-    latents)`` runs after every denoising step.
+    latents)`` runs after every denoising step. ``inputs``: the (image, mask) that
+    :func:`load_inputs` already returned for ``req``, so they are not read twice.
     """
     import torch
 
     from . import io
     from .outputs import write_results
 
-    image, mask = load_inputs(req)
+    image, mask = inputs if inputs is not None else load_inputs(req)
     method = loaded.spec.method
     opts = edit_options(req.options, method)
     out_dir = io.check_output_folder(out_dir)

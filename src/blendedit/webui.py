@@ -153,6 +153,11 @@ def run_request(
     return items, [str(p) for p in written] + [str(archive)]
 
 
+def planned_steps(options: dict) -> int:
+    """The denoising steps an edit with these page options runs (its progress bar's length)."""
+    return max(1, int(options["num_inference_steps"] * options["strength"]))
+
+
 def stream_request(
     session: EditSession, editor_value, mask_file, prompt, options, seed, method="latent"
 ):
@@ -164,7 +169,7 @@ def stream_request(
     from .io import tensor_to_pil
 
     events: queue.Queue = queue.Queue()
-    total = max(1, int(options["num_inference_steps"] * options["strength"]))
+    total = planned_steps(options)
     every = max(PREVIEW_EVERY, total // 10)
 
     def on_step(i, z):  # in the worker thread, inside the sampling loop
@@ -313,7 +318,7 @@ def build_app(session: EditSession, examples: list[str] | None = None):
             else:
                 options |= dict(clip_guidance_scale=float(k_clip))
             seed_value = None if k_seed is None else int(k_seed)
-            total = max(1, int(int(k_steps) * float(k_strength)))
+            total = planned_steps(options)
             events = stream_request(session, ed, mfile, text, options, seed_value, how)
             for kind, payload in events:
                 if kind == "step":
