@@ -9,13 +9,16 @@ renders of another seed) every 100 steps. Measured (patch 8, bs 64, lr 1e-3, 2-c
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionModel
 
 from blendedit.io import pil_to_tensor
+from blendedit.tokenizer import build_clip_tokenizer
+from blendedit.toy import train as T
 from blendedit.toy.evaluate import single_object_scene
 from blendedit.toy.train import clip_pixels
 from blendedit.toy.world import COLOURS, SHAPES, render
@@ -36,15 +39,9 @@ def main() -> None:
     patch = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 800
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(
-        hidden_size=128,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_hidden_layers=4,
-        image_size=64,
-        patch_size=patch,
-    )
-    model, head = CLIPVisionModel(cfg), torch.nn.Linear(128, 5)
+    tok = build_clip_tokenizer(T.world_words(), tempfile.mkdtemp(), max_length=T.TEXT_MAX_LENGTH)
+    cfg = T.clip_config(tok, patch).vision_config  # exactly the shipped CLIP's vision tower
+    model, head = CLIPVisionModel(cfg), torch.nn.Linear(cfg.hidden_size, 5)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     xv, yv = batch(99, 0, 200)
