@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from blendedit.toy.judge import colour_labels, components, judge, parse_prompt
+from blendedit.toy.judge import colour_labels, components, judge, parse_prompt, seam_error
 from blendedit.toy.tasks import TASK_KINDS, make_task, task_suite
 from blendedit.toy.world import (
     BACKGROUND_COLOURS,
@@ -112,6 +112,23 @@ def test_judge_background_measures():
     a[ys.min() - 2, xs.min() + 3] += 9  # one pixel on the seam, just outside the mask
     v = judge(a, m, "a red star", source=img)
     assert v.max_err_outside == 9 and v.max_err_seam == 9 and v.psnr_seam < math.inf
+
+
+def test_seam_error_sees_a_hard_border_that_the_outside_band_cannot():
+    rng = np.random.RandomState(0)
+    src = (rng.rand(64, 64, 3) * 200).astype(np.uint8)
+    m = np.zeros((64, 64), bool)
+    m[20:40, 16:44] = True
+    assert seam_error(src, src, m) == 0.0
+    # everything outside kept exactly, the inside 30 levels brighter: a seam of 30 levels
+    hard = src.astype(int)
+    hard[m] += 30
+    v = judge(hard.astype(np.uint8), m, "a red star", source=src)
+    assert v.psnr_seam == math.inf and v.psnr_outside == math.inf
+    assert v.seam_error == pytest.approx(30.0)
+    # the same brightening spread smoothly over the whole frame: no step at the border
+    ramp = src.astype(float) + np.linspace(0, 30, 64)[None, :, None]
+    assert seam_error(ramp, src, m) < 1.0 < seam_error(hard, src, m)
 
 
 def test_judge_rejects_too_small_and_split_regions_and_bad_prompts():

@@ -105,6 +105,15 @@ def _text_config(preset: str, width_div: int, vocab_size: int, **kw) -> CLIPText
     )
 
 
+def _world_tokenizer(folder: str | Path | None):
+    """The world's tokenizer, saved to ``folder``; without one, built in a temporary folder that
+    is removed again (the tokenizer is held in memory once loaded)."""
+    if folder is not None:
+        return build_clip_tokenizer(list(WORDS), folder)
+    with tempfile.TemporaryDirectory(prefix="blendedit-tok-") as tmp:
+        return build_clip_tokenizer(list(WORDS), tmp)
+
+
 def build_tiny_components(
     preset: str = "tiny",
     *,
@@ -117,9 +126,7 @@ def build_tiny_components(
     ``StableDiffusionPipeline``), plus ``ranker`` (a tiny ``CLIPModel`` sharing the tokenizer)."""
     if sample_size is None:
         sample_size = 8 if preset == "tiny" else 32
-    if tokenizer_dir is None:
-        tokenizer_dir = tempfile.mkdtemp(prefix="blendedit-tok-")
-    tokenizer = build_clip_tokenizer(list(WORDS), tokenizer_dir)
+    tokenizer = _world_tokenizer(tokenizer_dir)
     vocab = len(tokenizer)
     ids = dict(
         bos_token_id=tokenizer.bos_token_id,
@@ -182,9 +189,7 @@ def build_tiny_pixel_components(
     betas) and ``clip`` / ``clip_tokenizer`` (a tiny ``CLIPModel``)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    if tokenizer_dir is None:
-        tokenizer_dir = tempfile.mkdtemp(prefix="blendedit-tok-")
-    tokenizer = build_clip_tokenizer(list(WORDS), tokenizer_dir)
+    tokenizer = _world_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
     unet = UNet2DModel(
         sample_size=sample_size,

@@ -34,6 +34,7 @@ class Verdict:
     max_err_outside: float | None = None
     psnr_seam: float | None = None
     max_err_seam: float | None = None
+    seam_error: float | None = None  # see :func:`seam_error`
 
 
 def parse_prompt(prompt: str) -> tuple[str, str]:
@@ -135,6 +136,7 @@ def judge(image, mask, prompt: str, source=None) -> Verdict:
         v.psnr_outside, v.max_err_outside = _psnr(img[~m], src[~m])
         seam = _dilate(m, SEAM_WIDTH) & ~m
         v.psnr_seam, v.max_err_seam = _psnr(img[seam], src[seam])
+        v.seam_error = seam_error(img, src, m)
 
     want = (colour_labels(img) == list(COLOURS).index(colour)) & m
     if not want.any():
@@ -159,6 +161,27 @@ def judge(image, mask, prompt: str, source=None) -> Verdict:
     else:
         v.success, v.reason = True, "ok"
     return v
+
+
+def seam_error(image: np.ndarray, source: np.ndarray, mask: np.ndarray) -> float:
+    """How visible the mask's border is: for every pair of 4-neighbour pixels with one inside
+    the mask and one outside, the step across the border in ``image`` minus the step in
+    ``source``, in absolute 0-255 levels, averaged over pairs and channels. Zero when the edit
+    continues the source across the border; a pasted result with no blending shows its seam
+    here even though every pixel outside the mask is exact (the band outside the mask, the
+    ``psnr_seam`` figure, cannot see that)."""
+    img, src = image.astype(np.float64), source.astype(np.float64)
+    errs = []
+    for axis in (0, 1):
+        a = [slice(None)] * 2
+        b = [slice(None)] * 2
+        a[axis], b[axis] = slice(1, None), slice(None, -1)
+        a, b = tuple(a), tuple(b)
+        cross = mask[a] != mask[b]
+        step = (img[a] - img[b]) - (src[a] - src[b])
+        errs.append(np.abs(step[cross]))
+    err = np.concatenate(errs)
+    return float(err.mean()) if err.size else 0.0
 
 
 def _dilate(m: np.ndarray, k: int) -> np.ndarray:

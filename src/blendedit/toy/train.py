@@ -629,6 +629,86 @@ def train_pixel(args) -> None:
     )
 
 
+# --- snapshots of unfinished runs -------------------------------------------------------------
+
+
+def _run_kind(run: Path) -> str:
+    """Which model a run folder trains, from the first command in its ``commands.log``."""
+    log = run / "commands.log"
+    if not log.exists():
+        raise SystemExit(f"{run}: no commands.log, so not a training run folder")
+    for word in log.read_text().split():  # the subcommand is the first kind named
+        if word in ("clip", "vae", "unet", "pixel"):
+            return word
+    raise SystemExit(f"{run}: commands.log names no model kind")
+
+
+def snapshot(run: Path) -> Path:
+    """Write the current weights of a run (the EMA where it keeps one) from its checkpoint to
+    ``<run>/snapshot/``, laid out as its finished ``model/`` would be, so that an unfinished run
+    can be evaluated or assembled while it trains. Returns the folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+    from transformers import AutoTokenizer, CLIPModel
+
+    run = Path(run)
+    kind = _run_kind(run)
+    ckpt = run / "checkpoint.pt"
+    if not ckpt.exists():
+        raise SystemExit(f"{run}: no checkpoint.pt yet")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    weights = state.get("ema") or state["model"]
+    tmp = run / "snapshot.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if kind == "clip":
+        tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+        patch = weights["vision_model.embeddings.patch_embedding.weight"].shape[-1]
+        model = CLIPModel(clip_config(tok, patch))
+        model.load_state_dict(weights)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_preprocessor(tmp)
+    elif kind == "pixel":
+        model = UNet2DModel(**PIXEL_CONFIG)
+        model.load_state_dict(weights)
+        model.save_pretrained(tmp / "unet")
+        DDPMScheduler(**PIXEL_SCHEDULER).save_pretrained(tmp / "scheduler")
+    else:
+        builds = {"vae": (AutoencoderKL, VAE_CONFIG), "unet": (UNet2DConditionModel, UNET_CONFIG)}
+        cls, cfg = builds[kind]
+        model = cls(**cfg)
+        model.load_state_dict(weights)
+        if kind == "vae" and (run / "metrics.json").exists():
+            factor = json.loads((run / "metrics.json").read_text()).get("scaling_factor")
+            if factor:
+                model.register_to_config(scaling_factor=factor)
+        model.save_pretrained(tmp)
+    (tmp / "STEP").write_text(f"{state['step']}\n")
+    dest = run / "snapshot"
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    print(f"{run}: step {state['step']} ({kind}) written to {dest}", file=sys.stderr)
+    return dest
+
+
+def _model_folder(run: Path, unfinished: bool) -> Path:
+    """A run's finished ``model/``, or with ``unfinished`` a fresh snapshot of its checkpoint
+    (also when the run was extended after its ``model/`` was written)."""
+    model, ckpt = run / "model", run / "checkpoint.pt"
+    extended = model.exists() and ckpt.exists() and _newer(ckpt, model)
+    if model.exists() and not (unfinished and extended):
+        return model
+    if not unfinished:
+        raise SystemExit(
+            f"{run} has no model/ (the run has not finished); finish it, or pass --unfinished "
+            "to assemble from its latest checkpoint"
+        )
+    return snapshot(run)
+
+
+def _newer(a: Path, b: Path) -> bool:
+    return a.stat().st_mtime > b.stat().st_mtime + 60
+
+
 # --- assembling the shipped folder ------------------------------------------------------------
 
 
@@ -649,14 +729,17 @@ def assemble(args) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    clip_folder = work / args.clip / "model"
-    text_folder = work / args.text_encoder / "model"  # the one the UNet was trained with
+
+    def folder(name):
+        return _model_folder(work / name, args.unfinished)
+
+    clip_folder, text_folder = folder(args.clip), folder(args.text_encoder)
     half = torch.float16
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(work / args.vae / "model").to(half),
+        vae=AutoencoderKL.from_pretrained(folder(args.vae)).to(half),
         text_encoder=CLIPTextModel.from_pretrained(text_folder).to(half),
         tokenizer=AutoTokenizer.from_pretrained(text_folder),
-        unet=UNet2DConditionModel.from_pretrained(work / "unet" / "model").to(half),
+        unet=UNet2DConditionModel.from_pretrained(folder(args.unet)).to(half),
         scheduler=DDIMScheduler(**LATENT_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
@@ -667,15 +750,15 @@ def assemble(args) -> None:
     clip.save_pretrained(tmp / "clip")
     AutoTokenizer.from_pretrained(clip_folder).save_pretrained(tmp / "clip")
     write_preprocessor(tmp / "clip")
-    pixel = work / "pixel" / "model"
-    if pixel.exists():
+    if args.pixel and (work / args.pixel / "checkpoint.pt").exists():
         from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+        pixel = folder(args.pixel)
         DDPMPipeline(
             unet=UNet2DModel.from_pretrained(pixel / "unet").to(half),
             scheduler=DDPMScheduler.from_pretrained(pixel / "scheduler"),
         ).save_pretrained(tmp / "pixel")
-    cards = [work / n / "card.md" for n in (args.clip, "vae", args.vae, "unet", "pixel")]
+    cards = [work / n / "card.md" for n in (args.clip, args.vae, args.unet, args.pixel) if n]
     cards = list(dict.fromkeys(cards))
     text = [
         "# Shapes World models (shipped with blendedit)",
@@ -784,7 +867,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run folder of the CLIP whose text encoder the UNet was trained with (the "
         "pipeline's text encoder; the shipped CLIP may be a later one)",
     )
+    a.add_argument("--unet", default="unet", help="run folder of the text-to-image UNet")
+    a.add_argument("--pixel", default="pixel", help="run folder of the pixel model ('' for none)")
+    a.add_argument(
+        "--unfinished",
+        action="store_true",
+        help="use the latest checkpoint (EMA) of runs that have not finished, for previews",
+    )
     a.add_argument("--dest", default=str(Path(__file__).parents[1] / "assets" / "toy"))
+    n = sub.add_parser("snapshot", help="write an unfinished run's current weights to RUN/snapshot")
+    n.add_argument("run", nargs="+", help="run folders, e.g. runs/toy/unet")
     return p
 
 
@@ -797,7 +889,13 @@ def main(argv=None) -> int:
         build_dataset(args.out, args.n, args.size, args.seed, args.workers)
         return 0
     if args.what == "assemble":
-        assemble(args)
+        with quiet_transformers():
+            assemble(args)
+        return 0
+    if args.what == "snapshot":
+        with quiet_transformers():
+            for run in args.run:
+                snapshot(Path(run))
         return 0
     with quiet_transformers():
         {"clip": train_clip, "vae": train_vae, "unet": train_unet, "pixel": train_pixel}[args.what](
