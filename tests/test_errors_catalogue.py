@@ -675,6 +675,50 @@ def out_disk_full(c):
     )
 
 
+# --- reconstructing an earlier edit --------------------------------------------------------
+
+
+def _reconstruct_case(c, sidecar: Path, *flags) -> Case:
+    from blendedit.runner import LoadedModel, ModelSpec, reconstruct_from_sidecar
+
+    image = flags[1] if flags[:1] == ("--image",) else None
+    loaded = LoadedModel(c.pipe, ModelSpec("tiny-random"), None, "cpu", "float32")
+    return Case(
+        ["reconstruct", str(sidecar), "--out", str(c.out), "--model", "tiny-random", *flags],
+        lambda: reconstruct_from_sidecar(loaded, sidecar, c.out, {}, image=image),
+    )
+
+
+def _earlier_edit(c, **meta) -> Path:
+    """An edit's results, sidecar and latents, written into the inputs folder."""
+    from blendedit.runner import pixels_sha256
+
+    img, m = c.image(), c.mask()
+    image = load_image(img)
+    result = c.edit(image, load_mask(m))()
+    meta = dict(image=str(img), prompt="a red circle", seed=0, method="latent") | meta
+    latents = pixels_sha256(image) if meta["method"] == "latent" else None
+    write_results(c.d, "photo", image, result, 0, meta, [img, m], latents=latents)
+    return c.d / "photo.json"
+
+
+@case
+def reconstruct_sidecar_missing(c):
+    return _reconstruct_case(c, c.d / "nope.json")
+
+
+@case
+def reconstruct_no_latents(c):
+    return _reconstruct_case(c, _earlier_edit(c, method="pixel"))
+
+
+@case
+def reconstruct_wrong_image(c):
+    sidecar = _earlier_edit(c)
+    other = c.image("other.png", size=32)
+    return _reconstruct_case(c, sidecar, "--image", str(other))
+
+
 # --- batch manifests ----------------------------------------------------------------------
 
 

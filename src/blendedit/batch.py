@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .io import check_output_folder, write_files_atomically
+from .outputs import listed_files
 from .runner import (
     NONE_DEFAULT_TYPES,
     EditRequest,
@@ -248,8 +249,7 @@ def finished(row: Row) -> dict | None:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError):
         return None
-    files = [r["file"] for r in meta.get("results", [])] + [meta.get("contact_sheet", "")]
-    return meta if all((row.folder / f).is_file() for f in files) else None
+    return meta if all((row.folder / f).is_file() for f in listed_files(meta)) else None
 
 
 def _entry_from_sidecar(row: Row, meta: dict, status: str, seconds: float | None) -> dict:

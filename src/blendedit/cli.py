@@ -19,6 +19,17 @@ from .runner import (
     ModelSpec,
 )
 
+#: The options `blendedit reconstruct` takes (the background step's).
+RECONSTRUCT_OPTIONS = (
+    "background",
+    "feather",
+    "rank_region",
+    "decoder_steps",
+    "decoder_lr",
+    "decoder_lambda",
+    "decoder_mode",
+    "decoder_crop_margin",
+)
 SHORT_FLAGS = {"num_inference_steps": ["--steps"], "num_images_per_prompt": ["-n"]}
 
 
@@ -43,14 +54,16 @@ def _flag_type(name: str, default):
     return NONE_DEFAULT_TYPES[name] if default is None else type(default)
 
 
-def _add_option_flags(p: argparse.ArgumentParser) -> None:
+def _add_option_flags(p: argparse.ArgumentParser, only=None) -> None:
     """One flag per option of either method (:class:`LatentEditOptions`,
     :class:`PixelEditOptions`), with the default and help of each. Flags default to None: an
-    option not given takes its method's default; one of the other method is an error."""
+    option not given takes its method's default; one of the other method is an error.
+    ``only``: just these options."""
     from .pixel import pixel_options_fields
 
-    latent = {n: (d, h, c) for n, d, h, c in options_fields()}
-    pixel = {n: (d, h, c) for n, d, h, c in pixel_options_fields()}
+    keep = (lambda n: n in only) if only is not None else (lambda n: True)
+    latent = {n: (d, h, c) for n, d, h, c in options_fields() if keep(n)}
+    pixel = {n: (d, h, c) for n, d, h, c in pixel_options_fields() if keep(n)}
     groups = [
         ("edit options (--method latent; those marked 'both' also --method pixel)", latent),
         (
@@ -116,6 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
         default_n=4,
         default_seed=0,
     )
+    r = sub.add_parser(
+        "reconstruct",
+        help="redo the background step of an earlier edit from its saved latents",
+        description="Decode the latents an earlier `edit` saved (SIDECAR's latents file) and "
+        "reconstruct the background again with other options (e.g. --background decoder), "
+        "without sampling again; writes results named STEM-BACKGROUND-* like `edit` does.",
+    )
+    r.add_argument("sidecar", help="the JSON sidecar of the earlier edit")
+    r.add_argument(
+        "--image", default=None, help="the edit's source image (default: the sidecar's path)"
+    )
+    r.add_argument("--out", default=None, help="output folder (default: the sidecar's folder)")
+    r.add_argument("--model", default=None, help="model (default: the one the sidecar records)")
+    r.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    r.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="weights' precision (default: float16 on GPU, float32 on CPU)",
+    )
+    r.add_argument("--quiet", action="store_true", help="print nothing but the written paths")
+    _add_option_flags(r, only=RECONSTRUCT_OPTIONS)
     b = sub.add_parser(
         "batch",
         help="edit every row of a manifest (JSONL or CSV), crash-safe, optionally on Ray",
@@ -306,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             return _bench(args)
+        if args.command == "reconstruct":
+            return _reconstruct(args)
         if args.command == "batch":
             from .batch import main_batch
 
@@ -363,6 +400,40 @@ def _demo(args) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _reconstruct(args) -> int:
+    import json
+
+    from .runner import load_pipeline, read_edit, reconstruct_from_sidecar
+
+    meta, _, _ = read_edit(args.sidecar, args.image)  # bad input fails before the model loads
+    out = args.out or str(Path(args.sidecar).parent)
+    check_output_folder(out)
+    spec = ModelSpec(
+        model=args.model or meta.get("model", DEFAULT_MODEL),
+        scheduler=meta.get("scheduler", "ddim"),
+        rank_model=_recorded_ranker(meta.get("rank_model")),
+        device=args.device,
+        dtype=args.dtype,
+    )
+    loaded = load_pipeline(spec, len(meta["results"]))
+    options = {f: v for f in RECONSTRUCT_OPTIONS if (v := getattr(args, f, None)) is not None}
+    written, sidecar = reconstruct_from_sidecar(
+        loaded, args.sidecar, out, options, image=args.image
+    )
+    for path in written:
+        print(path)
+    if not args.quiet:
+        print(f"reconstruct: {json.dumps(sidecar['timings'])}", file=sys.stderr)
+    return 0
+
+
+def _recorded_ranker(rank_model: str | None) -> str:
+    """The --rank-model that reproduces a sidecar's ``rank_model``."""
+    if rank_model is None:
+        return "none"
+    return "auto" if rank_model.endswith("(built-in)") else rank_model
 
 
 def _bench(args) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -52,17 +53,52 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def listed_files(sidecar: dict) -> list[str]:
+    """Every file a sidecar lists (results, contact sheet, latents), by name."""
+    files = [r["file"] for r in sidecar.get("results", [])] + [sidecar.get("contact_sheet", "")]
+    return files + ([sidecar["latents"]] if sidecar.get("latents") else [])
+
+
+def latents_bytes(result, image_sha256: str) -> bytes:
+    """A latent edit's final latents (ranked order), its mask and crop box as safetensors: what
+    :func:`blendedit.runner.reconstruct_from_sidecar` needs to redo the background step."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save
+
+    tensors = {
+        "latents": result.latents.detach().float().cpu().contiguous(),
+        "mask": torch.from_numpy(np.asarray(result.mask.convert("L"), dtype=np.uint8).copy()),
+    }
+    meta = {
+        "crop_box": json.dumps(list(result.crop_box)),
+        "order": json.dumps(list(result.order)),
+        "image_sha256": image_sha256,
+    }
+    return save(tensors, metadata=meta)
+
+
 def write_results(
-    out_dir: Path, stem: str, image: Image.Image, result, seed: int, meta: dict, inputs: list[Path]
+    out_dir: Path,
+    stem: str,
+    image: Image.Image,
+    result,
+    seed: int,
+    meta: dict,
+    inputs: list[Path],
+    latents: str | None = None,
 ) -> tuple[list[Path], dict]:
-    """Write ranked images, ``{stem}-sheet.png`` and ``{stem}.json`` into ``out_dir``, all or
-    nothing (:func:`blendedit.io.write_files_atomically`), the sidecar last: when it exists, so
-    do the files it lists. Returns the paths (in that order) and the sidecar.
+    """Write ranked images, ``{stem}-sheet.png``, with ``latents`` (the source image's sha256)
+    ``{stem}-latents.safetensors`` (:func:`latents_bytes`) and ``{stem}.json`` into ``out_dir``,
+    all or nothing (:func:`blendedit.io.write_files_atomically`), the sidecar last: when it
+    exists, so do the files it lists. Returns the paths (in that order) and the sidecar.
 
     Refuses (:class:`OutputError`) before writing anything if an output path is one of ``inputs``.
     """
     names = result_names(stem, result.scores, result.order, seed)
-    paths = [out_dir / n for n in names] + [out_dir / f"{stem}-sheet.png", out_dir / f"{stem}.json"]
+    extra = [out_dir / f"{stem}-latents.safetensors"] if latents is not None else []
+    paths = [out_dir / n for n in names] + [out_dir / f"{stem}-sheet.png"] + extra
+    paths.append(out_dir / f"{stem}.json")
     for p in paths:
         for src in inputs:
             if _same_file(p, src) or p.resolve() == src.resolve():
@@ -90,7 +126,11 @@ def write_results(
     sidecar["crop_box"] = list(result.crop_box)
     sidecar["timings"] = {k: round(v, 4) for k, v in result.timings.items()}
     sidecar["warnings"] = result.warnings
-    sidecar["contact_sheet"] = paths[-2].name
-    files[paths[-2]] = image_bytes(sheet, paths[-2])
+    sheet_path = out_dir / f"{stem}-sheet.png"
+    sidecar["contact_sheet"] = sheet_path.name
+    files[sheet_path] = image_bytes(sheet, sheet_path)
+    if extra:
+        sidecar["latents"] = extra[0].name
+        files[extra[0]] = latents_bytes(result, latents)
     files[paths[-1]] = json_bytes(sidecar)
     return write_files_atomically(files), sidecar

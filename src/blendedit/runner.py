@@ -231,8 +231,125 @@ def run_edit(
     )
     inputs = [Path(req.image)] + ([Path(req.mask)] if req.mask is not None else [])
     written, sidecar = write_results(
-        out_dir, Path(req.image).stem, image, result, seed, meta, inputs
+        out_dir,
+        Path(req.image).stem,
+        image,
+        result,
+        seed,
+        meta,
+        inputs,
+        latents=pixels_sha256(image) if method == "latent" else None,
     )
     for w in result.warnings:
         (warn or (lambda line: print(line, file=sys.stderr)))(f"blendedit: warning: {w}")
     return written, sidecar
+
+
+def pixels_sha256(image) -> str:
+    """sha256 of an image's size and RGB pixels (not of its file: a re-saved copy matches)."""
+    import hashlib
+
+    rgb = image.convert("RGB")
+    return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+
+
+def read_edit(sidecar_path: str | Path, image: str | Path | None = None):
+    """An earlier latent edit from its sidecar: (sidecar, source image, a
+    :class:`BlendedLatentDiffusionOutput` holding its latents, mask, crop box and order).
+
+    ``image``: the source image (default: the path the sidecar records, relative to the working
+    folder as it was given). Errors name what is missing or does not match."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from . import io
+    from .latent import BlendedLatentDiffusionOutput
+
+    sidecar_path = Path(sidecar_path)
+    try:
+        meta = json.loads(sidecar_path.read_text())
+    except OSError as e:
+        raise ValueError(f"sidecar: cannot read {str(sidecar_path)!r}: {e.strerror}") from e
+    except ValueError as e:
+        raise ValueError(f"sidecar: {str(sidecar_path)!r} is not JSON: {e}") from e
+    if not isinstance(meta, dict) or "results" not in meta:
+        raise ValueError(f"sidecar: {str(sidecar_path)!r} is not a blendedit sidecar")
+    if meta.get("method", "latent") != "latent" or not meta.get("latents"):
+        raise ValueError(
+            f"sidecar: {str(sidecar_path)!r} records no latents (only latent-method edits "
+            "keep them; edits written before this version did not)"
+        )
+    latents_path = sidecar_path.parent / meta["latents"]
+    try:
+        tensors = load_file(latents_path)
+        with safe_open(latents_path, "pt") as f:
+            info = f.metadata() or {}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"latents: cannot read {str(latents_path)!r}: {e}") from e
+    image_path = Path(image if image is not None else meta["image"])
+    source = io.load_image(image_path)
+    if pixels_sha256(source) != info.get("image_sha256"):
+        raise ValueError(
+            f"image: {str(image_path)!r} is not the image this edit was made from (its pixels "
+            "differ); pass the source image with --image"
+        )
+    from PIL import Image
+
+    mask = Image.fromarray(tensors["mask"].numpy(), "L")
+    z = tensors["latents"]
+    order = json.loads(info["order"])
+    out = BlendedLatentDiffusionOutput(
+        images=[],
+        scores=None,
+        order=order,
+        latents=z,
+        source_latents=z[:0],
+        mask=mask,
+        latent_mask=z[:0],
+        mask_schedule=[],
+        crop_box=tuple(json.loads(info["crop_box"])),
+        timings={},
+    )
+    return meta, source, out
+
+
+def reconstruct_from_sidecar(
+    loaded: LoadedModel,
+    sidecar_path: str | Path,
+    out_dir: str | Path,
+    options: dict,
+    *,
+    image: str | Path | None = None,
+) -> tuple[list[Path], dict]:
+    """Redo the background step of an earlier latent edit (``background``, ``feather`` and
+    ``decoder_*`` options) from the latents its sidecar lists, without sampling again; write the
+    results as an edit does, named ``{stem}-{background}``. Returns (paths, sidecar)."""
+    from . import io
+    from .outputs import write_results
+
+    meta, source, earlier = read_edit(sidecar_path, image)
+    out_dir = io.check_output_folder(out_dir)
+    opts = dict(meta.get("options", {}))
+    kept = {k: v for k, v in opts.items() if k in ("feather", "rank_region")}
+    kept.update(options)
+    t0 = time.perf_counter()
+    result = loaded.pipe.reconstruct_background(earlier, source, meta.get("prompt"), **kept)
+    wall = time.perf_counter() - t0
+    seed = int(meta["seed"])
+    # ``order`` holds sample indices of the original edit, so names keep their seeds
+    new = dict(meta) | dict(
+        blendedit=__version__,
+        command="reconstruct",
+        reconstructed_from=str(sidecar_path),
+        options=opts | kept,
+        wall_seconds=round(wall, 3),
+    )
+    for key in ("results", "timings", "warnings", "contact_sheet", "latents", "crop_box"):
+        new.pop(key, None)
+    from .latent import LatentEditOptions
+
+    stem = f"{Path(meta['image']).stem}-{kept.get('background', LatentEditOptions.background)}"
+    inputs = [Path(sidecar_path), Path(image if image is not None else meta["image"])]
+    return write_results(out_dir, stem, source, result, seed, new, inputs)
