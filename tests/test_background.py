@@ -49,6 +49,30 @@ def test_decoder_brings_the_background_closer_than_the_raw_decode(pipe, image, b
     assert torch.equal(raw.latents, tuned.latents)  # only the decoding differs
 
 
+def test_decoder_layers_split_the_decoder_exactly_and_tune_only_their_part(pipe, image, box_mask):
+    def kw():
+        return dict(background="decoder", generator=gen(2), **FAST)
+
+    untuned = [
+        pipe("a", image, box_mask, decoder_steps=0, decoder_layers=layers, **kw()).images[0]
+        for layers in B.DECODER_LAYERS
+    ]
+    # frozen prefix + tuned part = the whole decoder: with no step, all three decode alike
+    a = [np.asarray(im, dtype=int) for im in untuned]
+    assert all(np.array_equal(x, a[0]) for x in a[1:])
+    raw = pipe("a", image, box_mask, background="none", generator=gen(2), **FAST)
+    mask = (box_mask * 255).astype(np.uint8)
+    before = {k: v.clone() for k, v in pipe.vae.state_dict().items()}
+    for layers in ("last", "head"):
+        out = pipe("a", image, box_mask, decoder_layers=layers, decoder_lr=1e-2, **kw())
+        losses = out.reconstruction.losses[0]
+        assert losses[-1] < 0.9 * losses[0], layers
+        assert outside_mse(out, image, mask) < 0.9 * outside_mse(raw, image, mask)
+    assert all(torch.equal(before[k], v) for k, v in pipe.vae.state_dict().items())
+    with pytest.raises(ValueError, match="decoder_layers: the latents mode"):
+        pipe("a", image, box_mask, decoder_mode="latents", decoder_layers="head", **kw())
+
+
 def test_decoder_on_a_crop_leaves_pixels_outside_the_crop_as_the_source(pipe, image):
     m = np.zeros((64, 64), np.float32)
     m[8:16, 8:16] = 1  # one latent cell; with margin 1 the crop is 3x3 cells = 24 px

@@ -28,6 +28,10 @@ from . import masks as M
 
 BACKGROUND_METHODS = ("paste", "poisson", "decoder", "none")
 DECODER_MODES = ("weights", "latents")
+#: Which decoder weights ``decoder`` fine-tunes: all (the paper), the last up block and the
+#: output head, or the output head (norm + conv) alone. With fewer, the layers before the tuned
+#: ones run once, without gradients, and their output is reused at every step.
+DECODER_LAYERS = ("all", "last", "head")
 
 
 def paste(
@@ -139,6 +143,59 @@ class _Decode(torch.nn.Module):
         return self.decoder(z)
 
 
+def check_decoder_options(mode: str, layers: str) -> None:
+    """``ValueError`` naming a bad ``decoder_mode`` / ``decoder_layers`` or a bad pair."""
+    if mode not in DECODER_MODES:
+        raise ValueError(f"decoder_mode: expected one of {DECODER_MODES}, got {mode!r}")
+    if layers not in DECODER_LAYERS:
+        raise ValueError(f"decoder_layers: expected one of {DECODER_LAYERS}, got {layers!r}")
+    if mode == "latents" and layers != "all":
+        raise ValueError(
+            "decoder_layers: the latents mode optimizes z through the whole decoder; "
+            f"use decoder_layers='all', not {layers!r}"
+        )
+
+
+class _Head(torch.nn.Module):
+    """The decoder from up block ``start`` on (``start = len(up_blocks)``: the output head)."""
+
+    def __init__(self, decoder, start: int):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(list(decoder.up_blocks)[start:])
+        self.norm, self.act, self.conv = decoder.conv_norm_out, decoder.conv_act, decoder.conv_out
+
+    def forward(self, h):
+        for block in self.blocks:
+            h = block(h, None)
+        return self.conv(self.act(self.norm(h)))
+
+
+def _split_decoder(vae, layers: str):
+    """(frozen prefix: z -> features, the module to tune: features -> pixels); the module is
+    the loaded decoder's, not yet copied."""
+    whole = _Decode(vae)
+    if layers == "all":
+        return (lambda z: z), whole
+    dec = vae.decoder
+    if not all(hasattr(dec, a) for a in ("conv_in", "mid_block", "up_blocks", "conv_out")):
+        raise ValueError(
+            f"decoder_layers: {layers!r} needs a diffusers AutoencoderKL decoder; use 'all'"
+        )
+    start = len(dec.up_blocks) - (1 if layers == "last" else 0)
+
+    @torch.no_grad()
+    def prefix(z):
+        z = z.to(dec.conv_in.weight.dtype)
+        if whole.post_quant_conv is not None:
+            z = whole.post_quant_conv(z)
+        h = dec.mid_block(dec.conv_in(z), None)
+        for block in list(dec.up_blocks)[:start]:
+            h = block(h, None)
+        return h.float()
+
+    return prefix, _Head(dec, start)
+
+
 def latent_crop(m_lat: torch.Tensor, margin: int) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of the latent mask's box grown by ``margin`` cells, within the frame."""
     ys, xs = torch.nonzero(m_lat[0, 0] > 0, as_tuple=True)
@@ -163,6 +220,7 @@ def decoder_finetune(
     lam: float = 100.0,
     mode: str = "weights",
     crop_margin: int | None = 4,
+    layers: str = "all",
 ) -> tuple[torch.Tensor, DecoderTuning]:
     """The paper's background reconstruction, one sample at a time on a copy of the decoder.
 
@@ -172,10 +230,10 @@ def decoder_finetune(
     decoder's weights (``mode='weights'``) or over z (``'latents'``). With ``crop_margin`` it works
     on the latent box of the mask grown by that many cells, and the pixels outside the box are
     the source's (a convolutional decoder's output there depends little on what lies far away).
+    ``layers`` (:data:`DECODER_LAYERS`): which weights are tuned.
     Returns the images (N, 3, 8h, 8w) in [0, 1] and a :class:`DecoderTuning`.
     """
-    if mode not in DECODER_MODES:
-        raise ValueError(f"decoder_mode: expected one of {DECODER_MODES}, got {mode!r}")
+    check_decoder_options(mode, layers)
     t0 = time.perf_counter()
     f = source.shape[-1] // latents.shape[-1]  # the VAE's downscale factor
     m_lat = F.max_pool2d(mask.float(), f, f)
@@ -186,7 +244,7 @@ def decoder_finetune(
     px = (lx0 * f, ly0 * f, lx1 * f, ly1 * f)
 
     device = latents.device
-    base = _Decode(vae)
+    prefix, base = _split_decoder(vae, layers)
     scale = vae.config.scaling_factor
     x = (source[..., px[1] : px[3], px[0] : px[2]] * 2 - 1).to(device, torch.float32)
     m = mask[..., px[1] : px[3], px[0] : px[2]].to(device, torch.float32)
@@ -196,6 +254,7 @@ def decoder_finetune(
         z = (latents[k : k + 1, :, ly0:ly1, lx0:lx1] / scale).to(device, torch.float32)
         target = (edit[k : k + 1, :, px[1] : px[3], px[0] : px[2]] * 2 - 1).to(device).float()
         dec = copy.deepcopy(base).float().train(False)  # the loaded VAE is never touched
+        z = prefix(z)  # identity for layers='all'; else the frozen layers, run once
         if mode == "weights":
             params = [p for p in dec.parameters()]
             for p in params:

@@ -28,6 +28,7 @@ RECONSTRUCT_OPTIONS = (
     "decoder_lr",
     "decoder_lambda",
     "decoder_mode",
+    "decoder_layers",
     "decoder_crop_margin",
 )
 SHORT_FLAGS = {"num_inference_steps": ["--steps"], "num_images_per_prompt": ["-n"]}

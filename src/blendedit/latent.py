@@ -74,6 +74,13 @@ class LatentEditOptions:
         "background=decoder: optimize the decoder's weights or the latents",
         B.DECODER_MODES,
     )
+    decoder_layers: str = _opt(
+        "all",
+        "background=decoder: which decoder weights are tuned: all (the paper's), last (the last "
+        "up block and the output head) or head (the output norm and conv); the layers before "
+        "run once",
+        B.DECODER_LAYERS,
+    )
     decoder_crop_margin: int = _opt(
         4,
         "background=decoder: work on the mask's latent box grown by this many cells "
@@ -311,13 +318,13 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             )
         for name, choices in (
             ("background", B.BACKGROUND_METHODS),
-            ("decoder_mode", B.DECODER_MODES),
             ("mask_downsample", M.MASK_DOWNSAMPLE_MODES),
             ("background_noise", BACKGROUND_NOISE_MODES),
             ("rank_region", RANK_REGIONS),
         ):
             if getattr(opts, name) not in choices:
                 raise ValueError(f"{name}: expected one of {choices}, got {getattr(opts, name)!r}")
+        B.check_decoder_options(opts.decoder_mode, opts.decoder_layers)
         _check_int("decoder_steps", opts.decoder_steps, 0, 100_000)
         _check_float("decoder_lr", opts.decoder_lr, 0.0, 10.0, low_open=True)
         _check_float("decoder_lambda", opts.decoder_lambda, 0.0, 1e9)
@@ -359,6 +366,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         decoder_lr: float = _D.decoder_lr,
         decoder_lambda: float = _D.decoder_lambda,
         decoder_mode: str = _D.decoder_mode,
+        decoder_layers: str = _D.decoder_layers,
         decoder_crop_margin: int = _D.decoder_crop_margin,
         crop_to_mask: Any = _D.crop_to_mask,
         crop_context: float = _D.crop_context,
@@ -390,6 +398,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             decoder_lr=decoder_lr,
             decoder_lambda=decoder_lambda,
             decoder_mode=decoder_mode,
+            decoder_layers=decoder_layers,
             decoder_crop_margin=decoder_crop_margin,
             crop_to_mask=crop_to_mask,
             crop_context=crop_context,
@@ -520,6 +529,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
                     lr=opts.decoder_lr,
                     lam=opts.decoder_lambda,
                     mode=opts.decoder_mode,
+                    layers=opts.decoder_layers,
                     crop_margin=None if margin < 0 else margin,
                 ),
             )
