@@ -152,6 +152,7 @@ class Runner:
     def run(self, name: str, task) -> Image.Image:
         kind, opts = METHODS[name]
         c, n = self.cfg, self.cfg.samples
+        self.timings = {}  # the stages' seconds of our method's edit, for the cost ratios
         common = dict(num_inference_steps=c.steps, guidance_scale=c.guidance_scale)
         size = task.image.width
         if kind == "ours":
@@ -170,6 +171,7 @@ class Runner:
                 )
             finally:
                 self.ours.ranker = ranker
+            self.timings = out.timings
             return out.images[0] if rank else out.images[out.order.index(0)]
         if kind == "pixel":
             if self.pixel is None:
@@ -262,6 +264,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
                     seam_error=v.seam_error,
                     clip=clip,
                     seconds=dt,
+                    sample_s=runner.timings.get("sample"),
+                    background_s=runner.timings.get("background"),
                 )
             )
             if len(examples[name]) < cfg.examples:
@@ -311,7 +315,14 @@ def summarize(rows: list[dict]) -> dict:
         seam_error=statistics.mean(r["seam_error"] for r in rows) if rows else 0.0,
         clip=statistics.mean(r["clip"] for r in rows),
         seconds=statistics.median(r["seconds"] for r in rows),
+        background_ratio=_median_ratio(rows, "background_s", "sample_s"),
     )
+
+
+def _median_ratio(rows: list[dict], num: str, den: str) -> float | None:
+    """Median over tasks of ``row[num] / row[den]`` (both timed within the same edit)."""
+    ratios = [r[num] / r[den] for r in rows if r.get(num) is not None and r.get(den)]
+    return statistics.median(ratios) if ratios else None
 
 
 #: Our option studies: (option, default's method, alternative's method).
@@ -438,6 +449,17 @@ def report(r: dict, plots: list[str]) -> str:
         "the 3 px band just outside the mask. Seam error: the step across the mask border minus "
         "the source's step there, mean absolute 0-255 levels (lower is better; a hard paste "
         "shows here although every pixel outside is kept).",
+        "",
+        "## Background reconstruction cost",
+        "",
+        "Seconds of the background step over seconds of sampling, timed within the same edit "
+        "(median over tasks):",
+        "",
+    ]
+    for name, s in r["methods"].items():
+        if s.get("background_ratio") is not None:
+            lines.append(f"- {name}: {s['background_ratio']:.2f}x")
+    lines += [
         "",
         "## Defaults, from these runs",
         "",
