@@ -143,13 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--out", default=None, help="output folder (default: the sidecar's folder)")
     r.add_argument("--model", default=None, help="model (default: the one the sidecar records)")
-    r.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
-    r.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "float16", "bfloat16"),
-        help="weights' precision (default: float16 on GPU, float32 on CPU)",
-    )
+    _add_device_flags(r)
     r.add_argument("--quiet", action="store_true", help="print nothing but the written paths")
     _add_option_flags(r, only=RECONSTRUCT_OPTIONS)
     b = sub.add_parser(
@@ -301,6 +295,14 @@ def _add_common(
         help="refuse larger images and masks (decompression bombs) "
         f"(default: {DEFAULT_MAX_PIXELS:,})",
     )
+    _add_device_flags(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_option_flags(p)
+    if default_steps is not None:
+        p.set_defaults(num_inference_steps=default_steps, num_images_per_prompt=default_n)
+
+
+def _add_device_flags(p) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument(
         "--dtype",
@@ -308,10 +310,6 @@ def _add_common(
         choices=("auto", "float32", "float16", "bfloat16"),
         help="weights' precision (default: float16 on GPU, float32 on CPU)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_option_flags(p)
-    if default_steps is not None:
-        p.set_defaults(num_inference_steps=default_steps, num_images_per_prompt=default_n)
 
 
 def main(argv: list[str] | None = None) -> int:
