@@ -38,6 +38,7 @@ def test_decoder_brings_the_background_closer_than_the_raw_decode(pipe, image, b
         box_mask,
         background="decoder",
         decoder_mode=mode,
+        decoder_layers="all",  # the latents mode optimizes z through the whole decoder
         decoder_lr=1e-3 if mode == "weights" else 5e-2,
         generator=gen(1),
         **FAST,

@@ -67,7 +67,11 @@ class LatentEditOptions:
     )
     feather: int = _opt(3, "pixels of feathering just inside the mask edge when pasting")
     decoder_steps: int = _opt(75, "background=decoder: Adam steps of the fine-tuning")
-    decoder_lr: float = _opt(1e-4, "background=decoder: Adam learning rate")
+    decoder_lr: float | None = _opt(
+        None,
+        "background=decoder: Adam learning rate (default: 1e-4 with decoder_layers=all, the "
+        "paper's; 1e-3 last; 3e-3 head)",
+    )
     decoder_lambda: float = _opt(100.0, "background=decoder: weight of the background loss")
     decoder_mode: str = _opt(
         "weights",
@@ -75,14 +79,14 @@ class LatentEditOptions:
         B.DECODER_MODES,
     )
     decoder_layers: str = _opt(
-        "all",
-        "background=decoder: which decoder weights are tuned: all (the paper's), last (the last "
-        "up block and the output head) or head (the output norm and conv); the layers before "
-        "run once",
+        "last",
+        "background=decoder: which decoder weights are tuned: last (the last up block and the "
+        "output head; the layers before run once), all (the paper's) or head (the output norm "
+        "and conv)",
         B.DECODER_LAYERS,
     )
     decoder_crop_margin: int = _opt(
-        4,
+        2,
         "background=decoder: work on the mask's latent box grown by this many cells "
         "(-1: the whole frame)",
     )
@@ -326,7 +330,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
                 raise ValueError(f"{name}: expected one of {choices}, got {getattr(opts, name)!r}")
         B.check_decoder_options(opts.decoder_mode, opts.decoder_layers)
         _check_int("decoder_steps", opts.decoder_steps, 0, 100_000)
-        _check_float("decoder_lr", opts.decoder_lr, 0.0, 10.0, low_open=True)
+        if opts.decoder_lr is not None:
+            _check_float("decoder_lr", opts.decoder_lr, 0.0, 10.0, low_open=True)
         _check_float("decoder_lambda", opts.decoder_lambda, 0.0, 1e9)
         _check_int("decoder_crop_margin", opts.decoder_crop_margin, -1, 10_000)
         if opts.crop_to_mask not in CROP_MODES:
@@ -363,7 +368,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         background_noise: str = _D.background_noise,
         feather: int = _D.feather,
         decoder_steps: int = _D.decoder_steps,
-        decoder_lr: float = _D.decoder_lr,
+        decoder_lr: float | None = _D.decoder_lr,
         decoder_lambda: float = _D.decoder_lambda,
         decoder_mode: str = _D.decoder_mode,
         decoder_layers: str = _D.decoder_layers,

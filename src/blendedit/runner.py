@@ -61,7 +61,7 @@ class LoadedModel:
 
 METHODS = ("latent", "pixel")
 #: Types of the options whose default is None (for parsing them from text).
-NONE_DEFAULT_TYPES = {"strength": float, "skip_timesteps": int}
+NONE_DEFAULT_TYPES = {"strength": float, "skip_timesteps": int, "decoder_lr": float}
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
