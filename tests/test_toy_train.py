@@ -140,6 +140,32 @@ def test_pixel_training_resumes_exactly_and_writes_a_loadable_model(
     UNet2DModel.from_pretrained(tmp_path / "resumed" / "model" / "unet")
 
 
+def test_snapshot_writes_the_runs_current_ema_as_its_model_would_be(
+    data_dir, tmp_path, monkeypatch
+):
+    _shrink_pixel(monkeypatch)
+    T.train_pixel(_pixel_args(data_dir, tmp_path / "done", 3))
+    T.train_pixel(_pixel_args(data_dir, tmp_path / "half", 3, stop_at=2))
+    # a finished run: the snapshot of its last checkpoint is its model
+    snap = T.snapshot(tmp_path / "done")
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(snap / name), load_file(tmp_path / "done" / "model" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # an unfinished one: its checkpoint's EMA, at the step it reached, loadable
+    snap = T.snapshot(tmp_path / "half")
+    state = torch.load(tmp_path / "half" / "checkpoint.pt", weights_only=True)
+    assert (snap / "STEP").read_text().strip() == "2" and not (tmp_path / "half" / "model").exists()
+    c = load_file(snap / name)
+    assert all(torch.equal(c[k], state["ema"][k]) for k in c)
+    assert not all(torch.equal(c[k], a[k]) for k in c)  # two steps are not three
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    UNet2DModel.from_pretrained(snap / "unet")
+    DDPMScheduler.from_pretrained(snap / "scheduler")
+    with pytest.raises(SystemExit, match="no checkpoint.pt"):
+        T.snapshot(tmp_path / "nowhere")
+
+
 def test_fresh_ignores_the_checkpoint(data_dir, tmp_path, monkeypatch):
     _shrink_pixel(monkeypatch)
     T.train_pixel(_pixel_args(data_dir, tmp_path / "r", 2))

@@ -632,15 +632,18 @@ def train_pixel(args) -> None:
 # --- snapshots of unfinished runs -------------------------------------------------------------
 
 
-def _run_kind(run: Path) -> str:
-    """Which model a run folder trains, from the first command in its ``commands.log``."""
-    log = run / "commands.log"
-    if not log.exists():
-        raise SystemExit(f"{run}: no commands.log, so not a training run folder")
-    for word in log.read_text().split():  # the subcommand is the first kind named
-        if word in ("clip", "vae", "unet", "pixel"):
-            return word
-    raise SystemExit(f"{run}: commands.log names no model kind")
+def _model_kind(weights: dict) -> str:
+    """Which of the four models a state dict belongs to, from its parameter names."""
+    keys = list(weights)
+    if any(k.startswith("text_model.") for k in keys):
+        return "clip"
+    if any(k.startswith("encoder.") for k in keys):
+        return "vae"
+    if any(".attn2." in k for k in keys):  # cross-attention on the text
+        return "unet"
+    if any(k.startswith("down_blocks.") for k in keys):
+        return "pixel"
+    raise SystemExit("the checkpoint holds none of the Shapes World models")
 
 
 def snapshot(run: Path) -> Path:
@@ -651,12 +654,12 @@ def snapshot(run: Path) -> Path:
     from transformers import AutoTokenizer, CLIPModel
 
     run = Path(run)
-    kind = _run_kind(run)
     ckpt = run / "checkpoint.pt"
     if not ckpt.exists():
-        raise SystemExit(f"{run}: no checkpoint.pt yet")
+        raise SystemExit(f"{run}: no checkpoint.pt (not a training run, or not started)")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     weights = state.get("ema") or state["model"]
+    kind = _model_kind(weights)
     tmp = run / "snapshot.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if kind == "clip":
