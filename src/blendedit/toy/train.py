@@ -680,10 +680,12 @@ def snapshot(run: Path) -> Path:
         cls, cfg = builds[kind]
         model = cls(**cfg)
         model.load_state_dict(weights)
-        if kind == "vae" and (run / "metrics.json").exists():
-            factor = json.loads((run / "metrics.json").read_text()).get("scaling_factor")
-            if factor:
-                model.register_to_config(scaling_factor=factor)
+        if kind == "vae":  # the scaling factor is measured when a run finishes
+            for f in (run / "model" / "config.json", run / "metrics.json"):
+                factor = json.loads(f.read_text()).get("scaling_factor") if f.exists() else None
+                if factor:
+                    model.register_to_config(scaling_factor=factor)
+                    break
         model.save_pretrained(tmp)
     (tmp / "STEP").write_text(f"{state['step']}\n")
     dest = run / "snapshot"
