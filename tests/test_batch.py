@@ -16,6 +16,7 @@ from PIL import Image
 
 from blendedit.batch import run_batch
 from blendedit.cli import main
+from blendedit.outputs import listed_files
 from blendedit.runner import EditRequest, ModelSpec
 from blendedit.toy.tasks import write_manifest
 
@@ -47,7 +48,8 @@ def assert_complete(out: Path, n_rows: int, n_results: int = 1) -> None:
         sidecars = list(folder.glob("*.json"))
         assert len(sidecars) == 1
         meta = json.loads(sidecars[0].read_text())
-        listed = {r["file"] for r in meta["results"]} | {meta["contact_sheet"], sidecars[0].name}
+        listed = set(listed_files(meta)) | {sidecars[0].name}
+        assert meta["latents"] in listed  # results, sheet, latents
         assert len(meta["results"]) == n_results
         assert {p.name for p in folder.iterdir()} == listed
     assert not list(out.rglob("*.tmp"))
