@@ -334,6 +334,8 @@ def run_batch(
     if workers > 1 and not use_ray:
         raise ValueError("workers: more than one worker runs on Ray; add --ray (use_ray=True)")
     out = check_output_folder(out)
+    for stale in out.glob(".summary.*.tmp"):  # a summary write that a kill cut short
+        stale.unlink(missing_ok=True)
     manifest = Path(manifest)
     raws = read_manifest(manifest)
     if not raws:
