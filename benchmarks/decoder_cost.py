@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 from blendedit import BlendedLatentDiffusionPipeline
+from blendedit.bench import add_study_flags, machine_facts
 from blendedit.io import save_json
 from blendedit.toy.judge import judge
 from blendedit.toy.tasks import task_suite
@@ -58,12 +57,9 @@ def inside_psnr(images, raw, mask: np.ndarray) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="pipeline folder (e.g. the shipped toy one)")
-    p.add_argument("--tasks", type=int, default=12)
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (the default edit's)")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS))
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="benchmarks/out/decoder_cost")
+    add_study_flags(
+        p, list(SETTINGS), 12, 50, "benchmarks/out/decoder_cost"
+    )  # 50: the default edit
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,10 +117,7 @@ def main(argv=None) -> int:
         tasks=args.tasks,
         samples=args.samples,
         steps=args.steps,
-        threads=torch.get_num_threads(),
-        cpu=platform.processor() or platform.machine(),
-        cores=os.cpu_count(),
-        torch=torch.__version__,
+        **machine_facts(),
         wall_s=round(time.perf_counter() - t_all, 1),
     )
     save_json(dict(meta=meta, summary=summary, rows=rows), out / "decoder_cost.json")

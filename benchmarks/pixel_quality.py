@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 
 from blendedit import BlendedDiffusionPipeline
-from blendedit.bench import wilson
+from blendedit.bench import add_study_flags, machine_facts, wilson
 from blendedit.io import save_json
 from blendedit.toy.judge import judge
 from blendedit.toy.tasks import task_suite
@@ -44,13 +42,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pixel-model", required=True, help="pixel model folder or built-in name")
     p.add_argument("--clip", default=None, help="CLIP folder (built-in models bring their own)")
-    p.add_argument("--tasks", type=int, default=30)
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--steps", type=int, default=100, help="respaced steps (25 %% skipped)")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS))
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--label", default="", help="a line for the report (what model this is)")
-    p.add_argument("--out", default="benchmarks/out/pixel_quality")
+    add_study_flags(p, list(SETTINGS), 30, 100, "benchmarks/out/pixel_quality")  # 25 % skipped
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,10 +92,7 @@ def main(argv=None) -> int:
         tasks=args.tasks,
         samples=args.samples,
         steps=args.steps,
-        threads=torch.get_num_threads(),
-        cores=os.cpu_count(),
-        cpu=platform.processor() or platform.machine(),
-        torch=torch.__version__,
+        **machine_facts(),
         wall_s=round(time.perf_counter() - t_all, 1),
     )
     out = Path(args.out)

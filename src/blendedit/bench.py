@@ -58,6 +58,29 @@ QUICK_METHODS = [
 ]
 
 
+def machine_facts() -> dict:
+    """Threads, cores, CPU and torch version: what a timing figure was measured on."""
+    import os
+    import platform
+
+    return dict(
+        threads=torch.get_num_threads(),
+        cores=os.cpu_count(),
+        cpu=platform.processor() or platform.machine(),
+        torch=torch.__version__,
+    )
+
+
+def add_study_flags(p, settings: list[str], tasks: int, steps: int, out: str) -> None:
+    """The flags the study scripts in benchmarks/ share."""
+    p.add_argument("--tasks", type=int, default=tasks, help=f"edit tasks (default: {tasks})")
+    p.add_argument("--samples", type=int, default=4, help="samples per edit (default: 4)")
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {steps})")
+    p.add_argument("--settings", nargs="+", default=settings, help="settings to run (all)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--out", default=out, help=f"report folder (default: {out})")
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95 % Wilson score interval of a success rate k / n."""
     if n == 0:
