@@ -19,7 +19,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from blendedit.bench import reset_peak_rss, rss_mb
 from blendedit.demo import example_scene
 from blendedit.io import save_json
 from blendedit.models import quiet_transformers
-from blendedit.tokenizer import build_clip_tokenizer
 from blendedit.toy import train as T
 
 with quiet_transformers():
@@ -49,7 +47,7 @@ PROMPT = "a red circle"
 def models():
     """Random models with the shipped Shapes World configurations."""
     torch.manual_seed(0)
-    tok = build_clip_tokenizer(T.world_words(), tempfile.mkdtemp(), max_length=T.TEXT_MAX_LENGTH)
+    tok = T.world_tokenizer()
     cfg = T.clip_config(tok)
     clip = CLIPModel(cfg).eval()
     ranker = ClipRanker(clip, tok, T.CLIP_MEAN, T.CLIP_STD)
