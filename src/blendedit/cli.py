@@ -60,11 +60,11 @@ def _add_option_flags(p: argparse.ArgumentParser, only=None) -> None:
     :class:`PixelEditOptions`), with the default and help of each. Flags default to None: an
     option not given takes its method's default; one of the other method is an error.
     ``only``: just these options."""
-    from .pixel import pixel_options_fields
+    from .pixel import PixelEditOptions
 
     keep = (lambda n: n in only) if only is not None else (lambda n: True)
     latent = {n: (d, h, c) for n, d, h, c in options_fields() if keep(n)}
-    pixel = {n: (d, h, c) for n, d, h, c in pixel_options_fields() if keep(n)}
+    pixel = {n: (d, h, c) for n, d, h, c in options_fields(PixelEditOptions) if keep(n)}
     groups = [
         ("edit options (--method latent; those marked 'both' also --method pixel)", latent),
         (

@@ -693,9 +693,11 @@ def _as_mask(mask, image: Image.Image) -> torch.Tensor:
     return mask_to_tensor(m)
 
 
-def options_fields():
-    """(name, default, help, choices) of every edit option, for the CLI and the web UI."""
+def options_fields(cls=None):
+    """(name, default, help, choices) of every option of ``cls`` (default
+    :class:`LatentEditOptions`; also :class:`~blendedit.pixel.PixelEditOptions`), for the CLI
+    and the web UI."""
     return [
         (f.name, f.default, f.metadata["help"], f.metadata["choices"])
-        for f in fields(LatentEditOptions)
+        for f in fields(cls or LatentEditOptions)
     ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from .latent import (
     _as_pil,
     _check_float,
     _check_int,
+    _opt,
     _randn,
     check_generator,
     check_prompt,
@@ -44,10 +45,6 @@ from .ranking import RANK_REGIONS, ClipRanker
 
 SAMPLERS = ("ddpm", "ddim")
 ALGORITHMS = (1, 2)
-
-
-def _opt(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -77,14 +74,6 @@ class PixelEditOptions:
 
 
 _P = PixelEditOptions()
-
-
-def pixel_options_fields():
-    """(name, default, help, choices) of every pixel edit option."""
-    return [
-        (f.name, f.default, f.metadata["help"], f.metadata["choices"])
-        for f in fields(PixelEditOptions)
-    ]
 
 
 @dataclass
