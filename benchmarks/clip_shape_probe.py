@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import CLIPVisionModel
 
 from blendedit.io import pil_to_tensor
+from blendedit.tokenizer import build_clip_tokenizer
 from blendedit.toy import train as T
 from blendedit.toy.evaluate import single_object_scene
 from blendedit.toy.train import clip_pixels
@@ -37,7 +38,7 @@ def main() -> None:
     patch = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 800
     torch.manual_seed(0)
-    tok = T.world_tokenizer()
+    tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
     cfg = T.clip_config(tok, patch).vision_config  # exactly the shipped CLIP's vision tower
     model, head = CLIPVisionModel(cfg), torch.nn.Linear(cfg.hidden_size, 5)
     params = list(model.parameters()) + list(head.parameters())

@@ -29,6 +29,7 @@ from blendedit.bench import reset_peak_rss, rss_mb
 from blendedit.demo import example_scene
 from blendedit.io import save_json
 from blendedit.models import quiet_transformers
+from blendedit.tokenizer import build_clip_tokenizer
 from blendedit.toy import train as T
 
 with quiet_transformers():
@@ -47,7 +48,7 @@ PROMPT = "a red circle"
 def models():
     """Random models with the shipped Shapes World configurations."""
     torch.manual_seed(0)
-    tok = T.world_tokenizer()
+    tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
     cfg = T.clip_config(tok)
     clip = CLIPModel(cfg).eval()
     ranker = ClipRanker(clip, tok, T.CLIP_MEAN, T.CLIP_STD)

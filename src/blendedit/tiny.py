@@ -13,7 +13,6 @@ Presets:
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -105,15 +104,6 @@ def _text_config(preset: str, width_div: int, vocab_size: int, **kw) -> CLIPText
     )
 
 
-def _world_tokenizer(folder: str | Path | None):
-    """The world's tokenizer, saved to ``folder``; without one, built in a temporary folder that
-    is removed again (the tokenizer is held in memory once loaded)."""
-    if folder is not None:
-        return build_clip_tokenizer(list(WORDS), folder)
-    with tempfile.TemporaryDirectory(prefix="blendedit-tok-") as tmp:
-        return build_clip_tokenizer(list(WORDS), tmp)
-
-
 def build_tiny_components(
     preset: str = "tiny",
     *,
@@ -126,7 +116,7 @@ def build_tiny_components(
     ``StableDiffusionPipeline``), plus ``ranker`` (a tiny ``CLIPModel`` sharing the tokenizer)."""
     if sample_size is None:
         sample_size = 8 if preset == "tiny" else 32
-    tokenizer = _world_tokenizer(tokenizer_dir)
+    tokenizer = build_clip_tokenizer(list(WORDS), tokenizer_dir)
     vocab = len(tokenizer)
     ids = dict(
         bos_token_id=tokenizer.bos_token_id,
@@ -189,7 +179,7 @@ def build_tiny_pixel_components(
     betas) and ``clip`` / ``clip_tokenizer`` (a tiny ``CLIPModel``)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    tokenizer = _world_tokenizer(tokenizer_dir)
+    tokenizer = build_clip_tokenizer(list(WORDS), tokenizer_dir)
     torch.manual_seed(seed)
     unet = UNet2DModel(
         sample_size=sample_size,

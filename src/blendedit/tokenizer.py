@@ -9,6 +9,7 @@ a word), and merges build longer symbols. Learning merges on the word list yield
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -75,8 +76,13 @@ def write_clip_vocab(words: list[str], folder: str | Path) -> tuple[Path, Path]:
     return vocab_path, merges_path
 
 
-def build_clip_tokenizer(words: list[str], folder: str | Path, max_length: int = 77):
-    """A ``CLIPTokenizer`` for ``words``, saved to ``folder`` (loadable by ``from_pretrained``)."""
+def build_clip_tokenizer(words: list[str], folder: str | Path | None, max_length: int = 77):
+    """A ``CLIPTokenizer`` for ``words``, saved to ``folder`` (loadable by ``from_pretrained``);
+    with ``folder`` None, built in a temporary folder that is removed again (the tokenizer is
+    held in memory once loaded)."""
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="blendedit-tok-") as tmp:
+            return build_clip_tokenizer(words, tmp, max_length)
     vocab_path, merges_path = write_clip_vocab(words, folder)
     tok = CLIPTokenizer(vocab=str(vocab_path), merges=str(merges_path), model_max_length=max_length)
     tok.save_pretrained(str(folder))

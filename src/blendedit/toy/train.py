@@ -54,16 +54,6 @@ def world_words() -> list[str]:
     return sorted(set(words))
 
 
-def world_tokenizer():
-    """The world's CLIP tokenizer, built in a temporary folder that is removed again."""
-    import tempfile
-
-    from ..tokenizer import build_clip_tokenizer
-
-    with tempfile.TemporaryDirectory(prefix="blendedit-tok-") as tmp:
-        return build_clip_tokenizer(world_words(), tmp, max_length=TEXT_MAX_LENGTH)
-
-
 def clip_config(tokenizer, patch_size: int = 8):
     from transformers import CLIPConfig
 
