@@ -10,7 +10,7 @@ from pathlib import Path
 from . import __version__
 from .demo import DEMO_PROMPT
 from .io import DEFAULT_MAX_PIXELS, check_output_folder
-from .latent import SCHEDULERS, LatentEditOptions, options_fields
+from .latent import BACKGROUND_OPTIONS, SCHEDULERS, LatentEditOptions, options_fields
 from .runner import (
     DEFAULT_MODEL,
     DEFAULT_RANK_MODEL,
@@ -19,18 +19,6 @@ from .runner import (
     ModelSpec,
 )
 
-#: The options `blendedit reconstruct` takes (the background step's).
-RECONSTRUCT_OPTIONS = (
-    "background",
-    "feather",
-    "rank_region",
-    "decoder_steps",
-    "decoder_lr",
-    "decoder_lambda",
-    "decoder_mode",
-    "decoder_layers",
-    "decoder_crop_margin",
-)
 SHORT_FLAGS = {"num_inference_steps": ["--steps"], "num_images_per_prompt": ["-n"]}
 
 
@@ -78,7 +66,7 @@ def _add_option_flags(p: argparse.ArgumentParser, only=None) -> None:
             if name in latent and name in pixel:
                 ld, pd = latent[name][0], pixel[name][0]
                 shown = f"{ld}" if ld == pd else f"{ld} latent, {pd} pixel"
-                help, shown = f"both: {help}", shown
+                help = f"both: {help}"
             else:
                 shown = default
             g.add_argument(
@@ -145,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="model (default: the one the sidecar records)")
     _add_device_flags(r)
     r.add_argument("--quiet", action="store_true", help="print nothing but the written paths")
-    _add_option_flags(r, only=RECONSTRUCT_OPTIONS)
+    _add_option_flags(r, only=BACKGROUND_OPTIONS)
     b = sub.add_parser(
         "batch",
         help="edit every row of a manifest (JSONL or CSV), crash-safe, optionally on Ray",
@@ -406,7 +394,8 @@ def _reconstruct(args) -> int:
 
     from .runner import load_pipeline, read_edit, reconstruct_from_sidecar
 
-    meta, _, _ = read_edit(args.sidecar, args.image)  # bad input fails before the model loads
+    edit = read_edit(args.sidecar, args.image)  # bad input fails before the model loads
+    meta = edit[0]
     out = args.out or str(Path(args.sidecar).parent)
     check_output_folder(out)
     spec = ModelSpec(
@@ -417,9 +406,9 @@ def _reconstruct(args) -> int:
         dtype=args.dtype,
     )
     loaded = load_pipeline(spec, len(meta["results"]))
-    options = {f: v for f in RECONSTRUCT_OPTIONS if (v := getattr(args, f, None)) is not None}
+    options = _given_options(args, BACKGROUND_OPTIONS)
     written, sidecar = reconstruct_from_sidecar(
-        loaded, args.sidecar, out, options, image=args.image
+        loaded, args.sidecar, out, options, image=args.image, edit=edit
     )
     for path in written:
         print(path)
@@ -475,6 +464,11 @@ def _option_names() -> list[str]:
 _OPTION_NAMES = _option_names()
 
 
+def _given_options(args, names) -> dict:
+    """The option flags among ``names`` that were given (flags default to None)."""
+    return {f: v for f in names if (v := getattr(args, f, None)) is not None}
+
+
 def model_spec(args) -> ModelSpec:
     """The model flags (see :func:`_add_model_flags`) as a :class:`ModelSpec`."""
     return ModelSpec(
@@ -495,7 +489,7 @@ def edit_request(args, **over) -> EditRequest:
         prompt=getattr(args, "prompt", ""),
         mask=None if getattr(args, "mask_from_alpha", False) else getattr(args, "mask", None),
         seed=args.seed,
-        options={f: v for f in _OPTION_NAMES if (v := getattr(args, f, None)) is not None},
+        options=_given_options(args, _OPTION_NAMES),
         mask_threshold=args.mask_threshold,
         invert_mask=args.invert_mask,
         resize_mask=args.resize_mask,

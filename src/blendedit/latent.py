@@ -102,6 +102,11 @@ class LatentEditOptions:
 
 
 _D = LatentEditOptions()
+#: The options of the background step alone: what ``reconstruct_background`` (and
+#: `blendedit reconstruct`) take.
+BACKGROUND_OPTIONS = ("background", "feather", "rank_region") + tuple(
+    f.name for f in fields(LatentEditOptions) if f.name.startswith("decoder_")
+)
 
 
 @dataclass
@@ -573,10 +578,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         ``image`` is the edit's source image. The order stays ``output``'s; with ``prompt`` and a
         ranker the new images are scored and ranked again."""
         t_total = time.perf_counter()
-        allowed = {"background", "feather", "rank_region"} | {
-            f.name for f in fields(LatentEditOptions) if f.name.startswith("decoder_")
-        }
-        unknown = sorted(set(options) - allowed)
+        unknown = sorted(set(options) - set(BACKGROUND_OPTIONS))
         if unknown:
             raise ValueError(f"options: not background options: {', '.join(unknown)}")
         opts = LatentEditOptions(**options)

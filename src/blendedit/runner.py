@@ -261,8 +261,8 @@ def read_edit(sidecar_path: str | Path, image: str | Path | None = None):
     folder as it was given). Errors name what is missing or does not match."""
     import json
 
+    from PIL import Image
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     from . import io
     from .latent import BlendedLatentDiffusionOutput
@@ -283,9 +283,9 @@ def read_edit(sidecar_path: str | Path, image: str | Path | None = None):
         )
     latents_path = sidecar_path.parent / meta["latents"]
     try:
-        tensors = load_file(latents_path)
         with safe_open(latents_path, "pt") as f:
             info = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError) as e:
         raise ValueError(f"latents: cannot read {str(latents_path)!r}: {e}") from e
     image_path = Path(image if image is not None else meta["image"])
@@ -295,8 +295,6 @@ def read_edit(sidecar_path: str | Path, image: str | Path | None = None):
             f"image: {str(image_path)!r} is not the image this edit was made from (its pixels "
             "differ); pass the source image with --image"
         )
-    from PIL import Image
-
     mask = Image.fromarray(tensors["mask"].numpy(), "L")
     z = tensors["latents"]
     order = json.loads(info["order"])
@@ -322,14 +320,18 @@ def reconstruct_from_sidecar(
     options: dict,
     *,
     image: str | Path | None = None,
+    edit=None,
 ) -> tuple[list[Path], dict]:
     """Redo the background step of an earlier latent edit (``background``, ``feather`` and
     ``decoder_*`` options) from the latents its sidecar lists, without sampling again; write the
-    results as an edit does, named ``{stem}-{background}``. Returns (paths, sidecar)."""
+    results as an edit does, named ``{stem}-{background}``. Returns (paths, sidecar).
+    ``edit``: what :func:`read_edit` already returned for these arguments, so the sidecar, the
+    latents and the image are not read twice."""
     from . import io
+    from .latent import LatentEditOptions
     from .outputs import write_results
 
-    meta, source, earlier = read_edit(sidecar_path, image)
+    meta, source, earlier = edit if edit is not None else read_edit(sidecar_path, image)
     out_dir = io.check_output_folder(out_dir)
     opts = dict(meta.get("options", {}))
     kept = {k: v for k, v in opts.items() if k in ("feather", "rank_region")}
@@ -348,8 +350,6 @@ def reconstruct_from_sidecar(
     )
     for key in ("results", "timings", "warnings", "contact_sheet", "latents", "crop_box"):
         new.pop(key, None)
-    from .latent import LatentEditOptions
-
     stem = f"{Path(meta['image']).stem}-{kept.get('background', LatentEditOptions.background)}"
     inputs = [Path(sidecar_path), Path(image if image is not None else meta["image"])]
     return write_results(out_dir, stem, source, result, seed, new, inputs)
