@@ -85,11 +85,10 @@ def poisson(
     region = (mask > 0).to(edit)  # (1, 1, H, W)
     if not region.any():
         return source.expand_as(edit).clone()
-    ones = torch.ones_like(region)
-    inside = _neighbours(ones)  # 1 where the neighbour lies in the image
-    degree = sum(inside)
     if bool((region > 0).all()):  # no border to anchor to: the edit itself
         return edit.clone()
+    inside = _neighbours(torch.ones_like(region))  # 1 where the neighbour lies in the image
+    degree = sum(inside)
     e, s = edit.double(), source.double().expand_as(edit)
     r, deg = region.double(), degree.double()
     # b = sum over in-image neighbours of (e_p - e_q) + source values of neighbours outside
@@ -263,7 +262,7 @@ def decoder_finetune(
         dec = copy.deepcopy(base).float().train(False)  # the loaded VAE is never touched
         z = prefix(z)  # identity for layers='all'; else the frozen layers, run once
         if mode == "weights":
-            params = [p for p in dec.parameters()]
+            params = list(dec.parameters())
             for p in params:
                 p.requires_grad_(True)
         else:
@@ -274,11 +273,11 @@ def decoder_finetune(
         opt = torch.optim.Adam(params, lr=lr)
         losses = []
         with torch.enable_grad():
-            for _ in range(steps + 1):
+            for step in range(steps + 1):  # the last pass only decodes and measures
                 y = dec(z)
                 loss = F.mse_loss(y * m, target * m) + lam * F.mse_loss(y * (1 - m), x * (1 - m))
                 losses.append(loss.item())
-                if len(losses) == steps + 1:
+                if step == steps:
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -96,9 +96,9 @@ def write_results(
     Refuses (:class:`OutputError`) before writing anything if an output path is one of ``inputs``.
     """
     names = result_names(stem, result.scores, result.order, seed)
+    sheet_path, sidecar_path = out_dir / f"{stem}-sheet.png", out_dir / f"{stem}.json"
     extra = [out_dir / f"{stem}-latents.safetensors"] if latents is not None else []
-    paths = [out_dir / n for n in names] + [out_dir / f"{stem}-sheet.png"] + extra
-    paths.append(out_dir / f"{stem}.json")
+    paths = [out_dir / n for n in names] + [sheet_path, *extra, sidecar_path]
     for p in paths:
         for src in inputs:
             if _same_file(p, src) or p.resolve() == src.resolve():
@@ -126,11 +126,10 @@ def write_results(
     sidecar["crop_box"] = list(result.crop_box)
     sidecar["timings"] = {k: round(v, 4) for k, v in result.timings.items()}
     sidecar["warnings"] = result.warnings
-    sheet_path = out_dir / f"{stem}-sheet.png"
     sidecar["contact_sheet"] = sheet_path.name
     files[sheet_path] = image_bytes(sheet, sheet_path)
     if extra:
         sidecar["latents"] = extra[0].name
         files[extra[0]] = latents_bytes(result, latents)
-    files[paths[-1]] = json_bytes(sidecar)
+    files[sidecar_path] = json_bytes(sidecar)
     return write_files_atomically(files), sidecar
