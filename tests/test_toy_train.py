@@ -171,3 +171,78 @@ def test_fresh_ignores_the_checkpoint(data_dir, tmp_path, monkeypatch):
     T.train_pixel(_pixel_args(data_dir, tmp_path / "r", 2))
     T.train_pixel(_pixel_args(data_dir, tmp_path / "r", 1, fresh=True))
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+@pytest.fixture(scope="module")
+def single_dir(tmp_path_factory):
+    return build_dataset(
+        tmp_path_factory.mktemp("single"), n=6, size=128, seed=0, workers=1, objects=1
+    )
+
+
+def test_one_object_data_set_and_rebuild_on_another_object_count(single_dir, tmp_path):
+    data = SceneData(single_dir)
+    assert [len(s.objects) for s in data.scenes] == [1] * 6
+    assert data.scenes[3] == scene_for(0, 3, objects=1) != scene_for(0, 3)
+    assert json.loads((single_dir / "scenes.json").read_text())["objects"] == 1
+    folder = build_dataset(tmp_path / "d", n=3, size=64, seed=0, workers=1, objects=1)
+    stamp = (folder / "images-64.npy").stat().st_mtime_ns
+    build_dataset(folder, n=3, size=64, seed=0, workers=1, objects=2)  # not the same data set
+    assert [len(s.objects) for s in SceneData(folder, 64).scenes] == [2] * 3
+    assert (folder / "images-64.npy").stat().st_mtime_ns != stamp
+
+
+def test_dihedral_gives_the_eight_distinct_turns_and_flips():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    outs = [T._dihedral(x, k) for k in range(8)]
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == 8
+    assert torch.equal(outs[0], x) and torch.equal(T._dihedral(outs[1], 3), x)
+
+
+def _vision_args(data, out, steps, stop_at=None):
+    argv = ["vision", "--data", str(data), "--out", str(out), "--steps", str(steps)]
+    argv += ["--batch-size", "3", "--log-every", "1", "--warmup", "1"]
+    return T.build_parser().parse_args(argv + (["--stop-at", str(stop_at)] if stop_at else []))
+
+
+def test_vision_stage_trains_resumes_and_starts_the_clip(single_dir, data_dir, tmp_path):
+    T.train_vision(_vision_args(single_dir, tmp_path / "v", 2, stop_at=1))
+    assert not (tmp_path / "v" / "model").exists()
+    snap = T.snapshot(tmp_path / "v")  # an unfinished vision run can be looked at
+    assert (snap / "STEP").read_text().strip() == "1" and (snap / "head.safetensors").exists()
+    T.train_vision(_vision_args(single_dir, tmp_path / "v", 2))
+    model = tmp_path / "v" / "model"
+    metrics = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    assert set(metrics) == {f"{k} top-1 (300 renders)" for k in ("colour", "shape", "both")}
+    assert "steps: 2" in (tmp_path / "v" / "card.md").read_text()
+    from transformers import CLIPModel, CLIPVisionModel
+
+    tower = CLIPVisionModel.from_pretrained(model).state_dict()
+    tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
+    clip = CLIPModel(T.clip_config(tok))
+    text_before = {k: v.clone() for k, v in clip.text_model.state_dict().items()}
+    fits = T._fitting_weights(clip, model)
+    assert set(fits) == {f"vision_model.{k}" for k in tower}  # the whole tower, nothing else
+    clip.load_state_dict(fits, strict=False)
+    assert all(torch.equal(clip.state_dict()[f"vision_model.{k}"], v) for k, v in tower.items())
+    assert all(torch.equal(v, text_before[k]) for k, v in clip.text_model.state_dict().items())
+    with pytest.raises(SystemExit, match="model.safetensors is missing"):
+        T._fitting_weights(clip, tmp_path)
+    # locked-image tuning: the contrastive stage trains around the tower and keeps it
+    argv = ["clip", "--data", str(data_dir), "--out", str(tmp_path / "c"), "--steps", "2"]
+    argv += ["--batch-size", "4", "--warmup", "1", "--class-loss", "1", "--crop-prob", "0.5"]
+    T.train_clip(T.build_parser().parse_args(argv + ["--init-from", str(model), "--freeze-vision"]))
+    lit = CLIPModel.from_pretrained(tmp_path / "c" / "model").state_dict()
+    assert all(torch.equal(lit[f"vision_model.{k}"], v) for k, v in tower.items())
+    torch.manual_seed(0)  # the contrastive run's own start: seed 0, then the tower loaded
+    start = CLIPModel(T.clip_config(tok)).state_dict()
+    for name in ("visual_projection.weight", "text_projection.weight"):
+        assert not torch.equal(lit[name], start[name])  # what is not frozen learns
+    assert "locked-image tuning" in (tmp_path / "c" / "card.md").read_text()
+    with pytest.raises(SystemExit, match="--init-from"):
+        T.train_clip(T.build_parser().parse_args(argv + ["--freeze-vision", "--fresh"]))
+
+
+def test_vision_stage_names_a_data_set_with_several_objects(data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--objects 1"):
+        T.train_vision(_vision_args(data_dir, tmp_path / "v", 2))

@@ -21,8 +21,9 @@ from .world import Background, Obj, Scene, caption, render, sample_scene
 CAPTION_DROP = 0.1  # share of empty captions, for classifier-free guidance (SHAPES_WORLD.md)
 
 
-def scene_for(seed: int, index: int) -> Scene:
-    return sample_scene(np.random.RandomState([seed, index]))
+def scene_for(seed: int, index: int, objects: int | None = None) -> Scene:
+    """Scene ``index`` of the data set with ``seed`` (``objects``: a fixed object count)."""
+    return sample_scene(np.random.RandomState([seed, index]), objects)
 
 
 def scene_to_dict(scene: Scene) -> dict:
@@ -36,14 +37,22 @@ def scene_from_dict(d: dict) -> Scene:
 
 
 def _render_range(args) -> np.ndarray:
-    seed, start, stop, size = args
-    return np.stack([np.asarray(render(scene_for(seed, i), size)) for i in range(start, stop)])
+    seed, start, stop, size, objects = args
+    return np.stack(
+        [np.asarray(render(scene_for(seed, i, objects), size)) for i in range(start, stop)]
+    )
 
 
 def build_dataset(
-    folder: str | Path, n: int, size: int = 128, seed: int = 0, workers: int | None = None
+    folder: str | Path,
+    n: int,
+    size: int = 128,
+    seed: int = 0,
+    workers: int | None = None,
+    objects: int | None = None,
 ) -> Path:
-    """Render ``n`` scenes at ``size`` px into ``folder`` (skipped when already complete)."""
+    """Render ``n`` scenes at ``size`` px into ``folder`` (skipped when already complete);
+    ``objects`` fixes the number of objects per scene (0 to 3 at random by default)."""
     from tqdm.auto import tqdm
 
     folder = Path(folder)
@@ -52,11 +61,11 @@ def build_dataset(
     meta_path = folder / "scenes.json"
     if images_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta["n"] == n and meta["seed"] == seed:
+        if meta["n"] == n and meta["seed"] == seed and meta.get("objects") == objects:
             return folder
     workers = workers or min(4, os.cpu_count() or 1)
     chunk = 250
-    jobs = [(seed, a, min(n, a + chunk), size) for a in range(0, n, chunk)]
+    jobs = [(seed, a, min(n, a + chunk), size, objects) for a in range(0, n, chunk)]
     out = np.lib.format.open_memmap(
         str(images_path) + ".tmp.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3)
     )
@@ -64,15 +73,16 @@ def build_dataset(
         get_context("spawn").Pool(workers) as pool,
         tqdm(total=n, desc="render", unit="img") as bar,
     ):
-        for (_, a, b, _), arr in zip(jobs, pool.imap(_render_range, jobs)):
+        for (_, a, b, _, _), arr in zip(jobs, pool.imap(_render_range, jobs)):
             out[a:b] = arr
             bar.update(b - a)
     out.flush()
     del out
     os.replace(str(images_path) + ".tmp.npy", images_path)
-    scenes = [scene_to_dict(scene_for(seed, i)) for i in range(n)]
+    scenes = [scene_to_dict(scene_for(seed, i, objects)) for i in range(n)]
     tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"n": n, "seed": seed, "size": size, "scenes": scenes}))
+    meta = {"n": n, "seed": seed, "size": size, "objects": objects, "scenes": scenes}
+    tmp.write_text(json.dumps(meta))
     os.replace(tmp, meta_path)
     return folder
 

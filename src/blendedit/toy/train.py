@@ -54,6 +54,18 @@ def world_words() -> list[str]:
     return sorted(set(words))
 
 
+def clip_vision_config(patch_size: int = 8) -> dict:
+    """The toy CLIP's vision tower: ViT at 64 px, 4 layers of 128 wide."""
+    return dict(
+        hidden_size=128,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        image_size=CLIP_IMAGE_SIZE,
+        patch_size=patch_size,
+    )
+
+
 def clip_config(tokenizer, patch_size: int = 8):
     from transformers import CLIPConfig
 
@@ -72,14 +84,7 @@ def clip_config(tokenizer, patch_size: int = 8):
             max_position_embeddings=TEXT_MAX_LENGTH,
             **ids,
         ),
-        vision_config=dict(
-            hidden_size=128,
-            intermediate_size=512,
-            num_attention_heads=4,
-            num_hidden_layers=4,
-            image_size=CLIP_IMAGE_SIZE,
-            patch_size=patch_size,
-        ),
+        vision_config=clip_vision_config(patch_size),
         projection_dim=128,
     )
 
@@ -317,23 +322,46 @@ def _object_crop(scene, rng, size: int):
     return box, describe(o, with_size=False), o
 
 
+def _fitting_weights(model: torch.nn.Module, folder: Path) -> dict:
+    """The weights in ``folder`` (a CLIPModel's or a CLIPVisionModel's model.safetensors; the
+    latter names its tensors without CLIPModel's ``vision_model.``) whose names and shapes
+    ``model`` shares."""
+    from safetensors.torch import load_file
+
+    path = folder / "model.safetensors"
+    if not path.exists():
+        raise SystemExit(f"--init-from: {path} is missing (expected a finished run's model/)")
+    mine = model.state_dict()
+    fits = {}
+    for k, v in load_file(path).items():
+        for name in (k, f"vision_model.{k}"):
+            if name in mine and mine[name].shape == v.shape:
+                fits[name] = v.to(mine[name].dtype)
+                break
+    if not fits:
+        raise SystemExit(f"--init-from: no weight in {path} fits this CLIP")
+    print(f"--init-from: {len(fits)} of {len(mine)} tensors from {folder}", file=sys.stderr)
+    return fits
+
+
 def train_clip(args) -> None:
     from transformers import CLIPModel
 
     from ..tokenizer import build_clip_tokenizer
 
+    if args.freeze_vision and not args.init_from:
+        raise SystemExit("--freeze-vision keeps a trained vision tower: give it with --init-from")
     out = Path(args.out)
     data = SceneData(args.data)
     tok = build_clip_tokenizer(world_words(), out / "tokenizer", max_length=TEXT_MAX_LENGTH)
     torch.manual_seed(args.seed)
     model = CLIPModel(clip_config(tok, args.patch))
-    if args.init_from:  # start from a trained CLIP: every weight whose shape still fits
-        mine = model.state_dict()
-        src = CLIPModel.from_pretrained(args.init_from).state_dict()
-        fits = {k: v for k, v in src.items() if k in mine and mine[k].shape == v.shape}
-        model.load_state_dict(fits, strict=False)
+    if args.init_from:  # a trained CLIP or vision tower: every weight whose shape still fits
+        model.load_state_dict(_fitting_weights(model, Path(args.init_from)), strict=False)
     if args.freeze_text:
         model.text_model.requires_grad_(False)
+    if args.freeze_vision:
+        model.vision_model.requires_grad_(False)
     run = Run(out, model, args, ema=False)
 
     def loss_fn(step):
@@ -401,10 +429,126 @@ def train_clip(args) -> None:
         + (
             f" Started from {args.init_from}"
             + ("; the text encoder stays frozen (locked-text tuning)" if args.freeze_text else "")
+            + (
+                "; the vision tower stays frozen (locked-image tuning, LiT: the text side and "
+                "both projections learn to read it)"
+                if args.freeze_vision
+                else ""
+            )
             + "."
             if args.init_from
             else ""
         ),
+    )
+
+
+class VisionClassifier(torch.nn.Module):
+    """The CLIP vision tower with a linear head over the 30 'a {colour} {shape}' classes: the
+    first stage of the CLIP recipe (a ViT learns shape slowly from captions alone)."""
+
+    def __init__(self, patch_size: int = 8):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        config = CLIPVisionConfig(**clip_vision_config(patch_size))
+        self.tower = CLIPVisionModel(config)
+        self.head = torch.nn.Linear(config.hidden_size, len(CLASS_PROMPTS))
+
+    def save(self, folder: Path) -> None:
+        """``folder``: the tower as a CLIPVisionModel, the head in head.safetensors."""
+        from safetensors.torch import save_file
+
+        self.tower.save_pretrained(folder)
+        head = {k: v.contiguous() for k, v in self.head.state_dict().items()}
+        save_file(head, str(Path(folder) / "head.safetensors"))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tower(pixel_values=pixel_values).pooler_output)
+
+
+VISION_PATCH_KEY = "tower.embeddings.patch_embedding.weight"
+
+
+def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 rotations / reflections of a batch of images (k in 0..7)."""
+    x = torch.rot90(x, k % 4, (-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def _vision_labels(data: SceneData, idx) -> torch.Tensor:
+    """CLASS_PROMPTS index of the one object of each scene."""
+    labels = []
+    for i in idx:
+        objects = data.scenes[i].objects
+        if len(objects) != 1:
+            raise SystemExit(
+                f"vision: scene {i} of the data set has {len(objects)} objects; build "
+                "a one-object data set with `python -m blendedit.toy.train data --objects 1 "
+                "--out runs/toy/data-single`"
+            )
+        labels.append(CLASS_PROMPTS.index(describe(objects[0], with_size=False)))
+    return torch.tensor(labels)
+
+
+@torch.no_grad()
+def vision_accuracy(model: VisionClassifier, n: int = 300, seed: int = 2) -> dict:
+    """Colour, shape and joint top-1 accuracy on the renders the CLIP's zero-shot figure uses."""
+    from ..io import pil_to_tensor
+    from .evaluate import single_object_scene
+    from .world import render
+
+    was = model.training
+    model.eval()
+    right = {"colour": 0, "shape": 0, "both": 0}
+    for a in range(0, n, 50):
+        imgs, labels = [], []
+        for i in range(a, min(n, a + 50)):
+            colour, shape = CLASS_PROMPTS[i % len(CLASS_PROMPTS)].split()[1:]
+            img = render(single_object_scene(seed, i, colour, shape), 128)
+            imgs.append(pil_to_tensor(img)[0] * 2 - 1)
+            labels.append(i % len(CLASS_PROMPTS))
+        pred = model(clip_pixels(torch.stack(imgs))).argmax(1)
+        y = torch.tensor(labels)
+        n_shapes = len(SHAPES)
+        right["colour"] += int((pred // n_shapes == y // n_shapes).sum())
+        right["shape"] += int((pred % n_shapes == y % n_shapes).sum())
+        right["both"] += int((pred == y).sum())
+    model.train(was)
+    return {k: round(v / n, 4) for k, v in right.items()}
+
+
+def train_vision(args) -> None:
+    """Stage 1 of the CLIP: the vision tower as a 30-way classifier of one-object scenes, each
+    batch turned by a random rotation / reflection (the labels do not change)."""
+    out = Path(args.out)
+    data = SceneData(args.data)
+    torch.manual_seed(args.seed)
+    model = VisionClassifier(args.patch)
+    run = Run(out, model, args, ema=False)
+
+    def loss_fn(step):
+        rng = _rng(args, step)
+        idx = rng.randint(len(data), size=args.batch_size)
+        x = _dihedral(clip_pixels(image_batch(data, idx)), int(rng.randint(8)))
+        return F.cross_entropy(model(x), _vision_labels(data, idx))
+
+    if not run.train(loss_fn):
+        return
+    model.load_state_dict(run.final_state())
+    model.save(out / "model")
+    metrics = {f"{k} top-1 (300 renders)": v for k, v in vision_accuracy(model).items()}
+    write_card(
+        out,
+        "Shapes World CLIP, stage 1: vision tower",
+        args,
+        run,
+        sum(p.numel() for p in model.parameters()),
+        metrics,
+        f"The CLIP's vision tower (`transformers.CLIPVisionModel`, ViT 64 px / patch {args.patch}"
+        ", 4 layers of 128 wide) with a linear head, trained as a 30-way 'a {colour} {shape}' "
+        "classifier on one-object scenes (each batch under a random one of the 8 rotations / "
+        "reflections). `train clip --init-from` this run's model/ starts the contrastive stage "
+        "from it.",
     )
 
 
@@ -635,6 +779,8 @@ def train_pixel(args) -> None:
 def _model_kind(weights: dict) -> str:
     """Which of the four models a state dict belongs to, from its parameter names."""
     keys = list(weights)
+    if any(k.startswith("head.") for k in keys):
+        return "vision"
     if any(k.startswith("text_model.") for k in keys):
         return "clip"
     if any(k.startswith("encoder.") for k in keys):
@@ -670,6 +816,10 @@ def snapshot(run: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_preprocessor(tmp)
+    elif kind == "vision":
+        model = VisionClassifier(weights[VISION_PATCH_KEY].shape[-1])
+        model.load_state_dict(weights)
+        model.save(tmp)
     elif kind == "pixel":
         model = UNet2DModel(**PIXEL_CONFIG)
         model.load_state_dict(weights)
@@ -787,6 +937,7 @@ def assemble(args) -> None:
 # --- command line ----------------------------------------------------------------------------
 
 DEFAULTS = {  # per model: steps, batch size, lr, warm-up
+    "vision": dict(steps=8000, batch_size=128, lr=1e-3, warmup=200),
     "clip": dict(steps=3000, batch_size=128, lr=5e-4, warmup=200),
     "vae": dict(steps=6000, batch_size=16, lr=3e-4, warmup=200),
     "unet": dict(steps=3000, batch_size=32, lr=4e-4, warmup=200),
@@ -805,6 +956,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=128)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=None)
+    d.add_argument(
+        "--objects", type=int, default=None, help="objects per scene (default: 0 to 3 at random)"
+    )
     for name, dflt in DEFAULTS.items():
         s = sub.add_parser(name, help=f"train the {name} model")
         s.add_argument("--data", default="runs/toy/data")
@@ -827,9 +981,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="checkpoint and exit at this step (the schedule still runs to --steps); "
             "run again without it to go on",
         )
+        if name in ("vision", "clip"):
+            s.add_argument("--patch", type=int, default=8, help="ViT patch size (px at 64 px)")
+        if name == "vision":
+            s.set_defaults(data="runs/toy/data-single")
         if name == "clip":
             s.add_argument("--crop-prob", type=float, default=0.3)
-            s.add_argument("--patch", type=int, default=8, help="ViT patch size (px at 64 px)")
             s.add_argument(
                 "--class-loss",
                 type=float,
@@ -840,8 +997,13 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--init-from",
                 default=None,
-                help="CLIP folder to start from (weights whose shapes fit; e.g. another patch "
-                "size keeps only the text encoder)",
+                help="CLIP folder, or a `vision` run's model/, to start from (weights whose "
+                "shapes fit; e.g. another patch size keeps only the text encoder)",
+            )
+            s.add_argument(
+                "--freeze-vision",
+                action="store_true",
+                help="do not train the vision tower (locked-image tuning from --init-from)",
             )
             s.add_argument(
                 "--freeze-text",
@@ -891,7 +1053,7 @@ def main(argv=None) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.what == "data":
-        build_dataset(args.out, args.n, args.size, args.seed, args.workers)
+        build_dataset(args.out, args.n, args.size, args.seed, args.workers, args.objects)
         return 0
     if args.what == "assemble":
         with quiet_transformers():
@@ -903,9 +1065,14 @@ def main(argv=None) -> int:
                 snapshot(Path(run))
         return 0
     with quiet_transformers():
-        {"clip": train_clip, "vae": train_vae, "unet": train_unet, "pixel": train_pixel}[args.what](
-            args
-        )
+        trainers = {
+            "vision": train_vision,
+            "clip": train_clip,
+            "vae": train_vae,
+            "unet": train_unet,
+            "pixel": train_pixel,
+        }
+        trainers[args.what](args)
     return 0
 
 
