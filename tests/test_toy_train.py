@@ -213,6 +213,9 @@ def test_vision_stage_trains_resumes_and_starts_the_clip(single_dir, data_dir, t
     T.train_vision(_vision_args(single_dir, tmp_path / "v", 2))
     model = tmp_path / "v" / "model"
     metrics = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    loaded = T.VisionClassifier.load(model)  # the figures are the saved model's
+    acc = {f"{k} top-1 (300 renders)": v for k, v in T.vision_accuracy(loaded).items()}
+    assert acc == metrics
     assert set(metrics) == {f"{k} top-1 (300 renders)" for k in ("colour", "shape", "both")}
     assert "steps: 2" in (tmp_path / "v" / "card.md").read_text()
     from transformers import CLIPModel, CLIPVisionModel

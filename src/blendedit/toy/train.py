@@ -462,6 +462,18 @@ class VisionClassifier(torch.nn.Module):
         head = {k: v.contiguous() for k, v in self.head.state_dict().items()}
         save_file(head, str(Path(folder) / "head.safetensors"))
 
+    @classmethod
+    def load(cls, folder: Path) -> VisionClassifier:
+        """A model written by :meth:`save` (a vision run's model/ or snapshot/)."""
+        from safetensors.torch import load_file
+        from transformers import CLIPVisionModel
+
+        tower = CLIPVisionModel.from_pretrained(folder, dtype=torch.float32)
+        model = cls(tower.config.patch_size)
+        model.tower = tower
+        model.head.load_state_dict(load_file(Path(folder) / "head.safetensors"))
+        return model.eval()
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.head(self.tower(pixel_values=pixel_values).pooler_output)
 
