@@ -249,3 +249,26 @@ def test_vision_stage_trains_resumes_and_starts_the_clip(single_dir, data_dir, t
 def test_vision_stage_names_a_data_set_with_several_objects(data_dir, tmp_path):
     with pytest.raises(SystemExit, match="--objects 1"):
         T.train_vision(_vision_args(data_dir, tmp_path / "v", 2))
+
+
+def test_unet_init_from_starts_from_the_given_unet(data_dir, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel
+
+    small = dict(T.UNET_CONFIG, block_out_channels=(8, 8, 8), norm_num_groups=4)
+    monkeypatch.setattr(T, "UNET_CONFIG", small)
+    vae = dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+    AutoencoderKL(**vae).save_pretrained(tmp_path / "vae" / "model")
+    tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
+    CLIPModel(T.clip_config(tok)).save_pretrained(tmp_path / "clip" / "model")
+    tok.save_pretrained(tmp_path / "clip" / "model")
+    torch.manual_seed(123)
+    UNet2DConditionModel(**small).save_pretrained(tmp_path / "start")
+    argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "1"]
+    argv += ["--batch-size", "2", "--lr", "0", "--clip", str(tmp_path / "clip")]
+    argv += ["--vae", str(tmp_path / "vae"), "--init-from", str(tmp_path / "start")]
+    T.train_unet(T.build_parser().parse_args(argv))  # lr 0: the weights stay where they start
+    a = load_file(tmp_path / "start" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "u" / "model" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "Started from" in (tmp_path / "u" / "card.md").read_text()

@@ -703,6 +703,8 @@ def train_unet(args) -> None:
     sched = DDPMScheduler(**{k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"})
     torch.manual_seed(args.seed)
     model = UNet2DConditionModel(**UNET_CONFIG)
+    if args.init_from:  # e.g. a UNet trained on another text encoder: its cross-attention re-learns
+        model.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_from).state_dict())
     run = Run(out, model, args, ema=True)
 
     def loss_fn(step):
@@ -736,7 +738,8 @@ def train_unet(args) -> None:
         "CLIP's text encoder (frozen; last hidden state, as Stable Diffusion), epsilon "
         "prediction, Stable Diffusion 1.x's noise schedule, min-SNR loss weighting "
         f"(gamma {args.min_snr}), captions drawn afresh every step, {int(100 * 0.1)}% empty "
-        "(for classifier-free guidance). Weights are the EMA.",
+        f"(for classifier-free guidance), text encoder of {args.clip}. Weights are the EMA."
+        + (f" Started from {args.init_from}." if args.init_from else ""),
     )
 
 
@@ -925,7 +928,8 @@ def assemble(args) -> None:
             unet=UNet2DModel.from_pretrained(pixel / "unet").to(half),
             scheduler=DDPMScheduler.from_pretrained(pixel / "scheduler"),
         ).save_pretrained(tmp / "pixel")
-    cards = [work / n / "card.md" for n in (args.clip, args.vae, args.unet, args.pixel) if n]
+    runs = (args.vision, args.clip, args.text_encoder, args.vae, args.unet, args.pixel)
+    cards = [work / n / "card.md" for n in runs if n]
     cards = list(dict.fromkeys(cards))
     text = [
         "# Shapes World models (shipped with blendedit)",
@@ -933,8 +937,10 @@ def assemble(args) -> None:
         "Trained from scratch by `blendedit.toy.train` on scenes rendered by `blendedit.toy` "
         "(SHAPES_WORLD.md); weights stored as float16 safetensors, loaded as float32. Data: "
         "`python -m blendedit.toy.train data --out runs/toy/data -n 30000 --seed 0` (training) "
-        "and `... data --out runs/toy/heldout -n 1000 --seed 1` (held out). Then each model's "
-        "commands below, in this order (the UNet needs the CLIP and the VAE), and "
+        "and `... data --out runs/toy/heldout -n 1000 --seed 1` (held out), and for the CLIP's "
+        "first stage `... data --objects 1 --out runs/toy/data-single -n 40000 --seed 0`. Then "
+        "each model's commands below, in this order (the CLIP's vision stage, then its "
+        "contrastive stage; the UNet needs the CLIP and the VAE), and "
         "`python -m blendedit.toy.train assemble`. Figures: `python -m blendedit.toy.evaluate`.",
         "",
     ]
@@ -1036,10 +1042,20 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "unet":
             s.add_argument("--clip", default="runs/toy/clip")
             s.add_argument("--vae", default="runs/toy/vae")
+            s.add_argument(
+                "--init-from",
+                default=None,
+                help="UNet folder to start from (e.g. one trained on an earlier text encoder)",
+            )
     a = sub.add_parser("assemble", help="build the shipped folder from finished runs")
     a.add_argument("--work", default="runs/toy")
     a.add_argument("--vae", default="vae", help="run folder (under --work) of the VAE to ship")
     a.add_argument("--clip", default="clip", help="run folder (under --work) of the CLIP to ship")
+    a.add_argument(
+        "--vision",
+        default="vision",
+        help="run folder of the CLIP's first (vision) stage, for its model card ('' for none)",
+    )
     a.add_argument(
         "--text-encoder",
         default="clip",
