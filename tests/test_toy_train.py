@@ -190,6 +190,8 @@ def test_one_object_data_set_and_rebuild_on_another_object_count(single_dir, tmp
     build_dataset(folder, n=3, size=64, seed=0, workers=1, objects=2)  # not the same data set
     assert [len(s.objects) for s in SceneData(folder, 64).scenes] == [2] * 3
     assert (folder / "images-64.npy").stat().st_mtime_ns != stamp
+    with pytest.raises(ValueError, match="objects: a scene holds 0 to 3"):
+        build_dataset(tmp_path / "e", n=1, objects=4)
 
 
 def test_dihedral_gives_the_eight_distinct_turns_and_flips():

@@ -55,6 +55,8 @@ def build_dataset(
     ``objects`` fixes the number of objects per scene (0 to 3 at random by default)."""
     from tqdm.auto import tqdm
 
+    if objects is not None and not 0 <= objects <= 3:
+        raise ValueError(f"objects: a scene holds 0 to 3 objects (SHAPES_WORLD.md), got {objects}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     images_path = folder / f"images-{size}.npy"
