@@ -274,3 +274,23 @@ def test_unet_init_from_starts_from_the_given_unet(data_dir, tmp_path, monkeypat
     b = load_file(tmp_path / "u" / "model" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "Started from" in (tmp_path / "u" / "card.md").read_text()
+
+
+def test_card_chain_lists_the_runs_a_run_started_from_earliest_first(tmp_path):
+    def run(name, *commands):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "card.md").write_text(f"# {name}\n")
+        log = [f"from step 0: python -m blendedit.toy.train {c}" for c in commands]
+        (folder / "commands.log").write_text("\n".join(log) + "\n")
+        return folder
+
+    vision = run("vision", "vision --out x")
+    lit = run("lit", f"clip --init-from {vision / 'model'} --freeze-vision", "clip --steps 9")
+    vae = run("vae", "vae --steps 3")
+    dec = run("dec", f"vae --decoder-only {vae / 'model'} --crop 128")
+    assert T._card_chain(lit) == [vision / "card.md", lit / "card.md"]
+    assert T._card_chain(dec) == [vae / "card.md", dec / "card.md"]
+    assert T._card_chain(vae) == [vae / "card.md"]  # no parent: just its own card
+    other = run("other", f"unet --init-from {tmp_path / 'elsewhere'}")  # not a run's model/
+    assert T._card_chain(other) == [other / "card.md"]

@@ -654,7 +654,11 @@ def train_vae(args) -> None:
         "latents, as for Stable Diffusion."
         + (
             f" Then only the decoder was fine-tuned (encoder of {args.decoder_only} frozen, so "
-            "latents are unchanged; no KL term), as Stable Diffusion's ft-MSE decoder was."
+            "latents are unchanged; no KL term), as Stable Diffusion's ft-MSE decoder was, on "
+            f"{args.crop} px frames: GroupNorm's statistics over a small crop (mostly "
+            "background) are not those of a whole scene, so a VAE trained on 32 px crops alone "
+            "reconstructs its crops far better than whole frames (30 dB against 19.7 dB after "
+            "3,000 steps); decoding whole frames closes that gap."
             if args.decoder_only
             else ""
         ),
@@ -875,6 +879,22 @@ def _model_folder(run: Path, unfinished: bool) -> Path:
     return snapshot(run)
 
 
+def _card_chain(run: Path) -> list[Path]:
+    """``run``'s card.md after the cards of the runs it started from (``--init-from`` or
+    ``--decoder-only`` a run's ``model/``, as its commands.log records), earliest first, so
+    that the shipped card gives every stage of a recipe."""
+    chain: list[Path] = []
+    log = run / "commands.log"
+    if log.exists():
+        for line in log.read_text().splitlines():
+            words = line.split(": ", 1)[-1].split()
+            for flag, value in zip(words, words[1:]):
+                base = Path(value).parent if Path(value).name == "model" else None
+                if flag in ("--init-from", "--decoder-only") and base and base != run:
+                    chain += _card_chain(base)
+    return [*chain, run / "card.md"]
+
+
 def _newer(a: Path, b: Path) -> bool:
     return a.stat().st_mtime > b.stat().st_mtime + 60
 
@@ -929,7 +949,7 @@ def assemble(args) -> None:
             scheduler=DDPMScheduler.from_pretrained(pixel / "scheduler"),
         ).save_pretrained(tmp / "pixel")
     runs = (args.vision, args.clip, args.text_encoder, args.vae, args.unet, args.pixel)
-    cards = [work / n / "card.md" for n in runs if n]
+    cards = [c for n in runs if n for c in _card_chain(work / n)]
     cards = list(dict.fromkeys(cards))
     text = [
         "# Shapes World models (shipped with blendedit)",
