@@ -643,7 +643,7 @@ def train_vae(args) -> None:
     params = sum(p.numel() for p in model.parameters())
     write_card(
         out,
-        "Shapes World VAE",
+        "Shapes World VAE" + (", stage 2: decoder on whole frames" if args.decoder_only else ""),
         args,
         run,
         params,
@@ -952,7 +952,7 @@ def assemble(args) -> None:
     cards = [c for n in runs if n for c in _card_chain(work / n)]
     cards = list(dict.fromkeys(cards))
     text = [
-        "# Shapes World models (shipped with blendedit)",
+        "# Shapes World models (blendedit's own)",
         "",
         "Trained from scratch by `blendedit.toy.train` on scenes rendered by `blendedit.toy` "
         "(SHAPES_WORLD.md); weights stored as float16 safetensors, loaded as float32. Data: "

@@ -1,0 +1,70 @@
+"""Weights committed to the repository: safetensors only, at most 60 MB in all, and the Shapes
+World models in ``checkpoints/toy/`` (finished VAE and CLIP, the UNet in training) still meet
+the targets they are committed for."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from blendedit import models
+from blendedit.toy.world import COLOURS, SHAPES
+
+ROOT = Path(__file__).parents[1]
+CHECKPOINTS = Path(os.environ.get("BLENDEDIT_TOY_CHECKPOINTS", ROOT / "checkpoints" / "toy"))
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl", ".onnx", ".gguf")
+present = pytest.mark.skipif(
+    not (CHECKPOINTS / "pipeline" / "model_index.json").is_file(),
+    reason=f"no Shapes World checkpoints in {CHECKPOINTS}",
+)
+
+
+def _tracked_files() -> list[Path]:
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    return [ROOT / f for f in out.decode().split("\0") if f]
+
+
+def test_committed_weights_are_safetensors_and_at_most_60_mb_in_all():
+    weights = [f for f in _tracked_files() if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
+    assert all(f.suffix == ".safetensors" for f in weights), weights
+    assert sum(f.stat().st_size for f in weights) <= 60 * 1000 * 1000
+
+
+@present
+def test_checkpoint_vae_reconstructs_held_out_scenes_at_28_db(tmp_path):
+    from blendedit.toy.data import build_dataset
+    from blendedit.toy.evaluate import vae_psnr
+
+    heldout = build_dataset(tmp_path / "heldout", n=25, size=128, seed=1, workers=1)
+    assert vae_psnr(CHECKPOINTS / "pipeline" / "vae", heldout, n=25) >= 28.0
+
+
+@present
+def test_checkpoint_clip_names_colour_and_shape_zero_shot():
+    from blendedit.toy.evaluate import clip_zero_shot
+
+    assert clip_zero_shot(CHECKPOINTS / "clip", n=90) >= 0.9  # 3 renders of each of the 30
+
+
+@present
+def test_checkpoint_pipeline_loads_in_float32_and_tells_the_prompts_apart():
+    c = models.load_sd_components(str(CHECKPOINTS / "pipeline"), torch_dtype=torch.float32)
+    assert c["unet"].dtype == torch.float32 and c["vae"].config.scaling_factor < 1
+    prompts = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    ids = c["tokenizer"](prompts, padding="max_length", return_tensors="pt").input_ids
+    assert len({tuple(i.tolist()) for i in ids}) == 30
+    with torch.no_grad():
+        states = c["text_encoder"](ids)[0][:, 3]  # at the shape word (bos a colour shape)
+    states = torch.nn.functional.normalize(states, dim=-1)
+    same_colour = states.view(6, 5, -1)  # [colour, shape]
+    cos = torch.einsum("csd,ctd->cst", same_colour, same_colour)
+    off = cos[:, ~torch.eye(5, dtype=bool)]
+    # the text encoder separates shapes for the UNet (the earlier contrastive CLIP: 0.86-0.97)
+    assert float(off.mean()) < 0.85, float(off.mean())
