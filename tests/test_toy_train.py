@@ -294,3 +294,29 @@ def test_card_chain_lists_the_runs_a_run_started_from_earliest_first(tmp_path):
     assert T._card_chain(vae) == [vae / "card.md"]  # no parent: just its own card
     other = run("other", f"unet --init-from {tmp_path / 'elsewhere'}")  # not a run's model/
     assert T._card_chain(other) == [other / "card.md"]
+
+
+def test_unet_takes_committed_float16_model_folders_for_vae_and_clip(
+    data_dir, tmp_path, monkeypatch
+):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel
+
+    small = dict(T.UNET_CONFIG, block_out_channels=(8, 8, 8), norm_num_groups=4)
+    monkeypatch.setattr(T, "UNET_CONFIG", small)
+    vae = dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+    AutoencoderKL(**vae).half().save_pretrained(tmp_path / "ckpt" / "vae")  # like checkpoints/toy
+    tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
+    CLIPModel(T.clip_config(tok)).half().save_pretrained(tmp_path / "ckpt" / "clip")
+    tok.save_pretrained(tmp_path / "ckpt" / "clip")
+    argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "1"]
+    argv += ["--batch-size", "2", "--clip", str(tmp_path / "ckpt" / "clip")]
+    argv += ["--vae", str(tmp_path / "ckpt" / "vae")]
+    T.train_unet(T.build_parser().parse_args(argv))
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "u" / "model")
+    assert unet.dtype == torch.float32
+    assert torch.load(tmp_path / "u" / "latents.pt", weights_only=True).dtype == torch.float32
+    argv[argv.index("--vae") + 1] = str(tmp_path / "nowhere")
+    argv[argv.index("--out") + 1] = str(tmp_path / "v")  # no cached latents there
+    with pytest.raises(SystemExit, match="--vae: .*nowhere is neither a finished run"):
+        T.train_unet(T.build_parser().parse_args(argv))

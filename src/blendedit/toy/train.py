@@ -668,6 +668,16 @@ def train_vae(args) -> None:
 # --- text-to-image UNet ----------------------------------------------------------------------
 
 
+def _model_dir(path: str | Path, flag: str) -> Path:
+    """A finished run's ``model/``, or ``path`` itself when it is a model folder (e.g. the
+    committed ``checkpoints/toy/pipeline/vae`` or ``checkpoints/toy/clip``)."""
+    path = Path(path)
+    for folder in (path / "model", path):
+        if (folder / "config.json").is_file():
+            return folder
+    raise SystemExit(f"{flag}: {path} is neither a finished run (no model/) nor a model folder")
+
+
 def _encode_latents(vae_folder: Path, data: SceneData, cache: Path, batch: int = 100):
     """Posterior means x scaling factor of every training image (cached to ``cache``)."""
     from diffusers import AutoencoderKL
@@ -675,7 +685,7 @@ def _encode_latents(vae_folder: Path, data: SceneData, cache: Path, batch: int =
 
     if cache.exists():
         return torch.load(cache, weights_only=True)
-    vae = AutoencoderKL.from_pretrained(vae_folder).eval()
+    vae = AutoencoderKL.from_pretrained(vae_folder).float().eval()  # float16 if committed
     zs = []
     with torch.no_grad():
         for a in tqdm(range(0, len(data), batch), desc="encode latents", unit="batch"):
@@ -700,10 +710,10 @@ def train_unet(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = SceneData(args.data)
-    z_all = _encode_latents(Path(args.vae) / "model", data, out / "latents.pt")
-    clip_folder = Path(args.clip) / "model"
+    z_all = _encode_latents(_model_dir(args.vae, "--vae"), data, out / "latents.pt")
+    clip_folder = _model_dir(args.clip, "--clip")
     tok = AutoTokenizer.from_pretrained(clip_folder)
-    text = CLIPTextModel.from_pretrained(clip_folder).eval().requires_grad_(False)
+    text = CLIPTextModel.from_pretrained(clip_folder).float().eval().requires_grad_(False)
     sched = DDPMScheduler(**{k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"})
     torch.manual_seed(args.seed)
     model = UNet2DConditionModel(**UNET_CONFIG)
