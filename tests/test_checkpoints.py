@@ -63,8 +63,8 @@ def test_checkpoint_pipeline_loads_in_float32_and_tells_the_prompts_apart():
     with torch.no_grad():
         states = c["text_encoder"](ids)[0][:, 3]  # at the shape word (bos a colour shape)
     states = torch.nn.functional.normalize(states, dim=-1)
-    same_colour = states.view(6, 5, -1)  # [colour, shape]
+    same_colour = states.view(len(COLOURS), len(SHAPES), -1)  # prompts are colour-major
     cos = torch.einsum("csd,ctd->cst", same_colour, same_colour)
-    off = cos[:, ~torch.eye(5, dtype=bool)]
+    off = cos[:, ~torch.eye(len(SHAPES), dtype=bool)]
     # the text encoder separates shapes for the UNet (the earlier contrastive CLIP: 0.86-0.97)
     assert float(off.mean()) < 0.85, float(off.mean())
