@@ -16,7 +16,7 @@ ROOT = Path(__file__).parents[1]
 CHECKPOINTS = Path(os.environ.get("BLENDEDIT_TOY_CHECKPOINTS", ROOT / "checkpoints" / "toy"))
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl", ".onnx", ".gguf")
 present = pytest.mark.skipif(
-    not (CHECKPOINTS / "pipeline" / "model_index.json").is_file(),
+    not models.toy_shipped(CHECKPOINTS),
     reason=f"no Shapes World checkpoints in {CHECKPOINTS}",
 )
 

@@ -294,6 +294,10 @@ def test_card_chain_lists_the_runs_a_run_started_from_earliest_first(tmp_path):
     assert T._card_chain(vae) == [vae / "card.md"]  # no parent: just its own card
     other = run("other", f"unet --init-from {tmp_path / 'elsewhere'}")  # not a run's model/
     assert T._card_chain(other) == [other / "card.md"]
+    a, b = tmp_path / "a", tmp_path / "b"  # runs that name each other: no endless recursion
+    run("a", f"unet --init-from {b / 'model'}")
+    run("b", f"unet --init-from {a / 'model'}")
+    assert T._card_chain(a) == [b / "card.md", a / "card.md"]
 
 
 def test_unet_takes_committed_float16_model_folders_for_vae_and_clip(
@@ -315,8 +319,42 @@ def test_unet_takes_committed_float16_model_folders_for_vae_and_clip(
     T.train_unet(T.build_parser().parse_args(argv))
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "u" / "model")
     assert unet.dtype == torch.float32
-    assert torch.load(tmp_path / "u" / "latents.pt", weights_only=True).dtype == torch.float32
+    cache = tmp_path / "u" / f"latents-{data_dir.name}.pt"
+    assert torch.load(cache, weights_only=True).dtype == torch.float32
     argv[argv.index("--vae") + 1] = str(tmp_path / "nowhere")
     argv[argv.index("--out") + 1] = str(tmp_path / "v")  # no cached latents there
     with pytest.raises(SystemExit, match="--vae: .*nowhere is neither a finished run"):
         T.train_unet(T.build_parser().parse_args(argv))
+
+
+def test_unet_draws_from_the_union_of_several_data_sets(data_dir, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    single = build_dataset(tmp_path / "single", n=5, size=128, seed=3, workers=1, objects=1)
+    small = dict(T.UNET_CONFIG, block_out_channels=(8, 8, 8), norm_num_groups=4)
+    monkeypatch.setattr(T, "UNET_CONFIG", small)
+    AutoencoderKL(
+        **dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+    ).save_pretrained(tmp_path / "vae")
+    tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
+    from transformers import CLIPModel
+
+    CLIPModel(T.clip_config(tok)).save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+    seen = []
+    real_caption = T.train_caption
+    monkeypatch.setattr(
+        T, "train_caption", lambda sc, rng: seen.append(sc) or real_caption(sc, rng)
+    )
+    argv = ["unet", "--data", str(data_dir), str(single), "--out", str(tmp_path / "u")]
+    argv += ["--steps", "3", "--batch-size", "16", "--clip", str(tmp_path / "clip")]
+    argv += ["--vae", str(tmp_path / "vae")]
+    T.train_unet(T.build_parser().parse_args(argv))
+    z = [
+        torch.load(tmp_path / "u" / f"latents-{d.name}.pt", weights_only=True)
+        for d in (data_dir, single)
+    ]
+    assert [len(x) for x in z] == [12, 5]  # one cache per set, every image encoded
+    one_object = [sc for sc in seen if sc in SceneData(single).scenes]
+    assert one_object and len(one_object) < len(seen)  # batches mix both sets
+    assert f"- data: {data_dir}, {single}" in (tmp_path / "u" / "card.md").read_text()

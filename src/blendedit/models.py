@@ -68,9 +68,10 @@ def _tiny_random() -> dict:
 TOY_DIR = Path(__file__).parent / "assets" / "toy"
 
 
-def toy_shipped() -> bool:
-    """Whether this installation has the shipped Shapes World text-to-image pipeline."""
-    return (TOY_DIR / "pipeline" / "model_index.json").is_file()
+def toy_shipped(folder: str | Path | None = None) -> bool:
+    """Whether this installation (or ``folder``, laid out as the shipped one) has the Shapes
+    World text-to-image pipeline."""
+    return (Path(folder or TOY_DIR) / "pipeline" / "model_index.json").is_file()
 
 
 def toy_folder(part: str) -> Path:

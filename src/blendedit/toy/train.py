@@ -269,7 +269,7 @@ def write_card(out: Path, title: str, args, run: Run, params: int, metrics: dict
         f"- optimizer: AdamW lr {args.lr} (warm-up {args.warmup} steps, cosine to 10%), "
         f"weight decay 0.01, grad-norm clip 1"
         + (f", EMA {args.ema}" if run.ema is not None else ""),
-        f"- data: {args.data} (Shapes World v1, seed {args.seed})",
+        f"- data: {', '.join(_data_folders(args.data))} (Shapes World v1, seed {args.seed})",
         f"- wall time: {run.info.wall / 60:.1f} min of training on {hw}, torch {torch.__version__}",
         "- final metrics: " + ", ".join(f"{k} {v}" for k, v in metrics.items()),
         "",
@@ -697,6 +697,21 @@ def _encode_latents(vae_folder: Path, data: SceneData, cache: Path, batch: int =
     return z
 
 
+def _data_folders(data) -> list[str]:
+    """``--data``: one folder or several (the UNet draws uniformly over their union)."""
+    return [data] if isinstance(data, str) else list(data)
+
+
+class _Concat:
+    """Several built data sets read as one: ``scenes`` in order, for captions."""
+
+    def __init__(self, sets):
+        self.scenes = [s for d in sets for s in d.scenes]
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+
 def _min_snr_weight(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     ac = scheduler.alphas_cumprod[t]
     snr = ac / (1 - ac)
@@ -709,8 +724,16 @@ def train_unet(args) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = SceneData(args.data)
-    z_all = _encode_latents(_model_dir(args.vae, "--vae"), data, out / "latents.pt")
+    vae_folder = _model_dir(args.vae, "--vae")
+    sets = [SceneData(d) for d in _data_folders(args.data)]
+    # one latent cache per data set, named by its folder: a run can add a set and keep the rest
+    z_all = torch.cat(
+        [
+            _encode_latents(vae_folder, d, out / f"latents-{Path(f).name}.pt")
+            for d, f in zip(sets, _data_folders(args.data))
+        ]
+    )
+    data = _Concat(sets)
     clip_folder = _model_dir(args.clip, "--clip")
     tok = AutoTokenizer.from_pretrained(clip_folder)
     text = CLIPTextModel.from_pretrained(clip_folder).float().eval().requires_grad_(False)
@@ -889,19 +912,22 @@ def _model_folder(run: Path, unfinished: bool) -> Path:
     return snapshot(run)
 
 
-def _card_chain(run: Path) -> list[Path]:
+def _card_chain(run: Path, _seen: frozenset = frozenset()) -> list[Path]:
     """``run``'s card.md after the cards of the runs it started from (``--init-from`` or
     ``--decoder-only`` a run's ``model/``, as its commands.log records), earliest first, so
-    that the shipped card gives every stage of a recipe."""
+    that the shipped card gives every stage of a recipe. A run met twice on one path (runs
+    that name each other) is not followed again."""
     chain: list[Path] = []
+    seen = _seen | {run.resolve()}
     log = run / "commands.log"
     if log.exists():
         for line in log.read_text().splitlines():
             words = line.split(": ", 1)[-1].split()
             for flag, value in zip(words, words[1:]):
                 base = Path(value).parent if Path(value).name == "model" else None
-                if flag in ("--init-from", "--decoder-only") and base and base != run:
-                    chain += _card_chain(base)
+                if flag in ("--init-from", "--decoder-only") and base:
+                    if base.resolve() not in seen:
+                        chain += _card_chain(base, seen)
     return [*chain, run / "card.md"]
 
 
@@ -1009,7 +1035,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, dflt in DEFAULTS.items():
         s = sub.add_parser(name, help=f"train the {name} model")
-        s.add_argument("--data", default="runs/toy/data")
+        if name != "unet":  # the UNet's takes several
+            s.add_argument("--data", default="runs/toy/data")
         s.add_argument("--heldout", default="runs/toy/heldout")
         s.add_argument("--out", default=f"runs/toy/{name}")
         s.add_argument("--steps", type=int, default=dflt["steps"])
@@ -1070,6 +1097,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("unet", "pixel"):
             s.add_argument("--min-snr", type=float, default=5.0)
         if name == "unet":
+            s.add_argument(
+                "--data",
+                nargs="+",
+                default=["runs/toy/data"],
+                help="one or more data sets; batches are drawn uniformly over all their images",
+            )
             s.add_argument("--clip", default="runs/toy/clip")
             s.add_argument("--vae", default="runs/toy/vae")
             s.add_argument(
