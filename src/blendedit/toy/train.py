@@ -271,7 +271,12 @@ def write_card(out: Path, title: str, args, run: Run, params: int, metrics: dict
         + (f", EMA {args.ema}" if run.ema is not None else ""),
         f"- data: {', '.join(_data_folders(args.data))} (Shapes World v1, seed {args.seed})",
         f"- wall time: {run.info.wall / 60:.1f} min of training on {hw}, torch {torch.__version__}",
-        "- final metrics: " + ", ".join(f"{k} {v}" for k, v in metrics.items()),
+        "- final metrics: "
+        + (
+            ", ".join(f"{k} {v}" for k, v in metrics.items())
+            or "none in training (it needs the other models: `python -m blendedit.toy.evaluate "
+            "--model-dir <assembled folder>` measures them)"
+        ),
         "",
     ]
     (out / "card.md").write_text("\n".join(lines))
