@@ -273,7 +273,9 @@ def test_unet_init_from_starts_from_the_given_unet(data_dir, tmp_path, monkeypat
     a = load_file(tmp_path / "start" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "u" / "model" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert "Started from" in (tmp_path / "u" / "card.md").read_text()
+    card = (tmp_path / "u" / "card.md").read_text()
+    assert "Started from" in card
+    assert card.startswith("# Shapes World text-to-image UNet, continued from an earlier run")
 
 
 def test_card_chain_lists_the_runs_a_run_started_from_earliest_first(tmp_path):

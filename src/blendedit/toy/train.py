@@ -771,7 +771,8 @@ def train_unet(args) -> None:
     params = sum(p.numel() for p in model.parameters())
     write_card(
         out,
-        "Shapes World text-to-image UNet",
+        "Shapes World text-to-image UNet"
+        + (", continued from an earlier run" if args.init_from else ""),
         args,
         run,
         params,
@@ -999,7 +1000,8 @@ def assemble(args) -> None:
         "(SHAPES_WORLD.md); weights stored as float16 safetensors, loaded as float32. Data: "
         "`python -m blendedit.toy.train data --out runs/toy/data -n 30000 --seed 0` (training) "
         "and `... data --out runs/toy/heldout -n 1000 --seed 1` (held out), and for the CLIP's "
-        "first stage `... data --objects 1 --out runs/toy/data-single -n 40000 --seed 0`. Then "
+        "first stage and the UNet's second (one-object scenes) `... data --objects 1 --out "
+        "runs/toy/data-single -n 40000 --seed 0`. Then "
         "each model's commands below, in this order (the CLIP's vision stage, then its "
         "contrastive stage; the UNet needs the CLIP and the VAE), and "
         "`python -m blendedit.toy.train assemble`. Figures: `python -m blendedit.toy.evaluate`.",
