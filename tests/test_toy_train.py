@@ -360,3 +360,9 @@ def test_unet_draws_from_the_union_of_several_data_sets(data_dir, tmp_path, monk
     one_object = [sc for sc in seen if sc in SceneData(single).scenes]
     assert one_object and len(one_object) < len(seen)  # batches mix both sets
     assert f"- data: {data_dir}, {single}" in (tmp_path / "u" / "card.md").read_text()
+
+
+def test_unet_data_folders_need_distinct_names(tmp_path):
+    argv = ["unet", "--data", str(tmp_path / "a" / "data"), str(tmp_path / "b" / "data")]
+    with pytest.raises(SystemExit, match="--data: the folders need distinct names"):
+        T.train_unet(T.build_parser().parse_args(argv + ["--out", str(tmp_path / "u")]))

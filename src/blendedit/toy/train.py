@@ -703,8 +703,13 @@ def _encode_latents(vae_folder: Path, data: SceneData, cache: Path, batch: int =
 
 
 def _data_folders(data) -> list[str]:
-    """``--data``: one folder or several (the UNet draws uniformly over their union)."""
-    return [data] if isinstance(data, str) else list(data)
+    """``--data``: one folder or several (the UNet draws uniformly over their union), with
+    distinct names (each names its latent cache)."""
+    folders = [data] if isinstance(data, str) else list(data)
+    names = [Path(f).name for f in folders]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--data: the folders need distinct names (their latent caches): {names}")
+    return folders
 
 
 class _Concat:
@@ -729,13 +734,14 @@ def train_unet(args) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    folders = _data_folders(args.data)
     vae_folder = _model_dir(args.vae, "--vae")
-    sets = [SceneData(d) for d in _data_folders(args.data)]
+    sets = [SceneData(d) for d in folders]
     # one latent cache per data set, named by its folder: a run can add a set and keep the rest
     z_all = torch.cat(
         [
             _encode_latents(vae_folder, d, out / f"latents-{Path(f).name}.pt")
-            for d, f in zip(sets, _data_folders(args.data))
+            for d, f in zip(sets, folders)
         ]
     )
     data = _Concat(sets)
