@@ -253,17 +253,30 @@ def test_vision_stage_names_a_data_set_with_several_objects(data_dir, tmp_path):
         T.train_vision(_vision_args(data_dir, tmp_path / "v", 2))
 
 
-def test_unet_init_from_starts_from_the_given_unet(data_dir, tmp_path, monkeypatch):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def _tiny_unet_inputs(monkeypatch, vae_dir, clip_dir, half=False) -> dict:
+    """A tiny UNet config (patched in) and a tiny VAE and CLIP (with the world's tokenizer)
+    saved in ``vae_dir`` and ``clip_dir``, for train_unet's --vae and --clip; returns the
+    UNet config."""
+    from diffusers import AutoencoderKL
     from transformers import CLIPModel
 
     small = dict(T.UNET_CONFIG, block_out_channels=(8, 8, 8), norm_num_groups=4)
     monkeypatch.setattr(T, "UNET_CONFIG", small)
-    vae = dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
-    AutoencoderKL(**vae).save_pretrained(tmp_path / "vae" / "model")
+    vae = AutoencoderKL(**dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4))
     tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
-    CLIPModel(T.clip_config(tok)).save_pretrained(tmp_path / "clip" / "model")
-    tok.save_pretrained(tmp_path / "clip" / "model")
+    clip = CLIPModel(T.clip_config(tok))
+    if half:  # like the committed checkpoints/toy
+        vae, clip = vae.half(), clip.half()
+    vae.save_pretrained(vae_dir)
+    clip.save_pretrained(clip_dir)
+    tok.save_pretrained(clip_dir)
+    return small
+
+
+def test_unet_init_from_starts_from_the_given_unet(data_dir, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    small = _tiny_unet_inputs(monkeypatch, tmp_path / "vae" / "model", tmp_path / "clip" / "model")
     torch.manual_seed(123)
     UNet2DConditionModel(**small).save_pretrained(tmp_path / "start")
     argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "1"]
@@ -305,16 +318,9 @@ def test_card_chain_lists_the_runs_a_run_started_from_earliest_first(tmp_path):
 def test_unet_takes_committed_float16_model_folders_for_vae_and_clip(
     data_dir, tmp_path, monkeypatch
 ):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel
+    from diffusers import UNet2DConditionModel
 
-    small = dict(T.UNET_CONFIG, block_out_channels=(8, 8, 8), norm_num_groups=4)
-    monkeypatch.setattr(T, "UNET_CONFIG", small)
-    vae = dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
-    AutoencoderKL(**vae).half().save_pretrained(tmp_path / "ckpt" / "vae")  # like checkpoints/toy
-    tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
-    CLIPModel(T.clip_config(tok)).half().save_pretrained(tmp_path / "ckpt" / "clip")
-    tok.save_pretrained(tmp_path / "ckpt" / "clip")
+    _tiny_unet_inputs(monkeypatch, tmp_path / "ckpt" / "vae", tmp_path / "ckpt" / "clip", half=True)
     argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "1"]
     argv += ["--batch-size", "2", "--clip", str(tmp_path / "ckpt" / "clip")]
     argv += ["--vae", str(tmp_path / "ckpt" / "vae")]
@@ -330,19 +336,8 @@ def test_unet_takes_committed_float16_model_folders_for_vae_and_clip(
 
 
 def test_unet_draws_from_the_union_of_several_data_sets(data_dir, tmp_path, monkeypatch):
-    from diffusers import AutoencoderKL
-
     single = build_dataset(tmp_path / "single", n=5, size=128, seed=3, workers=1, objects=1)
-    small = dict(T.UNET_CONFIG, block_out_channels=(8, 8, 8), norm_num_groups=4)
-    monkeypatch.setattr(T, "UNET_CONFIG", small)
-    AutoencoderKL(
-        **dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
-    ).save_pretrained(tmp_path / "vae")
-    tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
-    from transformers import CLIPModel
-
-    CLIPModel(T.clip_config(tok)).save_pretrained(tmp_path / "clip")
-    tok.save_pretrained(tmp_path / "clip")
+    _tiny_unet_inputs(monkeypatch, tmp_path / "vae", tmp_path / "clip")
     seen = []
     real_caption = T.train_caption
     monkeypatch.setattr(
