@@ -1,6 +1,6 @@
-"""Weights committed to the repository: safetensors only, at most 60 MB in all, and the Shapes
-World models in ``checkpoints/toy/`` (finished VAE and CLIP, the UNet in training) still meet
-the targets they are committed for."""
+"""Weights committed to the repository: safetensors only, at most 60 MB in all, and the shipped
+Shapes World models (``src/blendedit/assets/toy/``; ``BLENDEDIT_TOY_CHECKPOINTS`` points these
+tests at another folder of that layout) still meet the targets they are committed for."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ from blendedit import models
 from blendedit.toy.world import COLOURS, SHAPES
 
 ROOT = Path(__file__).parents[1]
-CHECKPOINTS = Path(os.environ.get("BLENDEDIT_TOY_CHECKPOINTS", ROOT / "checkpoints" / "toy"))
+CHECKPOINTS = Path(os.environ.get("BLENDEDIT_TOY_CHECKPOINTS", models.TOY_DIR))
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl", ".onnx", ".gguf")
 present = pytest.mark.skipif(
     not models.toy_shipped(CHECKPOINTS),

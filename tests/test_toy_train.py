@@ -140,6 +140,31 @@ def test_pixel_training_resumes_exactly_and_writes_a_loadable_model(
     UNet2DModel.from_pretrained(tmp_path / "resumed" / "model" / "unet")
 
 
+def test_pixel_min_objects_skips_empty_scenes_and_init_from_starts_there(
+    data_dir, tmp_path, monkeypatch
+):
+    _shrink_pixel(monkeypatch)
+    T.train_pixel(_pixel_args(data_dir, tmp_path / "a", 1))
+    scenes = SceneData(data_dir).scenes
+    assert any(not sc.objects for sc in scenes)  # the fixture has empty scenes to skip
+    drawn = []
+    real = T.image_batch
+    monkeypatch.setattr(T, "image_batch", lambda d, idx: drawn.extend(idx) or real(d, idx))
+    args = _pixel_args(data_dir, tmp_path / "b", 3)
+    args.init_from, args.min_objects, args.lr = str(tmp_path / "a" / "model"), 1, 0.0
+    T.train_pixel(args)  # lr 0: the weights stay where they start
+    assert drawn and all(scenes[i].objects for i in drawn)
+    a = load_file(tmp_path / "a" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    card = (tmp_path / "b" / "card.md").read_text()
+    assert card.startswith("# Shapes World pixel model, continued") and "at least 1 object" in card
+    args = _pixel_args(data_dir, tmp_path / "c", 1)
+    args.min_objects = 4
+    with pytest.raises(SystemExit, match="--min-objects 4"):
+        T.train_pixel(args)
+
+
 def test_snapshot_writes_the_runs_current_ema_as_its_model_would_be(
     data_dir, tmp_path, monkeypatch
 ):
@@ -265,7 +290,7 @@ def _tiny_unet_inputs(monkeypatch, vae_dir, clip_dir, half=False) -> dict:
     vae = AutoencoderKL(**dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4))
     tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
     clip = CLIPModel(T.clip_config(tok))
-    if half:  # like the committed checkpoints/toy
+    if half:  # like the shipped models
         vae, clip = vae.half(), clip.half()
     vae.save_pretrained(vae_dir)
     clip.save_pretrained(clip_dir)
@@ -361,3 +386,43 @@ def test_unet_data_folders_need_distinct_names(tmp_path):
     argv = ["unet", "--data", str(tmp_path / "a" / "data"), str(tmp_path / "b" / "data")]
     with pytest.raises(SystemExit, match="--data: the folders need distinct names"):
         T.train_unet(T.build_parser().parse_args(argv + ["--out", str(tmp_path / "u")]))
+
+
+def test_assemble_ships_float16_folders_that_load_and_names_a_missing_run(tmp_path, monkeypatch):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+    from blendedit import models
+
+    work = tmp_path / "runs"
+    small = _tiny_unet_inputs(monkeypatch, work / "vae" / "model", work / "clip" / "model")
+    UNet2DConditionModel(**small).save_pretrained(work / "unet" / "model")
+    pixel = UNet2DModel(
+        **dict(T.PIXEL_CONFIG, block_out_channels=(8, 8, 16, 16), norm_num_groups=4)
+    )
+    pixel.save_pretrained(work / "pixel" / "model" / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(work / "pixel" / "model" / "scheduler")
+    for run in ("vae", "clip", "unet", "pixel"):
+        (work / run / "card.md").write_text(f"# Shapes World {run}\n")
+    dest = tmp_path / "toy"
+    argv = ["assemble", "--work", str(work), "--vae", "vae", "--clip", "clip"]
+    argv += ["--text-encoder", "clip", "--unet", "unet", "--dest", str(dest)]
+    T.assemble(T.build_parser().parse_args(argv + ["--pixel", "pixel"]))
+    assert models.toy_shipped(dest) and not dest.with_name("toy.tmp").exists()
+    weights = list(dest.rglob("*.safetensors"))
+    assert {w.parts[len(dest.parts)] for w in weights} == {"pipeline", "clip", "pixel"}
+    assert all(t.dtype == torch.float16 for w in weights for t in load_file(w).values())
+    c = models.load_sd_components(str(dest / "pipeline"), torch_dtype=torch.float32)
+    assert c["unet"].dtype == torch.float32
+    assert len({tuple(c["tokenizer"](p).input_ids) for p in ("a red circle", "a blue star")}) == 2
+    assert DDPMPipeline.from_pretrained(dest / "pixel").unet.config.sample_size == 64
+    for tok in (dest / "pipeline" / "tokenizer", dest / "clip"):  # how it was loaded is not kept
+        assert "local_files_only" not in json.loads((tok / "tokenizer_config.json").read_text())
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert all(f"# Shapes World {run}" in card for run in ("vae", "clip", "unet", "pixel"))
+    before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
+    with pytest.raises(SystemExit, match="no such run folder"):  # a typo in a run name
+        T.assemble(T.build_parser().parse_args(argv + ["--pixel", "pixle"]))
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before  # the old one stays
+    assert not dest.with_name("toy.tmp").exists()  # and nothing half-built is left beside it
+    T.assemble(T.build_parser().parse_args(argv + ["--pixel", ""]))  # '' ships none
+    assert not (dest / "pixel").exists() and models.toy_shipped(dest)

@@ -675,7 +675,7 @@ def train_vae(args) -> None:
 
 def _model_dir(path: str | Path, flag: str) -> Path:
     """A finished run's ``model/``, or ``path`` itself when it is a model folder (e.g. the
-    committed ``checkpoints/toy/pipeline/vae`` or ``checkpoints/toy/clip``)."""
+    shipped ``src/blendedit/assets/toy/pipeline/vae`` or ``.../assets/toy/clip``)."""
     path = Path(path)
     for folder in (path / "model", path):
         if (folder / "config.json").is_file():
@@ -803,12 +803,20 @@ def train_pixel(args) -> None:
     sched = DDPMScheduler(**PIXEL_SCHEDULER)
     torch.manual_seed(args.seed)
     model = UNet2DModel(**PIXEL_CONFIG)
+    if args.init_from:
+        start = Path(args.init_from)
+        start = start / "unet" if (start / "unet").is_dir() else start
+        model.load_state_dict(UNet2DModel.from_pretrained(start).state_dict())
+    # an unconditional model draws empty scenes as often as its data holds them
+    pool = np.flatnonzero([len(sc.objects) >= args.min_objects for sc in data.scenes])
+    if len(pool) == 0:
+        raise SystemExit(f"--min-objects {args.min_objects}: no scene in {args.data} has as many")
     run = Run(out, model, args, ema=True)
     factor = data.images.shape[1] // PIXEL_CONFIG["sample_size"]
 
     def loss_fn(step):
         rng = _rng(args, step)
-        idx = rng.randint(len(data), size=args.batch_size)
+        idx = pool[rng.randint(len(pool), size=args.batch_size)]
         x0 = F.avg_pool2d(image_batch(data, idx), factor)  # box-filtered 128 px renders
         g = torch.Generator().manual_seed(int(rng.randint(2**31)))
         noise = torch.randn(x0.shape, generator=g)
@@ -826,14 +834,20 @@ def train_pixel(args) -> None:
     params = sum(p.numel() for p in model.parameters())
     write_card(
         out,
-        "Shapes World pixel model",
+        "Shapes World pixel model" + (", continued from an earlier run" if args.init_from else ""),
         args,
         run,
         params,
         {},
         "Unconditional `diffusers.UNet2DModel` at 64 px (the 128 px renders box-filtered by 2), "
         "epsilon prediction, DDPM's linear schedule (1e-4 to 0.02, 1000 steps), min-SNR "
-        f"weighting (gamma {args.min_snr}). For Blended Diffusion. Weights are the EMA.",
+        f"weighting (gamma {args.min_snr}). For Blended Diffusion. Weights are the EMA."
+        + (
+            f" Scenes with at least {args.min_objects} object(s) only ({len(pool)} of {len(data)})."
+            if args.min_objects
+            else ""
+        )
+        + (f" Started from {args.init_from}." if args.init_from else ""),
     )
 
 
@@ -912,6 +926,8 @@ def snapshot(run: Path) -> Path:
 def _model_folder(run: Path, unfinished: bool) -> Path:
     """A run's finished ``model/``, or with ``unfinished`` a fresh snapshot of its checkpoint
     (also when the run was extended after its ``model/`` was written)."""
+    if not run.is_dir():
+        raise SystemExit(f"{run}: no such run folder (check --work and the run names)")
     model, ckpt = run / "model", run / "checkpoint.pt"
     extended = model.exists() and ckpt.exists() and _newer(ckpt, model)
     if model.exists() and not (unfinished and extended):
@@ -950,6 +966,14 @@ def _newer(a: Path, b: Path) -> bool:
 # --- assembling the shipped folder ------------------------------------------------------------
 
 
+def _drop_load_flags(config: Path) -> None:
+    """transformers saves how a tokenizer was loaded (``local_files_only``, true under
+    HF_HUB_OFFLINE) into its config: not a property of the model, so not shipped."""
+    data = json.loads(config.read_text())
+    if data.pop("local_files_only", None) is not None:
+        config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
 def assemble(args) -> None:
     """Build the shipped folder from finished runs: ``pipeline/`` (StableDiffusionPipeline:
     toy VAE, CLIP text encoder and tokenizer, UNet, DDIM), ``clip/`` (CLIPModel, for ranking
@@ -964,20 +988,23 @@ def assemble(args) -> None:
     from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
 
     work, dest = Path(args.work), Path(args.dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
 
     def folder(name):
         return _model_folder(work / name, args.unfinished)
 
+    # every run is found before anything is written: a wrong name leaves no half-built folder
+    vae, unet = folder(args.vae), folder(args.unet)
     clip_folder, text_folder = folder(args.clip), folder(args.text_encoder)
+    pixel = folder(args.pixel) if args.pixel else None  # '' ships no pixel model
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     half = torch.float16
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(folder(args.vae)).to(half),
+        vae=AutoencoderKL.from_pretrained(vae).to(half),
         text_encoder=CLIPTextModel.from_pretrained(text_folder).to(half),
         tokenizer=AutoTokenizer.from_pretrained(text_folder),
-        unet=UNet2DConditionModel.from_pretrained(folder(args.unet)).to(half),
+        unet=UNet2DConditionModel.from_pretrained(unet).to(half),
         scheduler=DDIMScheduler(**LATENT_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
@@ -988,10 +1015,11 @@ def assemble(args) -> None:
     clip.save_pretrained(tmp / "clip")
     AutoTokenizer.from_pretrained(clip_folder).save_pretrained(tmp / "clip")
     write_preprocessor(tmp / "clip")
-    if args.pixel and (work / args.pixel / "checkpoint.pt").exists():
+    for cfg in (tmp / "pipeline" / "tokenizer", tmp / "clip"):
+        _drop_load_flags(cfg / "tokenizer_config.json")
+    if pixel is not None:
         from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-        pixel = folder(args.pixel)
         DDPMPipeline(
             unet=UNet2DModel.from_pretrained(pixel / "unet").to(half),
             scheduler=DDPMScheduler.from_pretrained(pixel / "scheduler"),
@@ -1109,6 +1137,19 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name in ("unet", "pixel"):
             s.add_argument("--min-snr", type=float, default=5.0)
+        if name == "pixel":
+            s.add_argument(
+                "--init-from",
+                default=None,
+                help="pixel run's model/ (or a UNet2DModel folder) to start from",
+            )
+            s.add_argument(
+                "--min-objects",
+                type=int,
+                default=0,
+                help="train only on scenes with at least this many objects (the data sets hold "
+                "0 to 3, a quarter of them empty)",
+            )
         if name == "unet":
             s.add_argument(
                 "--data",
