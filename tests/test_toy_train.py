@@ -108,9 +108,11 @@ def _pixel_args(data_dir, out, steps, fresh=False, stop_at=None):
     )
 
 
+SMALL_PIXEL = dict(T.PIXEL_CONFIG, block_out_channels=(8, 8, 16, 16), norm_num_groups=4)
+
+
 def _shrink_pixel(monkeypatch):
-    small = dict(T.PIXEL_CONFIG, block_out_channels=(8, 8, 16, 16), norm_num_groups=4)
-    monkeypatch.setattr(T, "PIXEL_CONFIG", small)
+    monkeypatch.setattr(T, "PIXEL_CONFIG", SMALL_PIXEL)
 
 
 def test_pixel_training_resumes_exactly_and_writes_a_loadable_model(
@@ -396,10 +398,7 @@ def test_assemble_ships_float16_folders_that_load_and_names_a_missing_run(tmp_pa
     work = tmp_path / "runs"
     small = _tiny_unet_inputs(monkeypatch, work / "vae" / "model", work / "clip" / "model")
     UNet2DConditionModel(**small).save_pretrained(work / "unet" / "model")
-    pixel = UNet2DModel(
-        **dict(T.PIXEL_CONFIG, block_out_channels=(8, 8, 16, 16), norm_num_groups=4)
-    )
-    pixel.save_pretrained(work / "pixel" / "model" / "unet")
+    UNet2DModel(**SMALL_PIXEL).save_pretrained(work / "pixel" / "model" / "unet")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(work / "pixel" / "model" / "scheduler")
     for run in ("vae", "clip", "unet", "pixel"):
         (work / run / "card.md").write_text(f"# Shapes World {run}\n")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import pil_to_tensor
+from ..io import pil_to_tensor, tensor_to_pil
 from ..models import dtype_kwargs, quiet_transformers
 from ..ranking import _features
 from .judge import judge, read_objects
@@ -34,6 +34,19 @@ def single_object_scene(seed: int, index: int, colour: str, shape: str) -> Scene
     rng = np.random.RandomState([seed, index])
     obj = place(rng, random_object(rng, shape=shape, colour=colour), [])
     return Scene(sample_background(rng), (obj,))
+
+
+def cycled_renders(n: int, seed: int, batch: int = 50):
+    """``n`` one-object 128 px renders, colour x shape cycled through ``COMBOS`` (size, place,
+    rotation and background random), in batches: (labels, images in [-1, 1])."""
+    for a in range(0, n, batch):
+        labels = [i % len(COMBOS) for i in range(a, min(n, a + batch))]
+        imgs = []
+        for i, label in zip(range(a, n), labels):
+            colour, shape = COMBOS[label].split()[1:]
+            img = render(single_object_scene(seed, i, colour, shape), 128)
+            imgs.append(pil_to_tensor(img)[0] * 2 - 1)
+        yield labels, torch.stack(imgs)
 
 
 @torch.no_grad()
@@ -48,15 +61,8 @@ def clip_zero_shot(folder, n: int = 300, seed: int = 2) -> float:
     tok = AutoTokenizer.from_pretrained(folder)
     t = F.normalize(_features(model.get_text_features(input_ids=tokenize(tok, COMBOS))), dim=-1)
     right = 0
-    for a in range(0, n, 50):
-        imgs, labels = [], []
-        for i in range(a, min(n, a + 50)):
-            label = i % len(COMBOS)
-            colour, shape = COMBOS[label].split()[1:]
-            img = render(single_object_scene(seed, i, colour, shape), 128)
-            imgs.append(pil_to_tensor(img)[0] * 2 - 1)
-            labels.append(label)
-        v = _features(model.get_image_features(pixel_values=clip_pixels(torch.stack(imgs))))
+    for labels, x in cycled_renders(n, seed):
+        v = _features(model.get_image_features(pixel_values=clip_pixels(x)))
         v = F.normalize(v, dim=-1)
         right += int((v @ t.T).argmax(1).eq(torch.tensor(labels)).sum())
     return round(right / n, 4)
@@ -83,6 +89,7 @@ def vae_psnr(folder, heldout, n: int = 200) -> float:
     return round(float(np.mean(out)), 2)
 
 
+@torch.no_grad()
 def vae_shapes_kept(vae, n: int = 150, seed: int = 3) -> float:
     """Share of one-object 128 px renders (every colour x shape in turn, random size, place,
     rotation and background) whose object the judge still reads, colour and shape, after the
@@ -93,14 +100,11 @@ def vae_shapes_kept(vae, n: int = 150, seed: int = 3) -> float:
     if not isinstance(vae, torch.nn.Module):
         vae = AutoencoderKL.from_pretrained(vae, **dtype_kwargs(torch.float32)).eval()
     kept = 0
-    for i in range(n):
-        colour, shape = COMBOS[i % len(COMBOS)].split()[1:]
-        im = render(single_object_scene(seed, i, colour, shape), 128)
-        with torch.no_grad():
-            z = vae.encode(pil_to_tensor(im) * 2 - 1).latent_dist.mode()
-            rec = ((vae.decode(z).sample[0] + 1) * 127.5).clamp(0, 255).round()
-        objects = read_objects(rec.byte().permute(1, 2, 0).numpy())
-        kept += any(c == colour and s == shape for c, s, _ in objects)
+    for labels, x in cycled_renders(n, seed):
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        for label, img in zip(labels, tensor_to_pil((rec + 1) / 2)):
+            colour, shape = COMBOS[label].split()[1:]
+            kept += any(c == colour and s == shape for c, s, _ in read_objects(img))
     return kept / n
 
 

@@ -802,15 +802,15 @@ def train_pixel(args) -> None:
     data = SceneData(args.data)
     sched = DDPMScheduler(**PIXEL_SCHEDULER)
     torch.manual_seed(args.seed)
+    # an unconditional model draws empty scenes as often as its data holds them
+    pool = np.flatnonzero([len(sc.objects) >= args.min_objects for sc in data.scenes])
+    if len(pool) == 0:
+        raise SystemExit(f"--min-objects {args.min_objects}: no scene in {args.data} has as many")
     model = UNet2DModel(**PIXEL_CONFIG)
     if args.init_from:
         start = Path(args.init_from)
         start = start / "unet" if (start / "unet").is_dir() else start
         model.load_state_dict(UNet2DModel.from_pretrained(start).state_dict())
-    # an unconditional model draws empty scenes as often as its data holds them
-    pool = np.flatnonzero([len(sc.objects) >= args.min_objects for sc in data.scenes])
-    if len(pool) == 0:
-        raise SystemExit(f"--min-objects {args.min_objects}: no scene in {args.data} has as many")
     run = Run(out, model, args, ema=True)
     factor = data.images.shape[1] // PIXEL_CONFIG["sample_size"]
 
