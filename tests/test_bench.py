@@ -47,6 +47,18 @@ def test_defaults_study_says_which_setting_won():
     assert compare_defaults(m)[0]["significant"]
 
 
+def test_bench_of_one_task_kind_runs_only_that_kind_and_names_a_bad_one(tmp_path):
+    cfg = BenchConfig(model="tiny-random", tasks=2, steps=1, samples=1, methods=["ours"])
+    cfg.kinds = ("small",)
+    r = run_bench(cfg, tmp_path, progress=False, log=lambda m: None)
+    assert [t["kind"] for t in r["tasks"]] == ["small", "small"]
+    assert "2 tasks (small masks only;" in (tmp_path / "report.md").read_text()
+    cfg.kinds = ("huge",)
+    with pytest.raises(ValueError, match="kinds: expected some of"):
+        run_bench(cfg, tmp_path / "x", progress=False, log=lambda m: None)
+    assert main(["bench", "--kinds", "huge", "--out", str(tmp_path / "y")]) == 2
+
+
 def test_bench_without_the_shipped_model_says_what_to_do(tmp_path, monkeypatch):
     from blendedit import models
 

@@ -182,3 +182,16 @@ def test_suite_mixes_kinds_and_border_tasks():
     s = task_suite(12)
     assert [t.kind for t in s[:3]] == list(TASK_KINDS)
     assert sum(min(t.box) <= 1e-9 or max(t.box) >= 1 - 1e-9 for t in s) >= 3
+
+
+def test_suite_of_some_kinds_repeats_the_full_suites_tasks_of_those_kinds():
+    full = task_suite(12)
+    small = task_suite(6, kinds=("small",))
+    assert [t.kind for t in small] == ["small"] * 6
+    same = [t for t in full if t.kind == "small"]  # the full suite's 4, then 2 more
+    assert [t.seed for t in small[:4]] == [t.seed for t in same]
+    assert all(np.array_equal(np.asarray(a.mask), np.asarray(b.mask)) for a, b in zip(small, same))
+    assert [t.seed for t in task_suite(12, kinds=TASK_KINDS)] == [t.seed for t in full]
+    for bad in (("tiny",), ()):
+        with pytest.raises(ValueError, match="kinds: expected some of"):
+            task_suite(3, kinds=bad)

@@ -334,6 +334,8 @@ def test_card_chain_lists_the_runs_a_run_started_from_earliest_first(tmp_path):
     assert T._card_chain(lit) == [vision / "card.md", lit / "card.md"]
     assert T._card_chain(dec) == [vae / "card.md", dec / "card.md"]
     assert T._card_chain(vae) == [vae / "card.md"]  # no parent: just its own card
+    cont = run("cont", f"vae --init-from {dec} --object-weight 10")  # a run folder, not model/
+    assert T._card_chain(cont) == [vae / "card.md", dec / "card.md", cont / "card.md"]
     other = run("other", f"unet --init-from {tmp_path / 'elsewhere'}")  # not a run's model/
     assert T._card_chain(other) == [other / "card.md"]
     a, b = tmp_path / "a", tmp_path / "b"  # runs that name each other: no endless recursion
@@ -425,3 +427,78 @@ def test_assemble_ships_float16_folders_that_load_and_names_a_missing_run(tmp_pa
     assert not dest.with_name("toy.tmp").exists()  # and nothing half-built is left beside it
     T.assemble(T.build_parser().parse_args(argv + ["--pixel", ""]))  # '' ships none
     assert not (dest / "pixel").exists() and models.toy_shipped(dest)
+
+
+def test_object_band_covers_objects_and_their_edges_and_weights_the_loss():
+    obj = Obj(shape="square", colour="red", cx=0.5, cy=0.5, r=0.15)
+    plain = Background("plain", ("cream",))
+    scenes = [Scene(plain, (obj,)), Scene(plain, ())]
+    band = T.object_band(scenes, 64)
+    assert band.shape == (2, 1, 64, 64) and float(band[1].max()) == 0  # no objects: no band
+    cov = torch.from_numpy(T.coverage(obj, 64, ss=2)) > 0
+    assert bool((band[0, 0][cov] == 1).all())  # every covered pixel is in the band
+    ring = (T.object_band(scenes[:1], 64, band=2)[0, 0] > 0) & ~cov
+    assert 0 < int(ring.sum()) and int(ring.sum()) < int(cov.sum())  # a thin band around it
+    x = torch.zeros(2, 3, 64, 64)
+    rec = x.clone()
+    rec[0, :, ~cov] = 0.5  # error only off the object
+    w = 1 + 10 * band
+    plain, weighted = T._weighted_rec_loss(rec, x), T._weighted_rec_loss(rec, x, w)
+    assert weighted < plain  # the weights move the loss towards object pixels
+    rec2 = x.clone()
+    rec2[0, :, cov] = 0.5  # the same error on the object
+    assert T._weighted_rec_loss(rec2, x, w) > T._weighted_rec_loss(rec2, x)
+    assert torch.isclose(T._weighted_rec_loss(rec, x, torch.ones(2, 1, 64, 64)), plain)
+
+
+def test_vae_init_from_continues_a_vae_with_the_object_weighted_loss(
+    data_dir, tmp_path, monkeypatch
+):
+    from diffusers import AutoencoderKL
+
+    small = dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+    monkeypatch.setattr(T, "VAE_CONFIG", small)
+    torch.manual_seed(5)
+    AutoencoderKL(**small).save_pretrained(tmp_path / "start" / "model")
+    (tmp_path / "start" / "card.md").write_text("# Shapes World VAE\n")
+    argv = [
+        "vae",
+        "--data",
+        str(data_dir),
+        "--heldout",
+        str(data_dir),
+        "--out",
+        str(tmp_path / "v"),
+    ]
+    argv += ["--steps", "1", "--batch-size", "2", "--lr", "0", "--crop", "128"]
+    argv += ["--init-from", str(tmp_path / "start"), "--object-weight", "10"]
+    T.train_vae(T.build_parser().parse_args(argv))  # lr 0: the weights stay where they start
+    a = load_file(tmp_path / "start" / "model" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "v" / "model" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    card = (tmp_path / "v" / "card.md").read_text()
+    assert card.startswith("# Shapes World VAE, continued from an earlier run")
+    assert "weighs 11x" in card
+    with pytest.raises(SystemExit, match="--decoder-only and --init-from"):
+        T.train_vae(T.build_parser().parse_args(argv + ["--decoder-only", str(tmp_path / "start")]))
+
+
+def test_unet_limit_encodes_and_draws_only_the_first_images(data_dir, tmp_path, monkeypatch):
+    _tiny_unet_inputs(monkeypatch, tmp_path / "vae", tmp_path / "clip")
+    seen = []
+    real_caption = T.train_caption
+    monkeypatch.setattr(
+        T, "train_caption", lambda sc, rng: seen.append(sc) or real_caption(sc, rng)
+    )
+    argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--limit", "4"]
+    argv += ["--steps", "2", "--batch-size", "16", "--clip", str(tmp_path / "clip")]
+    argv += ["--vae", str(tmp_path / "vae")]
+    T.train_unet(T.build_parser().parse_args(argv))
+    z = torch.load(tmp_path / "u" / f"latents-{data_dir.name}-first4.pt", weights_only=True)
+    assert len(z) == 4
+    first = SceneData(data_dir).scenes[:4]
+    assert seen and all(sc in first for sc in seen)
+    assert "Only the first 4 images of each data set." in (tmp_path / "u" / "card.md").read_text()
+    argv[argv.index("--limit") + 1] = "0"
+    with pytest.raises(SystemExit, match="--limit: .* at least 1; got 0"):
+        T.train_unet(T.build_parser().parse_args(argv))

@@ -117,6 +117,7 @@ class BenchConfig:
     clip: str | None = None  # CLIP folder that ranks and judges CLIP scores (built-ins: their own)
     pixel_model: str | None = None  # None: the built-in's own when the model is built in
     tasks: int = 120
+    kinds: tuple[str, ...] = ("replace", "add", "small")  # task kinds (toy.tasks.TASK_KINDS)
     steps: int = 25
     samples: int = 4
     guidance_scale: float = 5.0
@@ -257,11 +258,12 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; known: {list(METHODS)}")
+    task_suite(0, kinds=cfg.kinds)  # a bad kind fails before any model loads
     out = Path(out)
     t_all = time.perf_counter()
     runner = Runner(cfg)
     methods = [m for m in cfg.methods if METHODS[m][0] != "pixel" or runner.pixel is not None]
-    tasks = task_suite(cfg.tasks, size=runner.ours.native_size, seed=cfg.seed)
+    tasks = task_suite(cfg.tasks, size=runner.ours.native_size, seed=cfg.seed, kinds=cfg.kinds)
     rows: dict[str, list[dict]] = {}
     peaks: dict[str, float] = {}
     examples: dict[str, list[Image.Image]] = {}
@@ -442,12 +444,19 @@ def write_plots(results: dict, examples: dict, tasks, out: Path) -> list[str]:
     return ["success_vs_time.png", "background_error.png", "examples.png"]
 
 
+def _kinds_phrase(kinds) -> str:
+    words = {"replace": "replace", "add": "add", "small": "small masks"}
+    kinds = list(kinds or words)
+    return ", ".join(words[k] for k in kinds) + (" only" if len(kinds) < len(words) else "")
+
+
 def report(r: dict, plots: list[str]) -> str:
     c = r["config"]
     lines = [
         "# Quality and speed: every method on the same Shapes World edits",
         "",
-        f"{len(r['tasks'])} tasks (replace, add, small masks; every fourth touching the border), "
+        f"{len(r['tasks'])} tasks ({_kinds_phrase(c.get('kinds'))}; every fourth touching the "
+        "border), "
         f"model `{c['model']}`, {c['steps']} steps, {c['samples']} samples per edit (ranked "
         f"methods return the best by the model's CLIP, the others the first), guidance "
         f"{c['guidance_scale']}, seed {c['seed']}. Whole run {r['wall_seconds']:.0f} s.",

@@ -204,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--quick", action="store_true", help="30 tasks, 20 steps, 5 methods")
     q.add_argument("--tasks", type=int, default=None, help="number of tasks (default: 120)")
+    q.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["replace", "add", "small"],
+        help="task kinds: replace, add, small (default: all three in turn; e.g. `--kinds small` "
+        "for the small-mask study)",
+    )
     q.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25)")
     q.add_argument("--samples", type=int, default=4, help="samples per edit (default: 4)")
     q.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all)")
@@ -432,6 +439,7 @@ def _bench(args) -> int:
         clip=args.rank_model,
         pixel_model=args.pixel_model,
         tasks=args.tasks or (30 if args.quick else 120),
+        kinds=tuple(args.kinds),
         steps=args.steps or (20 if args.quick else 25),
         samples=args.samples,
         methods=args.methods or (QUICK_METHODS if args.quick else list(METHODS)),

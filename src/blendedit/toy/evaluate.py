@@ -79,6 +79,7 @@ def vae_psnr(folder, heldout, n: int = 200) -> float:
 
     vae = AutoencoderKL.from_pretrained(folder, **dtype_kwargs(torch.float32)).eval()
     data = SceneData(heldout)
+    n = min(n, len(data))
     out = []
     for a in range(0, n, 25):
         x = image_batch(data, range(a, min(n, a + 25)))

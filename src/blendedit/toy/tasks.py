@@ -117,12 +117,21 @@ def _try(rng, seed, kind, size, touch_border) -> EditTask | None:
     )
 
 
-def task_suite(n: int, size: int = 128, seed: int = 0) -> list[EditTask]:
-    """A fixed, seeded mix: replace / add / small in turn, every fourth touching the border."""
-    return [
-        make_task(seed * 100_000 + i, TASK_KINDS[i % 3], size, touch_border=(i % 4 == 3))
-        for i in range(n)
-    ]
+def task_suite(
+    n: int, size: int = 128, seed: int = 0, kinds: tuple[str, ...] = TASK_KINDS
+) -> list[EditTask]:
+    """A fixed, seeded mix: replace / add / small in turn, every fourth touching the border.
+    ``kinds``: only these kinds, the first ``n`` of them in the full mix (so a run on small
+    masks alone repeats the full suite's small-mask tasks, and adds more)."""
+    unknown = [k for k in kinds if k not in TASK_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds: expected some of {TASK_KINDS}, got {tuple(kinds)}")
+    out, i = [], 0
+    while len(out) < n:
+        if TASK_KINDS[i % 3] in kinds:
+            out.append(make_task(seed * 100_000 + i, TASK_KINDS[i % 3], size, i % 4 == 3))
+        i += 1
+    return out
 
 
 def write_manifest(folder, n: int, size: int = 128, seed: int = 0, **row_options):
