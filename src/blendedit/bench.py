@@ -468,7 +468,7 @@ def report(r: dict, plots: list[str]) -> str:
     ]
     for name, s in r["methods"].items():
         bk = s["by_kind"]
-        kinds = " / ".join(f"{bk.get(k, float('nan')):.0%}" for k in ("replace", "add", "small"))
+        kinds = " / ".join(f"{bk[k]:.0%}" if k in bk else "-" for k in ("replace", "add", "small"))
         lines.append(
             f"| {name} | {s['success']:.0%} [{s['ci'][0]:.0%}, {s['ci'][1]:.0%}] | {kinds} | "
             f"{s['psnr_outside']:.1f} | {'yes' if s['all_exact_outside'] else 'no'} | "
