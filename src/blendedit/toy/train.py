@@ -636,7 +636,9 @@ def train_vae(args) -> None:
     start = args.decoder_only or args.init_from
     if start:
         model.load_state_dict(
-            AutoencoderKL.from_pretrained(_model_dir(start, "--init-from")).state_dict()
+            AutoencoderKL.from_pretrained(
+                _model_dir(start, "--decoder-only" if args.decoder_only else "--init-from")
+            ).state_dict()
         )
     if args.decoder_only:  # the latents (and a UNet trained on them) stay valid
         model.encoder.requires_grad_(False)
