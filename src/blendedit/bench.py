@@ -33,6 +33,7 @@ from PIL import Image
 from . import background as B
 from .io import mask_to_tensor, pil_to_tensor, save_json, tensor_to_pil
 from .runner import resolve_device
+from .toy.tasks import TASK_KINDS, check_kinds
 
 #: name -> (kind, options). ``ours*`` are our latent method with these options over its defaults.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -117,7 +118,7 @@ class BenchConfig:
     clip: str | None = None  # CLIP folder that ranks and judges CLIP scores (built-ins: their own)
     pixel_model: str | None = None  # None: the built-in's own when the model is built in
     tasks: int = 120
-    kinds: tuple[str, ...] = ("replace", "add", "small")  # task kinds (toy.tasks.TASK_KINDS)
+    kinds: tuple[str, ...] = TASK_KINDS  # task kinds to run, in the suite's order
     steps: int = 25
     samples: int = 4
     guidance_scale: float = 5.0
@@ -258,7 +259,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; known: {list(METHODS)}")
-    task_suite(0, kinds=cfg.kinds)  # a bad kind fails before any model loads
+    check_kinds(cfg.kinds)  # a bad kind fails before any model loads
     out = Path(out)
     t_all = time.perf_counter()
     runner = Runner(cfg)
@@ -446,8 +447,8 @@ def write_plots(results: dict, examples: dict, tasks, out: Path) -> list[str]:
 
 def _kinds_phrase(kinds) -> str:
     words = {"replace": "replace", "add": "add", "small": "small masks"}
-    kinds = list(kinds or words)
-    return ", ".join(words[k] for k in kinds) + (" only" if len(kinds) < len(words) else "")
+    kinds = list(kinds or TASK_KINDS)
+    return ", ".join(words[k] for k in kinds) + (" only" if len(kinds) < len(TASK_KINDS) else "")
 
 
 def report(r: dict, plots: list[str]) -> str:
@@ -468,7 +469,7 @@ def report(r: dict, plots: list[str]) -> str:
     ]
     for name, s in r["methods"].items():
         bk = s["by_kind"]
-        kinds = " / ".join(f"{bk[k]:.0%}" if k in bk else "-" for k in ("replace", "add", "small"))
+        kinds = " / ".join(f"{bk[k]:.0%}" if k in bk else "-" for k in TASK_KINDS)
         lines.append(
             f"| {name} | {s['success']:.0%} [{s['ci'][0]:.0%}, {s['ci'][1]:.0%}] | {kinds} | "
             f"{s['psnr_outside']:.1f} | {'yes' if s['all_exact_outside'] else 'no'} | "

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--kinds",
         nargs="+",
-        default=["replace", "add", "small"],
+        default=None,
         help="task kinds: replace, add, small (default: all three in turn; e.g. `--kinds small` "
         "for the small-mask study)",
     )
@@ -439,7 +439,7 @@ def _bench(args) -> int:
         clip=args.rank_model,
         pixel_model=args.pixel_model,
         tasks=args.tasks or (30 if args.quick else 120),
-        kinds=tuple(args.kinds),
+        kinds=tuple(args.kinds or BenchConfig.kinds),
         steps=args.steps or (20 if args.quick else 25),
         samples=args.samples,
         methods=args.methods or (QUICK_METHODS if args.quick else list(METHODS)),

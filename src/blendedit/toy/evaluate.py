@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import pil_to_tensor, tensor_to_pil
+from ..io import pil_to_tensor, save_json, tensor_to_pil, write_files_atomically
 from ..models import dtype_kwargs, quiet_transformers
 from ..ranking import _features
 from .judge import judge, read_objects
@@ -69,16 +68,23 @@ def clip_zero_shot(folder, n: int = 300, seed: int = 2) -> float:
     return round(right / n, 4)
 
 
-@torch.no_grad()
-def vae_psnr(folder, heldout, n: int = 200) -> float:
-    """Mean PSNR (dB) of D(E(x)) (posterior mode, as the pipeline encodes) over ``n`` held-out
-    128 px scenes."""
+def _vae(vae):
+    """``vae`` itself when it is a model, else the ``AutoencoderKL`` in that folder (float32)."""
     from diffusers import AutoencoderKL
 
+    if isinstance(vae, torch.nn.Module):
+        return vae
+    return AutoencoderKL.from_pretrained(vae, **dtype_kwargs(torch.float32)).eval()
+
+
+@torch.no_grad()
+def vae_psnr(vae, heldout, n: int = 200) -> float:
+    """Mean PSNR (dB) of D(E(x)) (posterior mode, as the pipeline encodes) over ``n`` held-out
+    128 px scenes. ``vae``: a folder or an ``AutoencoderKL``."""
     from .data import SceneData
     from .train import image_batch
 
-    vae = AutoencoderKL.from_pretrained(folder, **dtype_kwargs(torch.float32)).eval()
+    vae = _vae(vae)
     data = SceneData(heldout)
     n = min(n, len(data))
     out = []
@@ -97,10 +103,7 @@ def vae_shapes_kept(vae, n: int = 150, seed: int = 3) -> float:
     rotation and background) whose object the judge still reads, colour and shape, after the
     VAE's round trip D(E(x)). Every latent edit is bounded by it: PSNR over a frame that is mostly
     background does not show blurred shapes. ``vae``: a folder or an ``AutoencoderKL``."""
-    from diffusers import AutoencoderKL
-
-    if not isinstance(vae, torch.nn.Module):
-        vae = AutoencoderKL.from_pretrained(vae, **dtype_kwargs(torch.float32)).eval()
+    vae = _vae(vae)
     kept = 0
     for labels, x in cycled_renders(n, seed):
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
@@ -174,9 +177,7 @@ def write_measured(card: Path, res: dict) -> None:
     text = text.split("\n" + MEASURED)[0].rstrip("\n")
     rows = [f"- {LABELS[k]}: {round(v, 4)}" for k, v in res.items() if k in LABELS]
     text += f"\n\n{MEASURED}\n\n" + "\n".join(rows) + f"\n- seconds: {res.get('seconds')}\n"
-    tmp = card.with_name(card.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, card)
+    write_files_atomically({card: text.encode()})
 
 
 def main(argv=None) -> int:
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps({k: v for k, v in res.items() if k != "t2i_failures"}, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        save_json(res, args.out)
     if args.card:
         write_measured(d / "MODEL_CARD.md", res)
     return 0

@@ -117,15 +117,19 @@ def _try(rng, seed, kind, size, touch_border) -> EditTask | None:
     )
 
 
+def check_kinds(kinds) -> None:
+    """``ValueError`` naming ``kinds`` unless it is a non-empty selection of ``TASK_KINDS``."""
+    if not kinds or any(k not in TASK_KINDS for k in kinds):
+        raise ValueError(f"kinds: expected some of {TASK_KINDS}, got {tuple(kinds)}")
+
+
 def task_suite(
     n: int, size: int = 128, seed: int = 0, kinds: tuple[str, ...] = TASK_KINDS
 ) -> list[EditTask]:
     """A fixed, seeded mix: replace / add / small in turn, every fourth touching the border.
     ``kinds``: only these kinds, the first ``n`` of them in the full mix (so a run on small
     masks alone repeats the full suite's small-mask tasks, and adds more)."""
-    unknown = [k for k in kinds if k not in TASK_KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"kinds: expected some of {TASK_KINDS}, got {tuple(kinds)}")
+    check_kinds(kinds)
     out, i = [], 0
     while len(out) < n:
         if TASK_KINDS[i % 3] in kinds:

@@ -690,8 +690,9 @@ def train_vae(args) -> None:
     model.save_pretrained(folder)
     from .evaluate import vae_psnr, vae_shapes_kept
 
-    psnr = vae_psnr(folder, args.heldout, n=200)
-    kept = round(vae_shapes_kept(model.eval()), 3)
+    model.eval()  # measured as saved, without loading it again
+    psnr = vae_psnr(model, args.heldout, n=200)
+    kept = round(vae_shapes_kept(model), 3)
     params = sum(p.numel() for p in model.parameters())
     write_card(
         out,
