@@ -313,6 +313,7 @@ def test_unet_init_from_starts_from_the_given_unet(data_dir, tmp_path, monkeypat
     a = load_file(tmp_path / "start" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "u" / "model" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "u" / "model" / "text_encoder").exists()  # frozen: not shipped here
     card = (tmp_path / "u" / "card.md").read_text()
     assert "Started from" in card
     assert card.startswith("# Shapes World text-to-image UNet, continued from an earlier run")
@@ -427,6 +428,39 @@ def test_assemble_ships_float16_folders_that_load_and_names_a_missing_run(tmp_pa
     assert not dest.with_name("toy.tmp").exists()  # and nothing half-built is left beside it
     T.assemble(T.build_parser().parse_args(argv + ["--pixel", ""]))  # '' ships none
     assert not (dest / "pixel").exists() and models.toy_shipped(dest)
+
+
+def test_unet_train_text_encoder_trains_it_and_the_pipeline_ships_that_one(
+    data_dir, tmp_path, monkeypatch
+):
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    work = tmp_path / "runs"
+    _tiny_unet_inputs(monkeypatch, work / "vae" / "model", work / "clip" / "model")
+    argv = ["unet", "--data", str(data_dir), "--out", str(work / "u"), "--steps", "3"]
+    argv += ["--batch-size", "4", "--lr", "1e-2", "--clip", str(work / "clip")]
+    argv += ["--vae", str(work / "vae"), "--train-text-encoder", "--ckpt-every", "2"]
+    T.train_unet(T.build_parser().parse_args(argv))
+    key = "encoder.layers.0.self_attn.q_proj.weight"
+    start = CLIPTextModel.from_pretrained(work / "clip" / "model").state_dict()[key]
+    trained = work / "u" / "model" / "text_encoder"
+    assert not torch.equal(CLIPTextModel.from_pretrained(trained).state_dict()[key], start)
+    tok = AutoTokenizer.from_pretrained(trained)  # the tokenizer travels with it
+    assert len({tuple(tok(p).input_ids) for p in ("a red circle", "a red square")}) == 2
+    assert "trained with the UNet" in (work / "u" / "card.md").read_text()
+    # a snapshot of the finished run's checkpoint is laid out as its model/, text encoder too
+    snap = T.snapshot(work / "u")
+    a = CLIPTextModel.from_pretrained(snap / "text_encoder").state_dict()
+    b = CLIPTextModel.from_pretrained(trained).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    dest = tmp_path / "toy"
+    argv = ["assemble", "--work", str(work), "--vae", "vae", "--clip", "clip", "--unet", "u"]
+    argv += ["--pixel", "", "--vision", "", "--dest", str(dest)]
+    T.assemble(T.build_parser().parse_args(argv))
+    shipped = CLIPTextModel.from_pretrained(dest / "pipeline" / "text_encoder").state_dict()[key]
+    assert torch.equal(shipped, b[key].half())  # the UNet's own, not the CLIP's
+    with pytest.raises(SystemExit, match="trained with its own text encoder"):
+        T.assemble(T.build_parser().parse_args(argv + ["--text-encoder", "clip"]))
 
 
 def test_object_band_covers_objects_and_their_edges_and_weights_the_loss():

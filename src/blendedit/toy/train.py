@@ -43,6 +43,7 @@ from .world import COLOURS, PATTERN_WORDS, SHAPES, article, coverage, describe
 CLIP_IMAGE_SIZE = 64
 CLIP_MEAN = CLIP_STD = (0.5, 0.5, 0.5)
 TEXT_MAX_LENGTH = 32
+TEXT_ENCODER = "text_encoder"  # a jointly trained UNet's text encoder, inside its model/
 CLASS_PROMPTS = [f"{article(c)} {c} {s}" for c in COLOURS for s in SHAPES]  # "an orange star"
 
 
@@ -817,20 +818,31 @@ def train_unet(args) -> None:
     data = _Concat(sets, [len(z) for z in z_sets])
     clip_folder = _model_dir(args.clip, "--clip")
     tok = AutoTokenizer.from_pretrained(clip_folder)
-    text = CLIPTextModel.from_pretrained(clip_folder).float().eval().requires_grad_(False)
+    joint = args.train_text_encoder
+    text = CLIPTextModel.from_pretrained(clip_folder).float().requires_grad_(joint)
     sched = DDPMScheduler(**{k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"})
     torch.manual_seed(args.seed)
     model = UNet2DConditionModel(**UNET_CONFIG)
     if args.init_from:  # e.g. a UNet trained on another text encoder: its cross-attention re-learns
-        model.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_from).state_dict())
-    run = Run(out, model, args, ema=True)
+        model.load_state_dict(
+            UNet2DConditionModel.from_pretrained(_model_dir(args.init_from, "--init-from"))
+            .state_dict()
+        )
+    # jointly: one optimiser, EMA and checkpoint over both (their keys prefixed by their names)
+    net = torch.nn.ModuleDict({"unet": model, TEXT_ENCODER: text}) if joint else model
+    run = Run(out, net, args, ema=True)
+    if joint:  # its config and tokenizer, for snapshots of the checkpoint
+        text.config.save_pretrained(out / TEXT_ENCODER)
+        tok.save_pretrained(out / TEXT_ENCODER)
+    else:
+        text.eval()
 
     def loss_fn(step):
         rng = _rng(args, step)
         idx = rng.randint(len(data), size=args.batch_size)
         z0 = z_all[idx]
         texts = [train_caption(data.scenes[i], rng) for i in idx]
-        with torch.no_grad():
+        with torch.set_grad_enabled(joint):
             cond = text(tokenize(tok, texts))[0]
         g = torch.Generator().manual_seed(int(rng.randint(2**31)))
         noise = torch.randn(z0.shape, generator=g)
@@ -842,8 +854,11 @@ def train_unet(args) -> None:
 
     if not run.train(loss_fn):
         return
-    model.load_state_dict(run.final_state())
+    net.load_state_dict(run.final_state())
     model.save_pretrained(out / "model")
+    if joint:  # the UNet only works with its own text encoder: it goes inside its model folder
+        text.save_pretrained(out / "model" / TEXT_ENCODER)
+        tok.save_pretrained(out / "model" / TEXT_ENCODER)
     params = sum(p.numel() for p in model.parameters())
     write_card(
         out,
@@ -853,10 +868,16 @@ def train_unet(args) -> None:
         params,
         {},
         "`diffusers.UNet2DConditionModel` on 16x16x4 VAE latents, cross-attention on the toy "
-        "CLIP's text encoder (frozen; last hidden state, as Stable Diffusion), epsilon "
+        "CLIP's text encoder ("
+        + (
+            f"trained with the UNet from {args.clip}'s, saved in model/{TEXT_ENCODER}/"
+            if joint
+            else f"{args.clip}'s, frozen"
+        )
+        + "; last hidden state, as Stable Diffusion), epsilon "
         "prediction, Stable Diffusion 1.x's noise schedule, min-SNR loss weighting "
         f"(gamma {args.min_snr}), captions drawn afresh every step, {int(100 * 0.1)}% empty "
-        f"(for classifier-free guidance), text encoder of {args.clip}. Weights are the EMA."
+        "(for classifier-free guidance). Weights are the EMA."
         + (f" Only the first {args.limit} images of each data set." if args.limit else ""),
         started_from=args.init_from,
     )
@@ -924,6 +945,11 @@ def train_pixel(args) -> None:
 # --- snapshots of unfinished runs -------------------------------------------------------------
 
 
+def _split_prefix(weights: dict, prefix: str) -> dict:
+    """The entries of ``weights`` under ``prefix``, without it."""
+    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
 def _model_kind(weights: dict) -> str:
     """Which of the four models a state dict belongs to, from its parameter names."""
     keys = list(weights)
@@ -953,6 +979,9 @@ def snapshot(run: Path) -> Path:
         raise SystemExit(f"{run}: no checkpoint.pt (not a training run, or not started)")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     weights = state.get("ema") or state["model"]
+    text_weights = _split_prefix(weights, TEXT_ENCODER + ".")
+    if text_weights:  # a UNet trained with its text encoder (`unet --train-text-encoder`)
+        weights = _split_prefix(weights, "unet.")
     kind = _model_kind(weights)
     tmp = run / "snapshot.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -985,6 +1014,15 @@ def snapshot(run: Path) -> Path:
                     model.register_to_config(scaling_factor=factor)
                     break
         model.save_pretrained(tmp)
+    if text_weights:
+        from transformers import CLIPTextModel
+
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(run / TEXT_ENCODER))
+        text.load_state_dict(text_weights)
+        text.save_pretrained(tmp / TEXT_ENCODER)
+        AutoTokenizer.from_pretrained(run / TEXT_ENCODER).save_pretrained(tmp / TEXT_ENCODER)
     (tmp / "STEP").write_text(f"{state['step']}\n")
     dest = run / "snapshot"
     shutil.rmtree(dest, ignore_errors=True)
@@ -1064,7 +1102,16 @@ def assemble(args) -> None:
 
     # every run is found before anything is written: a wrong name leaves no half-built folder
     vae, unet = folder(args.vae), folder(args.unet)
-    clip_folder, text_folder = folder(args.clip), folder(args.text_encoder)
+    clip_folder = folder(args.clip)
+    # a UNet trained with its text encoder carries it; one trained on a frozen one names its run
+    text_folder = unet / TEXT_ENCODER
+    if not text_folder.is_dir():
+        text_folder = folder(args.text_encoder or "clip")
+    elif args.text_encoder:
+        raise SystemExit(
+            f"--text-encoder {args.text_encoder}: the UNet {args.unet} was trained with its own "
+            f"text encoder ({text_folder}), which the pipeline ships; leave --text-encoder out"
+        )
     pixel = folder(args.pixel) if args.pixel else None  # '' ships no pixel model
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1252,7 +1299,14 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--init-from",
                 default=None,
-                help="UNet folder to start from (e.g. one trained on an earlier text encoder)",
+                help="UNet run or folder to start from (e.g. one trained on an earlier text "
+                "encoder)",
+            )
+            s.add_argument(
+                "--train-text-encoder",
+                action="store_true",
+                help="train --clip's text encoder with the UNet (saved in model/text_encoder/, "
+                "which the pipeline then ships); without it the text encoder stays frozen",
             )
     a = sub.add_parser("assemble", help="build the shipped folder from finished runs")
     a.add_argument("--work", default="runs/toy")
@@ -1265,9 +1319,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--text-encoder",
-        default="clip",
+        default=None,
         help="run folder of the CLIP whose text encoder the UNet was trained with (the "
-        "pipeline's text encoder; the shipped CLIP may be a later one)",
+        "pipeline's text encoder; the shipped CLIP may be a later one). Default: `clip`, or for "
+        "a UNet trained with its text encoder (`unet --train-text-encoder`) that one",
     )
     a.add_argument("--unet", default="unet", help="run folder of the text-to-image UNet")
     a.add_argument("--pixel", default="pixel", help="run folder of the pixel model ('' for none)")
