@@ -319,6 +319,37 @@ def test_unet_init_from_starts_from_the_given_unet(data_dir, tmp_path, monkeypat
     assert card.startswith("# Shapes World text-to-image UNet, continued from an earlier run")
 
 
+def test_unet_pooled_text_joins_a_unet_silently_and_then_conditions_it(
+    data_dir, tmp_path, monkeypatch
+):
+    from diffusers import UNet2DConditionModel
+
+    small = _tiny_unet_inputs(monkeypatch, tmp_path / "vae" / "model", tmp_path / "clip" / "model")
+    torch.manual_seed(4)
+    plain = UNet2DConditionModel(**small)
+    plain.save_pretrained(tmp_path / "start")
+    argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "1"]
+    argv += ["--batch-size", "2", "--lr", "0", "--clip", str(tmp_path / "clip")]
+    argv += ["--vae", str(tmp_path / "vae"), "--init-from", str(tmp_path / "start")]
+    T.train_unet(T.build_parser().parse_args(argv + ["--pooled-text"]))
+    pooled = UNet2DConditionModel.from_pretrained(tmp_path / "u" / "model")
+    assert pooled.config.addition_embed_type == "text"
+    z, t = torch.randn(2, 4, 16, 16), torch.tensor([900, 10])
+    a, b = torch.randn(2, 8, 128), torch.randn(2, 8, 128)
+    with torch.no_grad():  # added silent: the continued UNet answers as the one it started from
+        assert torch.allclose(pooled(z, t, a).sample, plain(z, t, a).sample, atol=1e-6)
+        pooled.add_embedding.norm2.weight.fill_(1.0)  # once it has learnt: the text's pooled
+        pooled.add_embedding.norm2.bias.normal_()  # hidden states move the time embedding
+        assert not torch.allclose(pooled.add_embedding(a), pooled.add_embedding(b))
+        assert not torch.allclose(pooled(z, t, a).sample, plain(z, t, a).sample, atol=1e-4)
+    snap = UNet2DConditionModel.from_pretrained(T.snapshot(tmp_path / "u"))
+    assert snap.config.addition_embed_type == "text"
+    argv[argv.index("--init-from") + 1] = str(tmp_path / "u")  # pooled into a plain UNet: no
+    argv[argv.index("--out") + 1] = str(tmp_path / "v")
+    with pytest.raises(SystemExit, match="--pooled-text can be added to a UNet without it"):
+        T.train_unet(T.build_parser().parse_args(argv))
+
+
 def test_card_chain_lists_the_runs_a_run_started_from_earliest_first(tmp_path):
     def run(name, *commands):
         folder = tmp_path / name

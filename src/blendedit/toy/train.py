@@ -114,6 +114,9 @@ UNET_CONFIG = dict(
     attention_head_dim=8,
     norm_num_groups=32,
 )
+# `unet --pooled-text`: the text's attention-pooled hidden states also join the time embedding
+# (DeepFloyd IF's `addition_embed_type="text"`), so every ResNet block sees what was asked for
+UNET_POOLED_TEXT = dict(addition_embed_type="text", addition_embed_type_num_heads=4)
 PIXEL_CONFIG = dict(
     sample_size=64,
     in_channels=3,
@@ -822,12 +825,19 @@ def train_unet(args) -> None:
     text = CLIPTextModel.from_pretrained(clip_folder).float().requires_grad_(joint)
     sched = DDPMScheduler(**{k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"})
     torch.manual_seed(args.seed)
-    model = UNet2DConditionModel(**UNET_CONFIG)
+    model = UNet2DConditionModel(**UNET_CONFIG, **(UNET_POOLED_TEXT if args.pooled_text else {}))
+    if args.pooled_text:  # the pooled text starts silent: a UNet it is added to keeps its output
+        torch.nn.init.zeros_(model.add_embedding.norm2.weight)
+        torch.nn.init.zeros_(model.add_embedding.norm2.bias)
     if args.init_from:  # e.g. a UNet trained on another text encoder: its cross-attention re-learns
-        model.load_state_dict(
-            UNet2DConditionModel.from_pretrained(_model_dir(args.init_from, "--init-from"))
-            .state_dict()
-        )
+        start = UNet2DConditionModel.from_pretrained(_model_dir(args.init_from, "--init-from"))
+        missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("add_embedding.") for k in missing):
+            raise SystemExit(
+                f"--init-from {args.init_from}: its UNet does not fit this one (missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}); --pooled-text can be added to "
+                "a UNet without it, not taken away"
+            )
     # jointly: one optimiser, EMA and checkpoint over both (their keys prefixed by their names)
     net = torch.nn.ModuleDict({"unet": model, TEXT_ENCODER: text}) if joint else model
     run = Run(out, net, args, ema=True)
@@ -1005,6 +1015,8 @@ def snapshot(run: Path) -> Path:
     else:
         builds = {"vae": (AutoencoderKL, VAE_CONFIG), "unet": (UNet2DConditionModel, UNET_CONFIG)}
         cls, cfg = builds[kind]
+        if any(k.startswith("add_embedding.") for k in weights):  # `unet --pooled-text`
+            cfg = dict(cfg, **UNET_POOLED_TEXT)
         model = cls(**cfg)
         model.load_state_dict(weights)
         if kind == "vae":  # the scaling factor is measured when a run finishes
@@ -1301,6 +1313,12 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="UNet run or folder to start from (e.g. one trained on an earlier text "
                 "encoder)",
+            )
+            s.add_argument(
+                "--pooled-text",
+                action="store_true",
+                help="also add the attention-pooled text to the time embedding (diffusers' "
+                "addition_embed_type='text'); a UNet without it can be continued with it",
             )
             s.add_argument(
                 "--train-text-encoder",
