@@ -548,6 +548,43 @@ def test_vae_init_from_continues_a_vae_with_the_object_weighted_loss(
         T.train_vae(T.build_parser().parse_args(argv + ["--decoder-only", str(tmp_path / "start")]))
 
 
+def test_vae_denoised_by_decodes_the_unets_one_step_predictions(data_dir, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    small = _tiny_unet_inputs(monkeypatch, tmp_path / "vae" / "model", tmp_path / "clip")
+    pipe = tmp_path / "pipe"
+    UNet2DConditionModel(**small).save_pretrained(pipe / "unet")
+    CLIPTextModel.from_pretrained(tmp_path / "clip").save_pretrained(pipe / "text_encoder")
+    AutoTokenizer.from_pretrained(tmp_path / "clip").save_pretrained(pipe / "tokenizer")
+    den = T._Denoiser(str(pipe))
+    z0 = torch.randn(6, 4, 16, 16)
+    texts = ["a red circle"] * 6
+    rng = np.random.RandomState(0)
+    assert torch.equal(den(z0, texts, rng, 250, clean_share=1.0), z0)
+    mixed = den(z0, texts, np.random.RandomState(1), 250, clean_share=0.5)
+    same = [torch.equal(a, b) for a, b in zip(mixed, z0)]
+    assert any(same) and not all(same)  # some clean, the rest the UNet's prediction
+    den.unet = lambda zt, t, cond: type("Out", (), {"sample": torch.zeros_like(zt)})()
+    g = np.random.RandomState(2)  # an epsilon of zero: x0 is z_t scaled back to the signal
+    x0 = den(z0, texts, g, 0, clean_share=0.0)  # t = 0: almost no noise, so x0 is near z0
+    assert not torch.equal(x0, z0) and torch.allclose(x0, z0, atol=0.2)
+    vae_small = dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+    monkeypatch.setattr(T, "VAE_CONFIG", vae_small)
+    argv = ["vae", "--data", str(data_dir), "--heldout", str(data_dir), "--out"]
+    argv += [str(tmp_path / "d"), "--steps", "1", "--batch-size", "2", "--crop", "128"]
+    argv += ["--decoder-only", str(tmp_path / "vae"), "--denoised-by", str(pipe)]
+    T.train_vae(T.build_parser().parse_args(argv))
+    assert AutoencoderKL.from_pretrained(tmp_path / "d" / "model").config.latent_channels == 4
+    assert "predicted back in one step by the UNet of" in (tmp_path / "d" / "card.md").read_text()
+    bad = [a if a != "128" else "32" for a in argv]  # crops: the captions would not fit them
+    with pytest.raises(SystemExit, match="--denoised-by: only with --decoder-only"):
+        T.train_vae(T.build_parser().parse_args(bad + ["--fresh"]))
+    argv[argv.index("--denoised-by") + 1] = str(tmp_path / "clip")
+    with pytest.raises(SystemExit, match="not a pipeline folder"):
+        T.train_vae(T.build_parser().parse_args(argv + ["--fresh"]))
+
+
 def test_unet_limit_encodes_and_draws_only_the_first_images(data_dir, tmp_path, monkeypatch):
     _tiny_unet_inputs(monkeypatch, tmp_path / "vae", tmp_path / "clip")
     seen = []

@@ -647,6 +647,14 @@ def train_vae(args) -> None:
     if args.decoder_only:  # the latents (and a UNet trained on them) stay valid
         model.encoder.requires_grad_(False)
         model.quant_conv.requires_grad_(False)
+    denoiser = None
+    if args.denoised_by:
+        if not args.decoder_only or args.crop != data.images.shape[1]:
+            raise SystemExit(
+                "--denoised-by: only with --decoder-only (the UNet's latents are the encoder's) "
+                f"and whole frames (--crop {data.images.shape[1]}: its captions are the scene's)"
+            )
+        denoiser = _Denoiser(args.denoised_by)
     run = Run(out, model, args, ema=True)
     size = data.images.shape[1]
 
@@ -670,6 +678,10 @@ def train_vae(args) -> None:
         if args.decoder_only:  # decode the posterior mode, as the pipeline does
             with torch.no_grad():
                 z = model.encode(x).latent_dist.mode()
+                if denoiser is not None:  # or, for some, what the UNet makes of it noised
+                    texts = [train_caption(data.scenes[i], rng) for i in idx]
+                    sf = model.config.scaling_factor
+                    z = denoiser(z * sf, texts, rng, args.max_t, args.clean_share) / sf
             return _weighted_rec_loss(model.decode(z).sample, x, w)
         post = model.encode(x).latent_dist
         rec = model.decode(post.sample()).sample
@@ -730,9 +742,53 @@ def train_vae(args) -> None:
             "loss lets the objects blur (the judge then misreads their shapes)."
             if args.object_weight
             else ""
+        )
+        + (
+            f" Each batch also decodes, for {1 - args.clean_share:.0%} of its images, the "
+            f"latents noised to a random step up to {args.max_t} and predicted back in one step "
+            f"by the UNet of {args.denoised_by} (with the image's caption, no guidance): the "
+            "latents a sampler ends on are not the encoder's, and a decoder trained only on the "
+            "encoder's blurs what the UNet got slightly wrong."
+            if args.denoised_by
+            else ""
         ),
         started_from=args.init_from,
     )
+
+
+class _Denoiser:
+    """A pipeline's UNet and text encoder, frozen: ``z0`` noised to a random t up to ``max_t``
+    and predicted back in one step (x0 from its epsilon, no guidance), for all but
+    ``clean_share`` of a batch, so that a decoder learns to draw the scene from the latents the
+    UNet actually makes (`vae --denoised-by`)."""
+
+    def __init__(self, pipeline: str):
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        folder = Path(pipeline)
+        if not (folder / "unet" / "config.json").is_file():
+            raise SystemExit(
+                f"--denoised-by: {folder} is not a pipeline folder (unet/, text_encoder/, "
+                "tokenizer/), e.g. src/blendedit/assets/toy/pipeline"
+            )
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").float().eval()
+        self.text = CLIPTextModel.from_pretrained(folder / "text_encoder").float().eval()
+        self.tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        cfg = {k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"}
+        self.alphas = DDPMScheduler(**cfg).alphas_cumprod
+
+    @torch.no_grad()
+    def __call__(self, z0, texts, rng, max_t: int, clean_share: float):
+        g = torch.Generator().manual_seed(int(rng.randint(2**31)))
+        t = torch.randint(0, max_t + 1, (len(z0),), generator=g)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        noise = torch.randn(z0.shape, generator=g)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        eps = self.unet(zt, t, self.text(tokenize(self.tok, texts))[0]).sample
+        x0 = (zt - (1 - a).sqrt() * eps) / a.sqrt()
+        keep = torch.from_numpy(rng.rand(len(z0)) < clean_share).view(-1, 1, 1, 1)
+        return torch.where(keep, z0, x0)
 
 
 # --- text-to-image UNet ----------------------------------------------------------------------
@@ -1270,6 +1326,22 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="VAE_FOLDER",
                 help="fine-tune all of this VAE (a run or a model folder; the latents change, so "
                 "the UNet must be trained again on them)",
+            )
+            s.add_argument(
+                "--denoised-by",
+                default=None,
+                metavar="PIPELINE",
+                help="with --decoder-only: decode also what this pipeline's UNet predicts from "
+                "the latents noised (a decoder that draws crisp shapes from imperfect latents)",
+            )
+            s.add_argument(
+                "--max-t", type=int, default=300, help="--denoised-by: noise up to this step"
+            )
+            s.add_argument(
+                "--clean-share",
+                type=float,
+                default=0.25,
+                help="--denoised-by: share of each batch decoded from the clean latents",
             )
             s.add_argument(
                 "--object-weight",
