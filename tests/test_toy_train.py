@@ -585,6 +585,27 @@ def test_vae_denoised_by_decodes_the_unets_one_step_predictions(data_dir, tmp_pa
         T.train_vae(T.build_parser().parse_args(argv + ["--fresh"]))
 
 
+def test_unet_object_weight_weighs_the_latent_cells_under_objects(
+    data_dir, tmp_path, monkeypatch
+):
+    plain = Background("plain", ("cream",))
+    corner = Scene(plain, (Obj("square", "red", 0.2, 0.2, 0.1, 0.0),))
+    cells = T.object_cells([corner, Scene(plain, ())], 128, 8)
+    assert cells.shape == (2, 1, 16, 16) and float(cells[1].max()) == 0
+    on = cells[0, 0] > 0
+    assert on[3, 3] and not on[12, 12] and 4 <= int(on.sum()) <= 25  # its cells, no others
+    err = torch.zeros(2, 4, 16, 16)
+    err[:, :, on] = 1.0  # all the error on the object's cells
+    w = 1 + 4 * cells
+    assert torch.allclose(T._per_image_mean(err, torch.ones_like(w)), T._per_image_mean(err))
+    assert T._per_image_mean(err, w)[0] > 2 * T._per_image_mean(err)[0]
+    _tiny_unet_inputs(monkeypatch, tmp_path / "vae", tmp_path / "clip")
+    argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "1"]
+    argv += ["--batch-size", "4", "--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "vae")]
+    T.train_unet(T.build_parser().parse_args(argv + ["--object-weight", "4"]))
+    assert "weigh 5x in the loss" in (tmp_path / "u" / "card.md").read_text()
+
+
 def test_unet_limit_encodes_and_draws_only_the_first_images(data_dir, tmp_path, monkeypatch):
     _tiny_unet_inputs(monkeypatch, tmp_path / "vae", tmp_path / "clip")
     seen = []

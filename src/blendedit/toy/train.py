@@ -620,6 +620,19 @@ def object_band(scenes, size: int, band: int = 2) -> torch.Tensor:
     return F.max_pool2d(m, 2 * band + 1, 1, band) if band else m
 
 
+def object_cells(scenes, size: int, factor: int) -> torch.Tensor:
+    """(B, 1, S/factor, S/factor): 1 on the latent cells that any of a scene's objects (with
+    ``object_band``'s 2 px band) touches, 0 elsewhere."""
+    return F.max_pool2d(object_band(scenes, size), factor)
+
+
+def _per_image_mean(err, w=None) -> torch.Tensor:
+    """(B,): each image's mean of ``err`` (B, C, H, W), under the weights ``w`` (B, 1, H, W)."""
+    if w is None:
+        return err.mean((1, 2, 3))
+    return (w * err).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * err.shape[1])
+
+
 def _weighted_rec_loss(rec, x, w=None) -> torch.Tensor:
     """MSE + 0.5 L1 per pixel, averaged under the weights ``w`` (B, 1, S, S) when given."""
     err = ((rec - x).pow(2) + 0.5 * (rec - x).abs()).mean(1, keepdim=True)
@@ -915,8 +928,13 @@ def train_unet(args) -> None:
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
         zt = sched.add_noise(z0, noise, t)
         pred = model(zt, t, cond).sample
-        w = _min_snr_weight(sched, t, args.min_snr)
-        return (w * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+        err = (pred - noise).pow(2)
+        if args.object_weight:  # latent cells under an object (or its 2 px band) weigh more
+            cells = object_cells([data.scenes[i] for i in idx], sets[0].images.shape[1], 8)
+            per_image = _per_image_mean(err, 1 + args.object_weight * cells)
+        else:
+            per_image = _per_image_mean(err)
+        return (_min_snr_weight(sched, t, args.min_snr) * per_image).mean()
 
     if not run.train(loss_fn):
         return
@@ -944,7 +962,13 @@ def train_unet(args) -> None:
         "prediction, Stable Diffusion 1.x's noise schedule, min-SNR loss weighting "
         f"(gamma {args.min_snr}), captions drawn afresh every step, {int(100 * 0.1)}% empty "
         "(for classifier-free guidance). Weights are the EMA."
-        + (f" Only the first {args.limit} images of each data set." if args.limit else ""),
+        + (f" Only the first {args.limit} images of each data set." if args.limit else "")
+        + (
+            f" Latent cells under an object or within 2 px of one weigh {1 + args.object_weight:g}x "
+            "in the loss (averaged per image under those weights)."
+            if args.object_weight
+            else ""
+        ),
         started_from=args.init_from,
     )
 
@@ -1385,6 +1409,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="UNet run or folder to start from (e.g. one trained on an earlier text "
                 "encoder)",
+            )
+            s.add_argument(
+                "--object-weight",
+                type=float,
+                default=0.0,
+                help="extra loss weight on latent cells under an object (the scenes are mostly "
+                "background, where the noise is easy to predict; 0: unweighted)",
             )
             s.add_argument(
                 "--pooled-text",
