@@ -585,9 +585,7 @@ def test_vae_denoised_by_decodes_the_unets_one_step_predictions(data_dir, tmp_pa
         T.train_vae(T.build_parser().parse_args(argv + ["--fresh"]))
 
 
-def test_unet_object_weight_weighs_the_latent_cells_under_objects(
-    data_dir, tmp_path, monkeypatch
-):
+def test_unet_object_weight_weighs_the_latent_cells_under_objects(data_dir, tmp_path, monkeypatch):
     plain = Background("plain", ("cream",))
     corner = Scene(plain, (Obj("square", "red", 0.2, 0.2, 0.1, 0.0),))
     cells = T.object_cells([corner, Scene(plain, ())], 128, 8)

@@ -964,8 +964,8 @@ def train_unet(args) -> None:
         "(for classifier-free guidance). Weights are the EMA."
         + (f" Only the first {args.limit} images of each data set." if args.limit else "")
         + (
-            f" Latent cells under an object or within 2 px of one weigh {1 + args.object_weight:g}x "
-            "in the loss (averaged per image under those weights)."
+            " Latent cells under an object or within 2 px of one weigh "
+            f"{1 + args.object_weight:g}x in the loss (averaged per image under those weights)."
             if args.object_weight
             else ""
         ),
@@ -1107,8 +1107,6 @@ def snapshot(run: Path) -> Path:
                     break
         model.save_pretrained(tmp)
     if text_weights:
-        from transformers import CLIPTextModel
-
         from transformers import CLIPTextConfig, CLIPTextModel
 
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(run / TEXT_ENCODER))
