@@ -660,16 +660,16 @@ def train_vae(args) -> None:
     if args.decoder_only:  # the latents (and a UNet trained on them) stay valid
         model.encoder.requires_grad_(False)
         model.quant_conv.requires_grad_(False)
+    size = data.images.shape[1]
     denoiser = None
     if args.denoised_by:
-        if not args.decoder_only or args.crop != data.images.shape[1]:
+        if not args.decoder_only or args.crop != size:
             raise SystemExit(
                 "--denoised-by: only with --decoder-only (the UNet's latents are the encoder's) "
-                f"and whole frames (--crop {data.images.shape[1]}: its captions are the scene's)"
+                f"and whole frames (--crop {size}: its captions are the scene's)"
             )
         denoiser = _Denoiser(args.denoised_by)
     run = Run(out, model, args, ema=True)
-    size = data.images.shape[1]
 
     def loss_fn(step):
         rng = _rng(args, step)
@@ -769,6 +769,18 @@ def train_vae(args) -> None:
     )
 
 
+def _latent_ddpm():
+    """The latent UNet's training scheduler: Stable Diffusion's schedule as DDPM."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**{k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"})
+
+
+def _unet_config(pooled_text: bool) -> dict:
+    """UNET_CONFIG, with UNET_POOLED_TEXT for `unet --pooled-text`."""
+    return dict(UNET_CONFIG, **(UNET_POOLED_TEXT if pooled_text else {}))
+
+
 class _Denoiser:
     """A pipeline's UNet and text encoder, frozen: ``z0`` noised to a random t up to ``max_t``
     and predicted back in one step (x0 from its epsilon, no guidance), for all but
@@ -776,29 +788,22 @@ class _Denoiser:
     UNet actually makes (`vae --denoised-by`)."""
 
     def __init__(self, pipeline: str):
-        from diffusers import DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel
+        from ..models import load_sd_components
 
-        folder = Path(pipeline)
-        if not (folder / "unet" / "config.json").is_file():
-            raise SystemExit(
-                f"--denoised-by: {folder} is not a pipeline folder (unet/, text_encoder/, "
-                "tokenizer/), e.g. src/blendedit/assets/toy/pipeline"
-            )
-        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").float().eval()
-        self.text = CLIPTextModel.from_pretrained(folder / "text_encoder").float().eval()
-        self.tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        cfg = {k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"}
-        self.alphas = DDPMScheduler(**cfg).alphas_cumprod
+        try:  # a pipeline folder or a built-in name (`toy`), as everywhere else
+            c = load_sd_components(pipeline, torch_dtype=torch.float32, local_files_only=True)
+        except ValueError as e:
+            raise SystemExit(f"--denoised-by: {pipeline} is not a pipeline folder ({e})") from None
+        self.unet, self.text, self.tok = c["unet"].eval(), c["text_encoder"].eval(), c["tokenizer"]
+        self.sched = _latent_ddpm()
 
     @torch.no_grad()
     def __call__(self, z0, texts, rng, max_t: int, clean_share: float):
         g = torch.Generator().manual_seed(int(rng.randint(2**31)))
         t = torch.randint(0, max_t + 1, (len(z0),), generator=g)
-        a = self.alphas[t].view(-1, 1, 1, 1)
-        noise = torch.randn(z0.shape, generator=g)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt = self.sched.add_noise(z0, torch.randn(z0.shape, generator=g), t)
         eps = self.unet(zt, t, self.text(tokenize(self.tok, texts))[0]).sample
+        a = self.sched.alphas_cumprod[t].view(-1, 1, 1, 1)
         x0 = (zt - (1 - a).sqrt() * eps) / a.sqrt()
         keep = torch.from_numpy(rng.rand(len(z0)) < clean_share).view(-1, 1, 1, 1)
         return torch.where(keep, z0, x0)
@@ -868,7 +873,7 @@ def _min_snr_weight(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def train_unet(args) -> None:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
     out = Path(args.out)
@@ -892,9 +897,9 @@ def train_unet(args) -> None:
     tok = AutoTokenizer.from_pretrained(clip_folder)
     joint = args.train_text_encoder
     text = CLIPTextModel.from_pretrained(clip_folder).float().requires_grad_(joint)
-    sched = DDPMScheduler(**{k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"})
+    sched = _latent_ddpm()
     torch.manual_seed(args.seed)
-    model = UNet2DConditionModel(**UNET_CONFIG, **(UNET_POOLED_TEXT if args.pooled_text else {}))
+    model = UNet2DConditionModel(**_unet_config(args.pooled_text))
     if args.pooled_text:  # the pooled text starts silent: a UNet it is added to keeps its output
         torch.nn.init.zeros_(model.add_embedding.norm2.weight)
         torch.nn.init.zeros_(model.add_embedding.norm2.bias)
@@ -1093,11 +1098,11 @@ def snapshot(run: Path) -> Path:
         model.save_pretrained(tmp / "unet")
         DDPMScheduler(**PIXEL_SCHEDULER).save_pretrained(tmp / "scheduler")
     else:
-        builds = {"vae": (AutoencoderKL, VAE_CONFIG), "unet": (UNet2DConditionModel, UNET_CONFIG)}
-        cls, cfg = builds[kind]
-        if any(k.startswith("add_embedding.") for k in weights):  # `unet --pooled-text`
-            cfg = dict(cfg, **UNET_POOLED_TEXT)
-        model = cls(**cfg)
+        if kind == "vae":
+            model = AutoencoderKL(**VAE_CONFIG)
+        else:  # with the pooled text's weights when it was trained with `unet --pooled-text`
+            pooled = any(k.startswith("add_embedding.") for k in weights)
+            model = UNet2DConditionModel(**_unet_config(pooled))
         model.load_state_dict(weights)
         if kind == "vae":  # the scaling factor is measured when a run finishes
             for f in (run / "model" / "config.json", run / "metrics.json"):
