@@ -186,16 +186,20 @@ def test_csv_manifest_with_per_row_options(tmp_path):
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     path = jsonl.with_suffix(".csv")
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "mask", "prompt", "seed", "n", "strength"])
+        names = ["image", "mask", "prompt", "seed", "n", "strength", "shrink_iterations"]
+        w = csv.DictWriter(f, fieldnames=names)
         w.writeheader()
         w.writerow({k: rows[0][k] for k in ("image", "mask", "prompt")} | {"seed": 7, "n": 2})
-        w.writerow({k: rows[1][k] for k in ("image", "mask", "prompt")} | {"strength": "0.5"})
+        w.writerow(
+            {k: rows[1][k] for k in ("image", "mask", "prompt")}
+            | {"strength": "0.5", "shrink_iterations": "2"}
+        )
     report = run_batch(path, tmp_path / "out", TINY, defaults(), progress=False)
     assert report.counts == {"ok": 2}
     first, second = report.entries
     assert first["seed"] == 7 and first["results"] == 2 and second["results"] == 1
     meta = json.loads(next(Path(second["folder"]).glob("*.json")).read_text())
-    assert meta["options"]["strength"] == 0.5
+    assert meta["options"]["strength"] == 0.5 and meta["options"]["shrink_iterations"] == 2
 
 
 @pytest.fixture(scope="module")

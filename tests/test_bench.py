@@ -5,7 +5,15 @@ import json
 
 import pytest
 
-from blendedit.bench import BenchConfig, compare_defaults, run_bench, wilson
+from blendedit.bench import (
+    METHODS,
+    BenchConfig,
+    compare_defaults,
+    default_methods,
+    run_bench,
+    sign_test,
+    wilson,
+)
 from blendedit.cli import main
 
 
@@ -30,6 +38,8 @@ def test_bench_runs_every_method_and_writes_the_report(tmp_path):
     assert not r["methods"]["diffusers inpaint"]["all_exact_outside"]
     text = (tmp_path / "report.md").read_text()
     assert all(f"| {m} |" in text for m in methods) and "ranking" in text
+    assert r["config"]["auto_shrink_iterations"] == 0  # 64 px: 8x8 latents
+    assert '`shrink_iterations="auto"` is k = 0 on this model' in text
     assert json.loads((tmp_path / "results.json").read_text())["config"]["tasks"] == 3
     for png in ("success_vs_time.png", "background_error.png", "examples.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
@@ -45,6 +55,33 @@ def test_defaults_study_says_which_setting_won():
     assert not d["significant"]  # 50 % and 60 % of 100: the intervals overlap
     m["ours k=0"] |= dict(success=0.8, ci=wilson(80, 100))
     assert compare_defaults(m)[0]["significant"]
+
+
+def test_default_methods_leave_out_the_explicit_k_that_auto_already_is():
+    assert "ours k=0" not in default_methods(0) and "ours k=3" in default_methods(0)
+    assert "ours k=3" not in default_methods(3) and "ours k=0" in default_methods(3)
+    assert len(default_methods(2)) == len(METHODS)  # no explicit k=2 method: nothing left out
+
+
+def test_sign_test_and_the_paired_defaults_study():
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(5, 0) == pytest.approx(2 / 32)  # 1/32 each tail
+    assert sign_test(0, 6) == pytest.approx(2 / 64) and sign_test(6, 0) < 0.05
+    assert sign_test(8, 2) == pytest.approx(2 * 56 / 1024)  # (1 + 10 + 45) / 2^10 per tail
+    # same 20 tasks: the default edits tasks 0-9, k=0 tasks 0-7 and 10-17: 2 against 8
+    rows = lambda ok: [dict(success=i in ok) for i in range(20)]  # noqa: E731
+    per_task = {"ours": rows(range(10)), "ours k=0": rows([*range(8), *range(10, 18)])}
+    m = {
+        "ours": dict(success=0.5, psnr_outside=40.0, ci=wilson(10, 20)),
+        "ours k=0": dict(success=0.8, psnr_outside=40.0, ci=wilson(16, 20)),
+    }
+    (d,) = compare_defaults(m, per_task)
+    assert (d["only_default"], d["only_other"]) == (2, 8) and d["better"] == "0"
+    assert d["p"] == pytest.approx(sign_test(2, 8)) and not d["significant"]
+    per_task["ours k=0"] = rows([*range(10, 20)])  # 10 against 10: no difference at all
+    assert compare_defaults(m, per_task)[0]["p"] == 1.0
+    per_task["ours"] = rows([])  # 0 against 10
+    assert compare_defaults(m, per_task)[0]["significant"]
 
 
 def test_bench_of_one_task_kind_runs_only_that_kind_and_names_a_bad_one(tmp_path):

@@ -102,6 +102,21 @@ def test_edit_writes_ranked_results_sidecar_and_sheet(files, tmp_path, capsys):
     )
 
 
+def test_shrink_iterations_flag_takes_auto_or_an_integer(files, tmp_path, capsys):
+    img, mask = files
+    for value, kept in (("auto", "auto"), ("2", 2)):
+        out = tmp_path / value
+        assert edit(img, mask, out, "--shrink-iterations", value, "--steps", "2") == 0
+        meta = json.loads((out / "photo.json").read_text())
+        assert meta["options"]["shrink_iterations"] == kept
+    assert meta["options"]["num_inference_steps"] == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        edit(img, mask, tmp_path / "bad", "--shrink-iterations", "lots")
+    assert e.value.code == 2
+    assert "--shrink-iterations: expected an integer or auto, got 'lots'" in capsys.readouterr().err
+
+
 def test_same_seed_same_files(files, tmp_path):
     img, mask = files
     edit(img, mask, tmp_path / "a", "--seed", "3")

@@ -107,6 +107,17 @@ def test_mask_schedule_used_goes_from_most_dilated_to_exact(pipe, image, box_mas
     assert len(run(pipe, image, box_mask, shrink_iterations=0).mask_schedule) == 1
 
 
+def test_auto_shrinking_follows_the_latent_grid_of_the_edit(pipe, box_mask):
+    # the default: 64 px -> 8x8 latents: no dilation; 256 px -> 32x32: one (3x3), then exact
+    small = Image.fromarray((np.random.RandomState(1).rand(64, 64, 3) * 255).astype(np.uint8))
+    assert len(run(pipe, small, box_mask, num_inference_steps=2).mask_schedule) == 1
+    big = small.resize((256, 256))
+    big_mask = np.kron(box_mask, np.ones((4, 4), np.float32))
+    out = run(pipe, big, big_mask, num_inference_steps=2, crop_to_mask=False)
+    assert len(out.mask_schedule) == 2
+    assert torch.equal(out.mask_schedule[0], M.dilate(out.latent_mask, 3))
+
+
 def test_strength_runs_that_fraction_of_the_schedule(pipe, image, box_mask):
     seen = []
     run(pipe, image, box_mask, strength=0.5, callback=lambda i, t, z: seen.append(t))
@@ -220,6 +231,7 @@ BAD = [
     ("num_images_per_prompt", 0),
     ("mask_downsample", "mean"),
     ("shrink_iterations", -1),
+    ("shrink_iterations", "often"),
     ("background", "blur"),
     ("background_noise", "pink"),
     ("crop_to_mask", "yes"),

@@ -23,6 +23,14 @@ def test_max_pool_marks_every_cell_a_pixel_touches():
     assert cells.sum() == 6
 
 
+def test_auto_shrinking_is_the_papers_at_64_latents_and_keeps_its_share_of_smaller_grids():
+    sides = [16, 24, 32, 48, 63, 64, 96, 128]
+    assert [M.auto_shrink_iterations(s, s) for s in sides] == [0, 1, 1, 2, 2, 3, 3, 3]
+    assert M.auto_shrink_iterations(64, 16) == 0  # the short side decides
+    for s in sides:  # the most dilated mask grows by k cells a side: at most 3/64 of the grid
+        assert M.auto_shrink_iterations(s, s) / s <= 3 / 64
+
+
 def test_shrink_schedule_goes_from_most_dilated_to_exact():
     m = torch.zeros(1, 1, 16, 16)
     m[..., 7:9, 7:9] = 1

@@ -2,7 +2,10 @@
 
 The browser test runs when Debian's chromium (/usr/bin/chromium, or BLENDEDIT_CHROMIUM) and
 playwright are installed (`.ci/run` installs chromium; playwright is a test dependency).
-``BLENDEDIT_SCREENSHOT=path`` also saves the page after an edit (docs/webui.png).
+``BLENDEDIT_SCREENSHOT=path`` also saves the page after an edit, and ``BLENDEDIT_WEBUI_MODEL``
+serves another model in the browser tests than the tiny random one: docs/webui.png is
+``BLENDEDIT_WEBUI_MODEL=toy BLENDEDIT_SCREENSHOT=docs/webui.png pytest tests/test_webui.py -k
+end_to_end``.
 """
 
 from __future__ import annotations
@@ -172,7 +175,7 @@ def server(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("serve")
     app, url = serve(
-        ModelSpec(model="tiny-random"),
+        ModelSpec(model=os.environ.get("BLENDEDIT_WEBUI_MODEL", "tiny-random")),
         "127.0.0.1",
         _free_port(),
         out=str(out),

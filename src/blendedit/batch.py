@@ -38,11 +38,13 @@ from pathlib import Path
 from .io import check_output_folder, write_files_atomically
 from .outputs import listed_files
 from .runner import (
+    AUTO_INT_OPTIONS,
     NONE_DEFAULT_TYPES,
     EditRequest,
     LoadedModel,
     ModelSpec,
     edit_options,
+    int_or_auto,
     load_pipeline,
     options_class,
     run_edit,
@@ -136,6 +138,8 @@ def read_manifest(path: str | Path) -> list[dict | str]:
 
 def _coerce(name: str, value, default):
     """A CSV string (or JSON value) as the type of the option's default."""
+    if isinstance(value, str) and name in AUTO_INT_OPTIONS:
+        return int_or_auto(name, value)
     if not isinstance(value, str) or isinstance(default, str):
         return value
     v = value.strip().lower()

@@ -7,11 +7,11 @@ shape). Every method runs on the same model, steps, seeds and number of samples;
 ranks returns its best sample, one that does not its first.
 
 Methods (:data:`METHODS`): our latent method with its defaults and one option changed at a time
-(shrinking k = 0, background none / poisson / decoder, nearest mask downsampling, fresh
-background noise, no ranking), diffusers' ``StableDiffusionInpaintPipeline`` on the same
-4-channel UNet, text-to-image of the prompt pasted into the mask, img2img of the whole frame
-(SDEdit) pasted into the mask, and the pixel method (Blended Diffusion) when a pixel model is
-given.
+(shrinking k = 3, 1 or 0 against the default ``auto``, background none / poisson / decoder,
+nearest mask downsampling, fresh background noise, no ranking), diffusers'
+``StableDiffusionInpaintPipeline`` on the same 4-channel UNet, text-to-image of the prompt
+pasted into the mask, img2img of the whole frame (SDEdit) pasted into the mask, and the pixel
+method (Blended Diffusion) when a pixel model is given.
 
 Per method: judged success rate with a 95 % Wilson interval, PSNR and max error outside the mask,
 PSNR in the band just outside it, seam error (the step across the mask border against the
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,8 @@ from .toy.tasks import TASK_KINDS, check_kinds
 #: name -> (kind, options). ``ours*`` are our latent method with these options over its defaults.
 METHODS: dict[str, tuple[str, dict]] = {
     "ours": ("ours", {}),
+    "ours k=3": ("ours", {"shrink_iterations": 3}),
+    "ours k=1": ("ours", {"shrink_iterations": 1}),
     "ours k=0": ("ours", {"shrink_iterations": 0}),
     "ours nearest": ("ours", {"mask_downsample": "nearest"}),
     "ours fresh noise": ("ours", {"background_noise": "fresh"}),
@@ -52,11 +54,17 @@ METHODS: dict[str, tuple[str, dict]] = {
 }
 QUICK_METHODS = [
     "ours",
-    "ours k=0",
+    "ours k=3",
     "ours first sample",
     "diffusers inpaint",
     "text-to-image + paste",
 ]
+
+
+def default_methods(auto_k: int) -> list[str]:
+    """Every method but the explicit "ours k=N" that ``shrink_iterations="auto"`` (``ours``)
+    already is on the model (``auto_k``)."""
+    return [m for m in METHODS if m != f"ours k={auto_k}"]
 
 
 def machine_facts() -> dict:
@@ -122,7 +130,9 @@ class BenchConfig:
     steps: int = 25
     samples: int = 4
     guidance_scale: float = 5.0
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    #: None: every method but the explicit "ours k=N" that ``shrink_iterations="auto"`` already
+    #: is on this model (k = 0 on the toy model's 16x16 latents, 3 on 512 px Stable Diffusion)
+    methods: list[str] | None = None
     seed: int = 0
     examples: int = 6  # tasks shown in the grid of example edits
     label: str = ""  # a line for the report: what model this is, where it stands
@@ -159,10 +169,17 @@ class Runner:
             q.set_progress_bar_config(disable=True)
         self.pixel = None
         pixel_spec = cfg.pixel_model or (cfg.model if cfg.model in BUILTIN_MODELS else None)
-        if pixel_spec and any(METHODS[m][0] == "pixel" for m in cfg.methods):
+        if pixel_spec and any(METHODS[m][0] == "pixel" for m in cfg.methods or METHODS):
             from .pixel import BlendedDiffusionPipeline
 
             self.pixel = BlendedDiffusionPipeline.from_pretrained(pixel_spec, clip=p.ranker)
+
+    def auto_shrink(self) -> int:
+        """What ``shrink_iterations="auto"`` is for this model's native latent grid."""
+        from .masks import auto_shrink_iterations
+
+        side = self.ours.native_size // self.ours.vae_scale_factor
+        return auto_shrink_iterations(side, side)
 
     def gens(self, seed: int, n: int):
         return [torch.Generator().manual_seed(seed + i) for i in range(n)]
@@ -248,6 +265,23 @@ class Runner:
         return self.best(pasted, task.prompt, task.mask)
 
 
+def model_label(model: str) -> str:
+    """For the built-in ``toy`` model, a line for the report with the figures its model card's
+    measured section holds (what the shipped models are, where they stand); "" otherwise."""
+    if model != "toy":
+        return ""
+    from .models import TOY_DIR
+    from .toy.evaluate import read_measured
+
+    rows = read_measured(TOY_DIR / "MODEL_CARD.md")
+    if not rows:
+        return ""
+    return (
+        "The shipped Shapes World models (src/blendedit/assets/toy), as `python -m "
+        "blendedit.toy.evaluate --card` last measured them: " + "; ".join(rows) + "."
+    )
+
+
 def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=print) -> dict:
     """Run every method of ``cfg`` over the task suite; write ``results.json``, ``report.md``
     and the plots to ``out``; return the results."""
@@ -256,13 +290,18 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
     from .toy.judge import judge
     from .toy.tasks import task_suite
 
-    unknown = [m for m in cfg.methods if m not in METHODS]
+    unknown = [m for m in cfg.methods or [] if m not in METHODS]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; known: {list(METHODS)}")
     check_kinds(cfg.kinds)  # a bad kind fails before any model loads
+    if not cfg.label:
+        cfg = replace(cfg, label=model_label(cfg.model))
     out = Path(out)
     t_all = time.perf_counter()
     runner = Runner(cfg)
+    auto_k = runner.auto_shrink()
+    if cfg.methods is None:
+        cfg = replace(cfg, methods=default_methods(auto_k))
     methods = [m for m in cfg.methods if METHODS[m][0] != "pixel" or runner.pixel is not None]
     tasks = task_suite(cfg.tasks, size=runner.ours.native_size, seed=cfg.seed, kinds=cfg.kinds)
     rows: dict[str, list[dict]] = {}
@@ -303,13 +342,13 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
             f"{s['seconds']:.2f} s/edit"
         )
     results = dict(
-        config=asdict(cfg),
+        config=asdict(cfg) | dict(auto_shrink_iterations=auto_k),
         tasks=[dict(seed=t.seed, kind=t.kind, prompt=t.prompt) for t in tasks],
         methods={m: summarize(rows[m]) | {"peak_mb": peaks[m]} for m in methods},
         per_task={m: rows[m] for m in methods},
         wall_seconds=time.perf_counter() - t_all,
     )
-    results["defaults"] = compare_defaults(results["methods"])
+    results["defaults"] = compare_defaults(results["methods"], results["per_task"])
     out.mkdir(parents=True, exist_ok=True)
     save_json(results, out / "results.json")
     plots = write_plots(results, examples, tasks, out)
@@ -351,39 +390,60 @@ def _median_ratio(rows: list[dict], num: str, den: str) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
-#: Our option studies: (option, default's method, alternative's method).
+#: Our option studies: (option, default's method, alternative's method, their values).
 DEFAULT_STUDIES = [
-    ("shrink_iterations", "ours", "ours k=0", "3", "0"),
+    ("shrink_iterations", "ours", "ours k=3", "auto", "3"),
+    ("shrink_iterations", "ours", "ours k=1", "auto", "1"),
+    ("shrink_iterations", "ours", "ours k=0", "auto", "0"),
     ("ranking", "ours", "ours first sample", "best of N", "first sample"),
     ("background_noise", "ours", "ours fresh noise", "fixed", "fresh"),
     ("mask_downsample", "ours", "ours nearest", "max", "nearest"),
 ]
 
 
-def compare_defaults(methods: dict) -> list[dict]:
-    """For each option study present: which setting edits better (success, then PSNR)."""
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test (McNemar's exact test) on the discordant pairs of a paired
+    comparison: the probability, were both settings equally good, of a split at least this
+    uneven. 1.0 when there are no discordant pairs."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def compare_defaults(methods: dict, per_task: dict | None = None) -> list[dict]:
+    """For each option study present: which setting edits better (success, then PSNR), and
+    whether the difference is beyond noise. Both settings run on the same tasks and seeds, so
+    with ``per_task`` rows the test is paired (:func:`sign_test` on the tasks only one of them
+    edits, p < 0.05); without them, whether the 95 % intervals are disjoint."""
     out = []
     for option, a, b, va, vb in DEFAULT_STUDIES:
-        if a in methods and b in methods:
-            sa, sb = methods[a], methods[b]
-            better = (
-                va
-                if (sa["success"], sa["psnr_outside"]) >= (sb["success"], sb["psnr_outside"])
-                else vb
-            )
+        if a not in methods or b not in methods:
+            continue
+        sa, sb = methods[a], methods[b]
+        better = (
+            va if (sa["success"], sa["psnr_outside"]) >= (sb["success"], sb["psnr_outside"]) else vb
+        )
+        d = dict(
+            option=option,
+            default=va,
+            other=vb,
+            default_success=sa["success"],
+            other_success=sb["success"],
+            better=better,
+            default_is_best=better == va,
+        )
+        if per_task and a in per_task and b in per_task:
+            pairs = list(zip(per_task[a], per_task[b], strict=True))
+            only_a = sum(x["success"] and not y["success"] for x, y in pairs)
+            only_b = sum(y["success"] and not x["success"] for x, y in pairs)
+            p = sign_test(only_a, only_b)
+            d |= dict(only_default=only_a, only_other=only_b, p=p, significant=p < 0.05)
+        else:
             overlap = sa["ci"][0] <= sb["ci"][1] and sb["ci"][0] <= sa["ci"][1]
-            out.append(
-                dict(
-                    option=option,
-                    default=va,
-                    other=vb,
-                    default_success=sa["success"],
-                    other_success=sb["success"],
-                    better=better,
-                    default_is_best=better == va,
-                    significant=not overlap,
-                )
-            )
+            d["significant"] = not overlap
+        out.append(d)
     return out
 
 
@@ -460,7 +520,13 @@ def report(r: dict, plots: list[str]) -> str:
         "border), "
         f"model `{c['model']}`, {c['steps']} steps, {c['samples']} samples per edit (ranked "
         f"methods return the best by the model's CLIP, the others the first), guidance "
-        f"{c['guidance_scale']}, seed {c['seed']}. Whole run {r['wall_seconds']:.0f} s.",
+        f"{c['guidance_scale']}, seed {c['seed']}. Whole run {r['wall_seconds']:.0f} s."
+        + (
+            f' `ours` is the defaults; its `shrink_iterations="auto"` is k = '
+            f"{c['auto_shrink_iterations']} on this model's latent grid."
+            if "auto_shrink_iterations" in c
+            else ""
+        ),
         "",
         *([c["label"], ""] if c.get("label") else []),
         "| method | success [95 % CI] | replace / add / small | PSNR outside (dB) | every pixel "
@@ -499,7 +565,17 @@ def report(r: dict, plots: list[str]) -> str:
     ]
     for d in r["defaults"]:
         verdict = "the default is best" if d["default_is_best"] else f"**{d['other']} is better**"
-        if not d.get("significant", True):
+        if "p" in d:
+            paired = (
+                f"on the same tasks {d['default']} alone edits {d['only_default']}, "
+                f"{d['other']} alone {d['only_other']}, exact sign test p = {d['p']:.2f}"
+            )
+            verdict += (
+                f" ({paired}: beyond noise)"
+                if d["significant"]
+                else f" (within noise: {paired}; the default stays)"
+            )
+        elif not d.get("significant", True):
             verdict += " (within noise: the 95 % intervals overlap; the default stays)"
         lines.append(
             f"- `{d['option']}`: {d['default']} {d['default_success']:.0%} against {d['other']} "

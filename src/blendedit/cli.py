@@ -12,11 +12,13 @@ from .demo import DEMO_PROMPT
 from .io import DEFAULT_MAX_PIXELS, check_output_folder
 from .latent import BACKGROUND_OPTIONS, SCHEDULERS, LatentEditOptions, options_fields
 from .runner import (
+    AUTO_INT_OPTIONS,
     DEFAULT_MODEL,
     DEFAULT_RANK_MODEL,
     NONE_DEFAULT_TYPES,
     EditRequest,
     ModelSpec,
+    int_or_auto,
 )
 
 SHORT_FLAGS = {"num_inference_steps": ["--steps"], "num_images_per_prompt": ["-n"]}
@@ -40,6 +42,17 @@ def _bool_or_auto(s: str):
 def _flag_type(name: str, default):
     if name == "crop_to_mask" or isinstance(default, bool):
         return _bool_or_auto
+    if name in AUTO_INT_OPTIONS:
+
+        def parse(s: str):
+            try:
+                return int_or_auto(name, s)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected an integer or auto, got {s!r}"
+                ) from None
+
+        return parse
     return NONE_DEFAULT_TYPES[name] if default is None else type(default)
 
 
@@ -213,7 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25)")
     q.add_argument("--samples", type=int, default=4, help="samples per edit (default: 4)")
-    q.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all)")
+    q.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="methods to run (default: all but the 'ours k=N' that the default shrinking is)",
+    )
     q.add_argument(
         "--out", default="blendedit-bench", help="report folder (default: blendedit-bench)"
     )
@@ -432,7 +450,7 @@ def _recorded_ranker(rank_model: str | None) -> str:
 
 
 def _bench(args) -> int:
-    from .bench import METHODS, QUICK_METHODS, BenchConfig, run_bench
+    from .bench import QUICK_METHODS, BenchConfig, run_bench
 
     cfg = BenchConfig(
         model=args.model,
@@ -442,7 +460,7 @@ def _bench(args) -> int:
         kinds=tuple(args.kinds or BenchConfig.kinds),
         steps=args.steps or (20 if args.quick else 25),
         samples=args.samples,
-        methods=args.methods or (QUICK_METHODS if args.quick else list(METHODS)),
+        methods=args.methods or (QUICK_METHODS if args.quick else None),
         label=args.label,
     )
     if cfg.model == "toy":

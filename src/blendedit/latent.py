@@ -50,8 +50,11 @@ class LatentEditOptions:
         "mask to latent cells: max (a cell is masked if any pixel is) or nearest",
         M.MASK_DOWNSAMPLE_MODES,
     )
-    shrink_iterations: int = _opt(
-        3, "progressive mask shrinking: k dilations (7x7, 5x5, 3x3 for k=3) then exact; 0 = off"
+    shrink_iterations: int | str = _opt(
+        "auto",
+        "progressive mask shrinking: k dilations (7x7, 5x5, 3x3 for k=3) then exact; 0 = off; "
+        "auto = the paper's 3 on a 64x64 latent grid (512 px), fewer on smaller grids (3 x "
+        "side / 64, rounded down: 0 for the 128 px toy model)",
     )
     background: str = _opt(
         "paste",
@@ -315,7 +318,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             raise ValueError(f"negative_prompt: expected a string, got {opts.negative_prompt!r}")
         _check_int("num_inference_steps", opts.num_inference_steps, 1, 10_000)
         _check_int("num_images_per_prompt", opts.num_images_per_prompt, 1, 1024)
-        _check_int("shrink_iterations", opts.shrink_iterations, 0, 64)
+        if opts.shrink_iterations != "auto":
+            _check_int("shrink_iterations", opts.shrink_iterations, 0, 64)
         _check_int("feather", opts.feather, 0, 1024)
         _check_float("guidance_scale", opts.guidance_scale, 0.0, 1000.0)
         _check_float("crop_context", opts.crop_context, 0.0, 100.0)
@@ -368,7 +372,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         num_images_per_prompt: int = _D.num_images_per_prompt,
         generator: Generator = None,
         mask_downsample: str = _D.mask_downsample,
-        shrink_iterations: int = _D.shrink_iterations,
+        shrink_iterations: int | str = _D.shrink_iterations,
         background: str = _D.background,
         background_noise: str = _D.background_noise,
         feather: int = _D.feather,
@@ -453,6 +457,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
                 f"mask: covers no latent cell with mask_downsample={mask_downsample!r}; "
                 "use mask_downsample='max' or a larger mask"
             )
+        if shrink_iterations == "auto":
+            shrink_iterations = M.auto_shrink_iterations(*m_lat.shape[-2:])
         schedule = [s.to(device, dtype) for s in M.shrink_schedule(m_lat, shrink_iterations)]
 
         # 6. Timesteps and the start: z = q(z_src, t_start)

@@ -62,6 +62,19 @@ class LoadedModel:
 METHODS = ("latent", "pixel")
 #: Types of the options whose default is None (for parsing them from text).
 NONE_DEFAULT_TYPES = {"strength": float, "skip_timesteps": int, "decoder_lr": float}
+#: Integer options that also take "auto".
+AUTO_INT_OPTIONS = ("shrink_iterations",)
+
+
+def int_or_auto(name: str, text: str) -> int | str:
+    """An "auto"-able integer option from text; ``ValueError`` naming the option otherwise."""
+    v = text.strip().lower()
+    if v == "auto":
+        return "auto"
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer or auto, got {text!r}") from None
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .io import save_image
-from .runner import EditRequest, LoadedModel, ModelSpec, load_pipeline, run_edit
+from .runner import EditRequest, LoadedModel, ModelSpec, int_or_auto, load_pipeline, run_edit
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_FILE_SIZE = "10mb"
@@ -258,8 +258,10 @@ def build_app(session: EditSession, examples: list[str] | None = None):
                     guidance = gr.Slider(
                         0, 20, value=d.guidance_scale, step=0.5, label="Guidance scale"
                     )
-                    shrink = gr.Slider(
-                        0, 6, value=d.shrink_iterations, step=1, label="Mask shrinking (k)"
+                    shrink = gr.Dropdown(
+                        ["auto", *map(str, range(7))],
+                        value=str(d.shrink_iterations),
+                        label="Mask shrinking (k; auto: 3 at 512 px, 0 for the toy model)",
                     )
                     from .background import BACKGROUND_METHODS
 
@@ -312,7 +314,7 @@ def build_app(session: EditSession, examples: list[str] | None = None):
             if how == "latent":
                 options |= dict(
                     guidance_scale=float(k_guid),
-                    shrink_iterations=int(k_shrink),
+                    shrink_iterations=int_or_auto("shrink_iterations", str(k_shrink)),
                     background=k_bg,
                 )
             else:

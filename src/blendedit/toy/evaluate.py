@@ -180,6 +180,18 @@ def write_measured(card: Path, res: dict) -> None:
     write_files_atomically({card: text.encode()})
 
 
+def read_measured(card: Path) -> list[str]:
+    """The figures :func:`write_measured` put into ``card``, one "label: value" line each
+    (without the evaluation's seconds); [] when the card has no such section."""
+    if not card.is_file():
+        return []
+    parts = card.read_text().split("\n" + MEASURED)
+    if len(parts) < 2:
+        return []
+    rows = [r[2:].strip() for r in parts[1].splitlines() if r.startswith("- ")]
+    return [r for r in rows if not r.startswith("seconds:")]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m blendedit.toy.evaluate")
     p.add_argument("--model-dir", default=str(Path(__file__).parents[1] / "assets" / "toy"))
