@@ -104,11 +104,12 @@ def test_edit_writes_ranked_results_sidecar_and_sheet(files, tmp_path, capsys):
 
 def test_shrink_iterations_flag_takes_auto_or_an_integer(files, tmp_path, capsys):
     img, mask = files
-    for value, kept in (("auto", "auto"), ("2", 2)):
+    for value, kept, used in (("auto", "auto", 0), ("2", 2, 2)):  # 64 px: 8x8 latents: auto 0
         out = tmp_path / value
         assert edit(img, mask, out, "--shrink-iterations", value, "--steps", "2") == 0
         meta = json.loads((out / "photo.json").read_text())
         assert meta["options"]["shrink_iterations"] == kept
+        assert meta["shrink_iterations_used"] == used
     assert meta["options"]["num_inference_steps"] == 2
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
