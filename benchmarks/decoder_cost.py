@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from blendedit import BlendedLatentDiffusionPipeline
-from blendedit.bench import add_study_flags, machine_facts
+from blendedit.bench import add_study_flags, machine_facts, model_label
 from blendedit.io import save_json
+from blendedit.models import TOY_DIR
 from blendedit.toy.judge import judge
 from blendedit.toy.tasks import task_suite
 
@@ -35,6 +36,7 @@ SETTINGS: dict[str, dict] = {
     "poisson": dict(background="poisson"),
     "decoder (defaults: last, 75 @1e-3, margin 2)": dict(background="decoder"),
     "decoder last, 0 steps (the crop alone)": dict(background="decoder", decoder_steps=0),
+    "decoder last, lambda 10": dict(background="decoder", decoder_lambda=10.0),
     "decoder last 40 @2e-3": dict(background="decoder", decoder_steps=40, decoder_lr=2e-3),
     "decoder last, margin 1": dict(background="decoder", decoder_crop_margin=1),
     "decoder last, margin 4": dict(background="decoder", decoder_crop_margin=4),
@@ -134,6 +136,11 @@ def main(argv=None) -> int:
         "Inside: PSNR inside the mask against the raw decode (how far the reconstruction moved "
         "the edit itself). Success: the judge, per sample.",
         "",
+    ]
+    shipped = args.model == "toy" or Path(args.model).resolve() == (TOY_DIR / "pipeline").resolve()
+    if shipped and model_label("toy"):
+        lines += [model_label("toy"), ""]
+    lines += [
         "| setting | cost (x sampling) | s | PSNR outside (dB) | gain over none (dB) | seam "
         "error | inside vs raw (dB) | success |",
         "|---|---|---|---|---|---|---|---|",
