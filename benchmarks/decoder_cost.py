@@ -26,7 +26,6 @@ import torch
 from blendedit import BlendedLatentDiffusionPipeline
 from blendedit.bench import add_study_flags, machine_facts, model_label
 from blendedit.io import save_json
-from blendedit.models import TOY_DIR
 from blendedit.toy.judge import judge
 from blendedit.toy.tasks import task_suite
 
@@ -137,9 +136,9 @@ def main(argv=None) -> int:
         "the edit itself). Success: the judge, per sample.",
         "",
     ]
-    shipped = args.model == "toy" or Path(args.model).resolve() == (TOY_DIR / "pipeline").resolve()
-    if shipped and model_label("toy"):
-        lines += [model_label("toy"), ""]
+    label = model_label(args.model)
+    if label:
+        lines += [label, ""]
     lines += [
         "| setting | cost (x sampling) | s | PSNR outside (dB) | gain over none (dB) | seam "
         "error | inside vs raw (dB) | success |",

@@ -57,6 +57,19 @@ def test_defaults_study_says_which_setting_won():
     assert compare_defaults(m)[0]["significant"]
 
 
+def test_model_label_quotes_the_shipped_card_for_its_name_and_folder(tmp_path, monkeypatch):
+    from blendedit import models
+    from blendedit.bench import model_label
+
+    label = model_label("toy")
+    assert label.startswith("The shipped Shapes World models") and "VAE reconstruction" in label
+    assert model_label(str(models.TOY_DIR / "pipeline")) == label
+    assert model_label("tiny-random") == "" and model_label(str(tmp_path)) == ""
+    monkeypatch.setattr(models, "TOY_DIR", tmp_path)  # a card without the measured section
+    (tmp_path / "MODEL_CARD.md").write_text("# a card\n")
+    assert model_label("toy") == ""
+
+
 def test_default_methods_leave_out_the_explicit_k_that_auto_already_is():
     assert "ours k=0" not in default_methods(0) and "ours k=3" in default_methods(0)
     assert "ours k=3" not in default_methods(3) and "ours k=0" in default_methods(3)

@@ -266,12 +266,14 @@ class Runner:
 
 
 def model_label(model: str) -> str:
-    """For the built-in ``toy`` model, a line for the report with the figures its model card's
-    measured section holds (what the shipped models are, where they stand); "" otherwise."""
-    if model != "toy":
-        return ""
+    """For the shipped toy model (the built-in name ``toy`` or its pipeline folder), a line for
+    a report with the figures its model card's measured section holds (what the shipped models
+    are, where they stand); "" otherwise."""
     from .models import TOY_DIR
     from .toy.evaluate import read_measured
+
+    if model != "toy" and Path(model).resolve() != (TOY_DIR / "pipeline").resolve():
+        return ""
 
     rows = read_measured(TOY_DIR / "MODEL_CARD.md")
     if not rows:
