@@ -1,6 +1,8 @@
 """Background reconstruction: paste, poisson, decoder fine-tuning (weights and latents), and
 reconstructing an earlier edit again without sampling."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -55,7 +57,15 @@ def test_decoder_layers_split_the_decoder_exactly_and_tune_only_their_part(pipe,
         return dict(background="decoder", generator=gen(2), **FAST)
 
     untuned = [
-        pipe("a", image, box_mask, decoder_steps=0, decoder_layers=layers, **kw()).images[0]
+        pipe(
+            "a",
+            image,
+            box_mask,
+            decoder_steps=0,
+            decoder_layers=layers,
+            decoder_crop_margin=-1,
+            **kw(),
+        ).images[0]
         for layers in B.DECODER_LAYERS
     ]
     # frozen prefix + tuned part = the whole decoder: with no step, all three decode alike
@@ -90,6 +100,41 @@ def test_decoder_on_a_crop_leaves_pixels_outside_the_crop_as_the_source(pipe, im
     assert out.reconstruction.latent_box == (0, 0, 3, 3)
     a, src = np.asarray(out.images[0]), np.asarray(image)
     assert np.array_equal(a[24:, :], src[24:, :]) and np.array_equal(a[:, 24:], src[:, 24:])
+
+
+@pytest.mark.parametrize("layers", ["last", "head"])
+def test_decoder_on_a_crop_decodes_the_mask_as_the_whole_frame_does(pipe, image, layers):
+    m = np.zeros((64, 64), np.float32)
+    m[24:32, 24:32] = 1  # latent cell (3, 3); margin 2: a 5x5-cell crop of the 8x8 latents
+    raw = pipe("a", image, m, background="none", generator=gen(3), **FAST)
+    out = pipe(
+        "a",
+        image,
+        m,
+        background="decoder",
+        decoder_layers=layers,
+        decoder_steps=0,
+        generator=gen(3),
+        **FAST,
+    )
+    assert out.reconstruction.latent_box == (1, 1, 6, 6)
+    inside = m > 0
+    a = np.asarray(out.images[0], dtype=int)[inside]
+    b = np.asarray(raw.images[0], dtype=int)[inside]
+    # the layers before the tuned ones run on the whole frame, and the tuned ones normalize by
+    # the whole frame's statistics: before any step, the crop is the frame's decode
+    assert np.abs(a - b).max() <= 1
+    # a GroupNorm over the crop alone would not be (the check that the test can fail)
+    prefix, head, up = B._split_decoder(pipe.vae, layers)
+    z = prefix(raw.latents[:1] / pipe.vae.config.scaling_factor)
+    crop = z[..., 1 * up : 6 * up, 1 * up : 6 * up]
+    with torch.no_grad():
+        own = head(crop)
+        fixed = B.fix_group_norms(copy.deepcopy(head), z)(crop)
+        whole = head(z)[..., 8:48, 8:48]
+    inner = (slice(None), slice(None), slice(16, 24), slice(16, 24))  # the mask in the crop
+    assert torch.allclose(fixed[inner], whole[inner], atol=1e-4)
+    assert not torch.allclose(own[inner], whole[inner], atol=1e-2)
 
 
 def test_poisson_keeps_the_outside_and_clones_gradients():

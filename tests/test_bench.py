@@ -8,6 +8,7 @@ import pytest
 from blendedit.bench import (
     METHODS,
     BenchConfig,
+    against_raw_decode,
     compare_defaults,
     default_methods,
     run_bench,
@@ -95,6 +96,24 @@ def test_sign_test_and_the_paired_defaults_study():
     assert compare_defaults(m, per_task)[0]["p"] == 1.0
     per_task["ours"] = rows([])  # 0 against 10
     assert compare_defaults(m, per_task)[0]["significant"]
+
+
+def test_background_methods_are_paired_with_the_raw_decode():
+    rows = lambda ok: [dict(success=i in ok) for i in range(12)]  # noqa: E731
+    per_task = {
+        "ours background=none": rows(range(10)),
+        "ours": rows(range(10)),  # paste: the same edits
+        "ours background=decoder": rows([0, 1, 10]),  # loses 8, gains 1
+        "ours k=3": rows([]),  # not a background setting: left out
+        "diffusers inpaint": rows([]),
+    }
+    d = against_raw_decode(per_task)
+    assert set(d) == {"ours", "ours background=decoder"}
+    assert (d["ours"]["only_a"], d["ours"]["only_b"], d["ours"]["p"]) == (0, 0, 1.0)
+    dec = d["ours background=decoder"]
+    assert (dec["only_a"], dec["only_b"]) == (1, 8) and dec["p"] == pytest.approx(sign_test(1, 8))
+    assert dec["p"] < 0.05
+    assert against_raw_decode({"ours": rows([])}) == {}  # no raw decode in the run
 
 
 def test_bench_of_one_task_kind_runs_only_that_kind_and_names_a_bad_one(tmp_path):

@@ -174,17 +174,18 @@ class _Head(torch.nn.Module):
 
 
 def _split_decoder(vae, layers: str):
-    """(frozen prefix: z -> features, the module to tune: features -> pixels); the module is
-    the loaded decoder's, not yet copied."""
+    """(frozen prefix: z -> features, the module to tune: features -> pixels, the prefix's
+    upscale factor); the module is the loaded decoder's, not yet copied."""
     whole = _Decode(vae)
     if layers == "all":
-        return (lambda z: z), whole
+        return (lambda z: z), whole, 1
     dec = vae.decoder
     if not all(hasattr(dec, a) for a in ("conv_in", "mid_block", "up_blocks", "conv_out")):
         raise ValueError(
             f"decoder_layers: {layers!r} needs a diffusers AutoencoderKL decoder; use 'all'"
         )
     start = len(dec.up_blocks) - (1 if layers == "last" else 0)
+    factor = 2 ** sum(getattr(b, "upsamplers", None) is not None for b in dec.up_blocks[:start])
 
     @torch.no_grad()
     def prefix(z):
@@ -196,7 +197,55 @@ def _split_decoder(vae, layers: str):
             h = block(h, None)
         return h.float()
 
-    return prefix, _Head(dec, start)
+    return prefix, _Head(dec, start), factor
+
+
+class _FixedGroupNorm(torch.nn.Module):
+    """A GroupNorm that normalizes with given per-(sample, group) statistics instead of its
+    input's: the whole frame's, so that a crop decodes as it does inside the frame."""
+
+    def __init__(self, norm: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor):
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("mean", mean[..., None])
+        self.register_buffer("inv_std", torch.rsqrt(var[..., None] + norm.eps))
+
+    def forward(self, x):
+        n, c = x.shape[:2]
+        y = ((x.reshape(n, self.norm.num_groups, -1) - self.mean) * self.inv_std).reshape(x.shape)
+        if self.norm.affine:
+            shape = (1, c) + (1,) * (x.dim() - 2)
+            y = y * self.norm.weight.reshape(shape) + self.norm.bias.reshape(shape)
+        return y
+
+
+@torch.no_grad()
+def fix_group_norms(module: torch.nn.Module, frame: torch.Tensor) -> torch.nn.Module:
+    """Run ``module`` on ``frame`` (the whole frame's input) and replace, in place, each of its
+    GroupNorms by a :class:`_FixedGroupNorm` holding the statistics it saw. A convolutional
+    decoder then decodes a crop of ``frame`` to the matching crop of the whole frame's decode
+    (up to the crop's border), where a plain GroupNorm would normalize by the crop's own
+    statistics and change the colours of everything in it. Returns ``module``."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.GroupNorm):
+
+            def hook(norm, args, _out, name=name):
+                x = args[0].reshape(args[0].shape[0], norm.num_groups, -1).float()
+                seen[name] = (x.mean(-1), x.var(-1, unbiased=False))
+
+            hooks.append(sub.register_forward_hook(hook))
+    try:
+        module(frame)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, (mean, var) in seen.items():
+        *path, last = name.split(".")
+        parent = module.get_submodule(".".join(path))
+        setattr(parent, last, _FixedGroupNorm(getattr(parent, last), mean, var))
+    return module
 
 
 def latent_crop(m_lat: torch.Tensor, margin: int) -> tuple[int, int, int, int]:
@@ -232,7 +281,10 @@ def decoder_finetune(
     MSE(D(z) m, edit m) + lam MSE(D(z) (1 - m), x (1 - m)) with Adam (``lr``, ``steps``) over the
     decoder's weights (``mode='weights'``) or over z (``'latents'``). With ``crop_margin`` it works
     on the latent box of the mask grown by that many cells, and the pixels outside the box are
-    the source's (a convolutional decoder's output there depends little on what lies far away).
+    the source's (a convolutional decoder's output there depends little on what lies far away):
+    the layers before the tuned ones run once on the whole frame, and every GroupNorm of the
+    tuned copy normalizes by the whole frame's statistics (:func:`fix_group_norms`), so that
+    before any step the crop decodes as it does inside the frame.
     ``layers`` (:data:`DECODER_LAYERS`): which weights are tuned; ``lr`` None takes
     :data:`DECODER_LR` for them.
     Returns the images (N, 3, 8h, 8w) in [0, 1] and a :class:`DecoderTuning`.
@@ -249,18 +301,22 @@ def decoder_finetune(
     lx0, ly0, lx1, ly1 = box
     px = (lx0 * f, ly0 * f, lx1 * f, ly1 * f)
 
+    cropped = box != (0, 0, latents.shape[-1], latents.shape[-2])
     device = latents.device
-    prefix, base = _split_decoder(vae, layers)
+    prefix, base, up = _split_decoder(vae, layers)
     scale = vae.config.scaling_factor
     x = (source[..., px[1] : px[3], px[0] : px[2]] * 2 - 1).to(device, torch.float32)
     m = mask[..., px[1] : px[3], px[0] : px[2]].to(device, torch.float32)
     out = source.expand(latents.shape[0], -1, -1, -1).clone().float()
     info = DecoderTuning(latent_box=box)
     for k in range(latents.shape[0]):
-        z = (latents[k : k + 1, :, ly0:ly1, lx0:lx1] / scale).to(device, torch.float32)
         target = (edit[k : k + 1, :, px[1] : px[3], px[0] : px[2]] * 2 - 1).to(device).float()
         dec = copy.deepcopy(base).float().train(False)  # the loaded VAE is never touched
-        z = prefix(z)  # identity for layers='all'; else the frozen layers, run once
+        # the frozen layers run once, on the whole frame (identity for layers='all')
+        z = prefix((latents[k : k + 1] / scale).to(device, torch.float32))
+        if cropped:  # normalize the crop by the whole frame's statistics, then crop
+            fix_group_norms(dec, z)
+            z = z[..., ly0 * up : ly1 * up, lx0 * up : lx1 * up]
         if mode == "weights":
             params = list(dec.parameters())
             for p in params:

@@ -47,6 +47,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "ours background=none": ("ours", {"background": "none"}),
     "ours background=poisson": ("ours", {"background": "poisson"}),
     "ours background=decoder": ("ours", {"background": "decoder"}),
+    "ours decoder lambda=10": ("ours", {"background": "decoder", "decoder_lambda": 10.0}),
     "diffusers inpaint": ("inpaint", {}),
     "text-to-image + paste": ("t2i", {}),
     "SDEdit + paste": ("sdedit", {"strength": 0.75}),
@@ -351,6 +352,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
         wall_seconds=time.perf_counter() - t_all,
     )
     results["defaults"] = compare_defaults(results["methods"], results["per_task"])
+    results["against_raw_decode"] = against_raw_decode(results["per_task"])
     out.mkdir(parents=True, exist_ok=True)
     save_json(results, out / "results.json")
     plots = write_plots(results, examples, tasks, out)
@@ -400,7 +402,37 @@ DEFAULT_STUDIES = [
     ("ranking", "ours", "ours first sample", "best of N", "first sample"),
     ("background_noise", "ours", "ours fresh noise", "fixed", "fresh"),
     ("mask_downsample", "ours", "ours nearest", "max", "nearest"),
+    ("decoder_lambda", "ours background=decoder", "ours decoder lambda=10", "100", "10"),
 ]
+#: Background reconstructions compared with the raw decode they start from, on the same tasks.
+RAW_DECODE = "ours background=none"
+
+
+def paired(rows_a: list[dict], rows_b: list[dict]) -> dict:
+    """Two methods' per-task rows (same tasks, same order): the tasks only ``a`` edits, only
+    ``b`` edits, and :func:`sign_test`'s p on them."""
+    pairs = list(zip(rows_a, rows_b, strict=True))
+    only_a = sum(x["success"] and not y["success"] for x, y in pairs)
+    only_b = sum(y["success"] and not x["success"] for x, y in pairs)
+    return dict(only_a=only_a, only_b=only_b, p=sign_test(only_a, only_b))
+
+
+def against_raw_decode(per_task: dict) -> dict[str, dict]:
+    """Our defaults (paste) and each other background setting of ours, paired with
+    :data:`RAW_DECODE`: does reconstructing the background cost edits?"""
+    if RAW_DECODE not in per_task:
+        return {}
+
+    def is_background(name):
+        kind, opts = METHODS.get(name, ("", {}))
+        return kind == "ours" and (not opts or "background" in opts)
+
+    base = per_task[RAW_DECODE]
+    return {
+        name: paired(rows, base)
+        for name, rows in per_task.items()
+        if name != RAW_DECODE and is_background(name)
+    }
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -437,11 +469,13 @@ def compare_defaults(methods: dict, per_task: dict | None = None) -> list[dict]:
             default_is_best=better == va,
         )
         if per_task and a in per_task and b in per_task:
-            pairs = list(zip(per_task[a], per_task[b], strict=True))
-            only_a = sum(x["success"] and not y["success"] for x, y in pairs)
-            only_b = sum(y["success"] and not x["success"] for x, y in pairs)
-            p = sign_test(only_a, only_b)
-            d |= dict(only_default=only_a, only_other=only_b, p=p, significant=p < 0.05)
+            pr = paired(per_task[a], per_task[b])
+            d |= dict(
+                only_default=pr["only_a"],
+                only_other=pr["only_b"],
+                p=pr["p"],
+                significant=pr["p"] < 0.05,
+            )
         else:
             overlap = sa["ci"][0] <= sb["ci"][1] and sb["ci"][0] <= sa["ci"][1]
             d["significant"] = not overlap
@@ -560,6 +594,20 @@ def report(r: dict, plots: list[str]) -> str:
     for name, s in r["methods"].items():
         if s.get("background_ratio") is not None:
             lines.append(f"- {name}: {s['background_ratio']:.2f}x")
+    vs_raw = r.get("against_raw_decode") or {}
+    if vs_raw:
+        lines += [
+            "",
+            f"Edits kept against the raw decode (`{RAW_DECODE}`) on the same tasks: the tasks "
+            "only this method edits, only the raw decode edits, exact sign test (p < 0.05: "
+            "beyond noise):",
+            "",
+        ]
+        for name, d in vs_raw.items():
+            lines.append(
+                f"- {name}: {d['only_a']} against {d['only_b']}, p = {d['p']:.2f}"
+                + (" (beyond noise)" if d["p"] < 0.05 else " (within noise)")
+            )
     lines += [
         "",
         "## Defaults, from these runs",
