@@ -105,7 +105,7 @@ def test_decoder_on_a_crop_leaves_pixels_outside_the_crop_as_the_source(pipe, im
 @pytest.mark.parametrize("layers", ["last", "head"])
 def test_decoder_on_a_crop_decodes_the_mask_as_the_whole_frame_does(pipe, image, layers):
     m = np.zeros((64, 64), np.float32)
-    m[24:32, 24:32] = 1  # latent cell (3, 3); margin 2: a 5x5-cell crop of the 8x8 latents
+    m[24:32, 24:32] = 1  # latent cell (3, 3); the default margin 1: a 3x3-cell crop
     raw = pipe("a", image, m, background="none", generator=gen(3), **FAST)
     out = pipe(
         "a",
@@ -117,7 +117,7 @@ def test_decoder_on_a_crop_decodes_the_mask_as_the_whole_frame_does(pipe, image,
         generator=gen(3),
         **FAST,
     )
-    assert out.reconstruction.latent_box == (1, 1, 6, 6)
+    assert out.reconstruction.latent_box == (2, 2, 5, 5)
     inside = m > 0
     a = np.asarray(out.images[0], dtype=int)[inside]
     b = np.asarray(raw.images[0], dtype=int)[inside]
@@ -127,12 +127,12 @@ def test_decoder_on_a_crop_decodes_the_mask_as_the_whole_frame_does(pipe, image,
     # a GroupNorm over the crop alone would not be (the check that the test can fail)
     prefix, head, up = B._split_decoder(pipe.vae, layers)
     z = prefix(raw.latents[:1] / pipe.vae.config.scaling_factor)
-    crop = z[..., 1 * up : 6 * up, 1 * up : 6 * up]
+    crop = z[..., 2 * up : 5 * up, 2 * up : 5 * up]
     with torch.no_grad():
         own = head(crop)
         fixed = B.fix_group_norms(copy.deepcopy(head), z)(crop)
-        whole = head(z)[..., 8:48, 8:48]
-    inner = (slice(None), slice(None), slice(16, 24), slice(16, 24))  # the mask in the crop
+        whole = head(z)[..., 16:40, 16:40]
+    inner = (slice(None), slice(None), slice(8, 16), slice(8, 16))  # the mask in the crop
     assert torch.allclose(fixed[inner], whole[inner], atol=1e-4)
     assert not torch.allclose(own[inner], whole[inner], atol=1e-2)
 

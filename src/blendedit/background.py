@@ -271,7 +271,7 @@ def decoder_finetune(
     lr: float | None = None,
     lam: float = 100.0,
     mode: str = "weights",
-    crop_margin: int | None = 2,
+    crop_margin: int | None = 1,
     layers: str = "last",
 ) -> tuple[torch.Tensor, DecoderTuning]:
     """The paper's background reconstruction, one sample at a time on a copy of the decoder.

@@ -89,9 +89,10 @@ class LatentEditOptions:
         B.DECODER_LAYERS,
     )
     decoder_crop_margin: int = _opt(
-        2,
+        1,
         "background=decoder: work on the mask's latent box grown by this many cells "
-        "(-1: the whole frame)",
+        "(-1: the whole frame; 1 decodes the mask exactly as the whole frame with the default "
+        "layers)",
     )
     crop_to_mask: Any = _opt(
         "auto",
