@@ -12,6 +12,7 @@ algorithm itself keeps; the judge's success reads only the inside of the mask, w
 would not change.
 
     python benchmarks/pixel_quality.py --pixel-model <DDPMPipeline folder> --clip <CLIP folder>
+    python benchmarks/pixel_quality.py --rerender <out>/pixel_quality.json   # the report again
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from blendedit import BlendedDiffusionPipeline
-from blendedit.bench import add_study_flags, machine_facts, wilson
+from blendedit.bench import add_study_flags, machine_facts, paired, wilson
 from blendedit.io import save_json
 from blendedit.toy.judge import judge
 from blendedit.toy.tasks import task_suite
@@ -40,11 +41,19 @@ SETTINGS: dict[str, dict] = {
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pixel-model", required=True, help="pixel model folder or built-in name")
+    p.add_argument("--pixel-model", help="pixel model folder or built-in name (required)")
+    p.add_argument(
+        "--rerender", metavar="JSON", help="only write the report again from a saved run's JSON"
+    )
     p.add_argument("--clip", default=None, help="CLIP folder (built-in models bring their own)")
     p.add_argument("--label", default="", help="a line for the report (what model this is)")
     add_study_flags(p, list(SETTINGS), 30, 100, "benchmarks/out/pixel_quality")  # 25 % skipped
     args = p.parse_args(argv)
+    if args.rerender:
+        rerender(args.rerender, args.label)
+        return 0
+    if not args.pixel_model:
+        p.error("--pixel-model is required")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = BlendedDiffusionPipeline.from_pretrained(args.pixel_model, clip=args.clip)
@@ -97,29 +106,49 @@ def main(argv=None) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    meta["label"] = args.label
     save_json(dict(meta=meta, summary=summary, rows=rows), out / "pixel_quality.json")
+    (out / "pixel_quality.md").write_text(report(meta, summary, rows))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def report(meta: dict, summary: dict, rows: dict) -> str:
+    """The markdown report; each setting is paired with the first (the defaults) on the same
+    tasks: the tasks only the defaults edit, only this setting edits, exact sign test."""
     lines = [
         "# Blended Diffusion's claims on Shapes World edits",
         "",
-        f"{args.tasks} tasks, {args.samples} samples each (the best by CLIP is judged), "
-        f"{args.steps} respaced DDPM steps with 25 % skipped, pixel model `{args.pixel_model}`, "
-        f"CLIP `{args.clip or '(the built-in one)'}`; {meta['threads']} torch thread(s) on "
-        f"{meta['cores']} cores, torch {meta['torch']}; {meta['wall_s']:.0f} s in all. The "
-        "background is not enforced at the end, so PSNR outside the mask is what the algorithm "
-        "kept (99 caps exact).",
+        f"{meta['tasks']} tasks, {meta['samples']} samples each (the best by CLIP is judged), "
+        f"{meta['steps']} respaced DDPM steps with 25 % skipped, pixel model "
+        f"`{meta['pixel_model']}`, CLIP `{meta['clip'] or '(the built-in one)'}`; "
+        f"{meta['threads']} torch thread(s) on {meta['cores']} cores, torch {meta['torch']}; "
+        f"{meta['wall_s']:.0f} s in all. The background is not enforced at the end, so PSNR "
+        "outside the mask is what the algorithm kept (99 caps exact). Paired: on the same tasks, "
+        "the tasks only the first setting edits against those only this one edits, and the exact "
+        "sign test's p (p < 0.05: beyond noise).",
         "",
-        *([args.label, ""] if args.label else []),
-        "| setting | success [95 % CI] | PSNR outside (dB) | s / edit |",
-        "|---|---|---|---|",
+        *([meta["label"], ""] if meta.get("label") else []),
+        "| setting | success [95 % CI] | paired with the first | PSNR outside (dB) | s / edit |",
+        "|---|---|---|---|---|",
     ]
+    first = next(iter(rows))
     for name, s in summary.items():
+        pr = paired(rows[first], rows[name])
+        vs = "-" if name == first else f"{pr['only_a']} vs {pr['only_b']}, p = {pr['p']:.2f}"
         lines.append(
-            f"| {name} | {s['success']:.0%} [{s['ci'][0]:.0%}, {s['ci'][1]:.0%}] | "
+            f"| {name} | {s['success']:.0%} [{s['ci'][0]:.0%}, {s['ci'][1]:.0%}] | {vs} | "
             f"{s['psnr_outside']:.1f} | {s['seconds']:.1f} |"
         )
-    (out / "pixel_quality.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps(summary, indent=1))
-    return 0
+    return "\n".join(lines) + "\n"
+
+
+def rerender(path: str, label: str = "") -> None:
+    """Write the report again from a saved ``pixel_quality.json`` (beside it), without running."""
+    data = json.loads(Path(path).read_text())
+    if label:
+        data["meta"]["label"] = label
+    Path(path).with_suffix(".md").write_text(report(data["meta"], data["summary"], data["rows"]))
 
 
 if __name__ == "__main__":
