@@ -74,6 +74,21 @@ def test_captions_follow_grammar_and_can_name_one_object():
     assert any(c.endswith("on a striped background") for c in caps)
 
 
+def test_name_small_always_calls_a_small_object_small_and_changes_nothing_else():
+    small, mid = Obj("star", "blue", 0.2, 0.2, 0.08), Obj("cross", "red", 0.7, 0.7, 0.13)
+    scene = Scene(Background("plain", ("cream",)), (small, mid))
+    plain = [caption(scene, np.random.RandomState(s)) for s in range(300)]
+    named = [caption(scene, np.random.RandomState(s), name_small=True) for s in range(300)]
+    # half the time a size word, as before; with name_small the small star always has one
+    assert any("a blue star" in c for c in plain)
+    assert all("a blue star" not in c for c in named)
+    assert sum("a small blue star" in c for c in named) > sum(
+        "a small blue star" in c for c in plain
+    )
+    # the same draws: only the size word of the small object differs
+    assert [c.replace("small ", "") for c in plain] == [c.replace("small ", "") for c in named]
+
+
 def _single_object_case(rng, shape, colour, r_range):
     o = place(rng, random_object(rng, r_range, shape=shape, colour=colour), [])
     img = render(Scene(sample_background(rng), (o,)), 128)

@@ -402,7 +402,7 @@ def test_unet_draws_from_the_union_of_several_data_sets(data_dir, tmp_path, monk
     seen = []
     real_caption = T.train_caption
     monkeypatch.setattr(
-        T, "train_caption", lambda sc, rng: seen.append(sc) or real_caption(sc, rng)
+        T, "train_caption", lambda sc, rng, **kw: seen.append(sc) or real_caption(sc, rng, **kw)
     )
     argv = ["unet", "--data", str(data_dir), str(single), "--out", str(tmp_path / "u")]
     argv += ["--steps", "3", "--batch-size", "16", "--clip", str(tmp_path / "clip")]
@@ -612,8 +612,9 @@ def test_unet_object_weight_weighs_the_latent_cells_under_objects(data_dir, tmp_
     _tiny_unet_inputs(monkeypatch, tmp_path / "vae", tmp_path / "clip")
     argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "1"]
     argv += ["--batch-size", "4", "--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "vae")]
-    T.train_unet(T.build_parser().parse_args(argv + ["--object-weight", "4"]))
-    assert "weigh 5x in the loss" in (tmp_path / "u" / "card.md").read_text()
+    T.train_unet(T.build_parser().parse_args(argv + ["--object-weight", "4", "--name-small"]))
+    card = (tmp_path / "u" / "card.md").read_text()
+    assert "weigh 5x in the loss" in card and "always called small" in card
 
 
 def test_unet_limit_encodes_and_draws_only_the_first_images(data_dir, tmp_path, monkeypatch):
@@ -621,7 +622,7 @@ def test_unet_limit_encodes_and_draws_only_the_first_images(data_dir, tmp_path, 
     seen = []
     real_caption = T.train_caption
     monkeypatch.setattr(
-        T, "train_caption", lambda sc, rng: seen.append(sc) or real_caption(sc, rng)
+        T, "train_caption", lambda sc, rng, **kw: seen.append(sc) or real_caption(sc, rng, **kw)
     )
     argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--limit", "4"]
     argv += ["--steps", "2", "--batch-size", "16", "--clip", str(tmp_path / "clip")]

@@ -112,7 +112,9 @@ class SceneData:
         return np.stack([self.images[i] for i in idx])
 
 
-def train_caption(scene: Scene, rng: np.random.RandomState, drop: float = CAPTION_DROP) -> str:
+def train_caption(
+    scene: Scene, rng: np.random.RandomState, drop: float = CAPTION_DROP, name_small: bool = False
+) -> str:
     """A caption drawn afresh (template, which objects, sizes, background), or '' with
-    probability ``drop``."""
-    return "" if rng.rand() < drop else caption(scene, rng)
+    probability ``drop``; ``name_small``: see :func:`caption`."""
+    return "" if rng.rand() < drop else caption(scene, rng, name_small)

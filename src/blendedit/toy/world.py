@@ -302,15 +302,16 @@ def background_phrase(bg: Background) -> str:
     return f"on {article(word)} {word} background"
 
 
-def caption(scene: Scene, rng: np.random.RandomState) -> str:
+def caption(scene: Scene, rng: np.random.RandomState, name_small: bool = False) -> str:
     """A caption in one of the templates: all objects or (for multi-object scenes, half the
     time) just one, sizes sometimes, the background sometimes. Empty scenes name the
-    background."""
+    background. ``name_small``: a small object is always called small (so that a caption without
+    a size word means a medium or big object); the same random draws either way."""
     objs = list(scene.objects)
     if len(objs) > 1 and rng.rand() < 0.5:
         objs = [objs[rng.randint(len(objs))]]
     with_size = rng.rand() < 0.5
-    parts = [describe(o, with_size) for o in objs]
+    parts = [describe(o, with_size or (name_small and o.size_word == "small")) for o in objs]
     text = " and ".join(parts)
     if not objs:
         return background_phrase(scene.background).removeprefix("on ")
