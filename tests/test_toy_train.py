@@ -1,6 +1,7 @@
 """Shapes World training code: data sets, captions, tokenizer, checkpoints and resuming."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -459,6 +460,52 @@ def test_assemble_ships_float16_folders_that_load_and_names_a_missing_run(tmp_pa
     assert not dest.with_name("toy.tmp").exists()  # and nothing half-built is left beside it
     T.assemble(T.build_parser().parse_args(argv + ["--pixel", ""]))  # '' ships none
     assert not (dest / "pixel").exists() and models.toy_shipped(dest)
+
+
+def test_assemble_only_unet_replaces_the_unet_and_keeps_every_other_part(tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from blendedit.toy.evaluate import write_measured
+
+    work = tmp_path / "runs"
+    small = _tiny_unet_inputs(monkeypatch, work / "vae" / "model", work / "clip" / "model")
+    torch.manual_seed(0)
+    UNet2DConditionModel(**small).save_pretrained(work / "unet" / "model")
+    for run in ("vae", "clip", "unet"):
+        (work / run / "card.md").write_text(f"# Shapes World {run}\n")
+    dest = tmp_path / "toy"
+    argv = ["assemble", "--work", str(work), "--vae", "vae", "--clip", "clip", "--vision", ""]
+    argv += ["--unet", "unet", "--pixel", "", "--dest", str(dest)]
+    T.assemble(T.build_parser().parse_args(argv))
+    write_measured(dest / "MODEL_CARD.md", {"t2i_judge_success": 0.25, "seconds": 1})
+    old = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    torch.manual_seed(1)
+    UNet2DConditionModel(**small).save_pretrained(work / "unet2" / "model")
+    (work / "unet2" / "card.md").write_text("# Shapes World unet, continued\n")
+    (work / "unet2" / "commands.log").write_text(f"2026: unet --init-from {dest}/pipeline/unet\n")
+    shutil.rmtree(work / "vae")  # the parts kept come from the folder itself, not from runs
+    update = ["assemble", "--work", str(work), "--only", "unet", "--unet", "unet2"]
+    T.assemble(T.build_parser().parse_args(update + ["--dest", str(dest)]))
+    new = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert new.keys() == old.keys()
+    changed = {str(k) for k in new if new[k] != old[k]}
+    unet = {f"pipeline/unet/{f}" for f in ("diffusion_pytorch_model.safetensors", "config.json")}
+    assert changed == unet | {"MODEL_CARD.md"}  # the rest byte for byte as it was
+    assert (
+        "unet2"
+        in json.loads((dest / "pipeline" / "unet" / "config.json").read_text())["_name_or_path"]
+    )
+    shipped = load_file(dest / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    trained = UNet2DConditionModel.from_pretrained(work / "unet2" / "model").state_dict()
+    assert all(torch.equal(shipped[k], trained[k].half()) for k in shipped)
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert card.index("# Shapes World unet\n") < card.index("# Shapes World unet, continued")
+    assert "# Shapes World vae" in card and "Measured by" not in card  # stale figures dropped
+    with pytest.raises(SystemExit, match="not an assembled folder"):
+        T.assemble(T.build_parser().parse_args(update + ["--dest", str(tmp_path / "none")]))
+    with pytest.raises(SystemExit, match="no such run folder"):
+        T.assemble(T.build_parser().parse_args(update[:-1] + ["unte", "--dest", str(dest)]))
+    assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == new
 
 
 def test_unet_train_text_encoder_trains_it_and_the_pipeline_ships_that_one(

@@ -27,6 +27,7 @@ from ..models import dtype_kwargs, quiet_transformers
 from ..ranking import _features
 from .judge import judge, read_objects
 from .train import CLASS_PROMPTS as COMBOS
+from .train import MEASURED
 from .world import Scene, place, random_object, render, sample_background
 
 
@@ -159,7 +160,6 @@ def pixel_readable(folder, n: int = 100, steps: int = 100, seed: int = 0):
     return sum(ok) / n, imgs
 
 
-MEASURED = "# Measured by `python -m blendedit.toy.evaluate`"
 LABELS = {
     "t2i_judge_success": "text-to-image: the judge finds 'a {colour} {shape}' (30 prompts x 4 "
     "seeds, 25 DDIM steps, guidance 5)",

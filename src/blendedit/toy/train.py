@@ -1183,10 +1183,35 @@ def _drop_load_flags(config: Path) -> None:
         config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+MEASURED = "# Measured by `python -m blendedit.toy.evaluate`"  # the card's last section
+SHIPPED_PARTS = ("unet", "clip", "pixel")  # what `assemble --only` can replace on its own
+
+
+def _card_head() -> list[str]:
+    return [
+        "# Shapes World models (blendedit's own)",
+        "",
+        "Trained from scratch by `blendedit.toy.train` on scenes rendered by `blendedit.toy` "
+        "(SHAPES_WORLD.md); weights stored as float16 safetensors, loaded as float32. Data: "
+        "`python -m blendedit.toy.train data --out runs/toy/data -n 30000 --seed 0` (training) "
+        "and `... data --out runs/toy/heldout -n 1000 --seed 1` (held out), and for the CLIP's "
+        "first stage and the UNet's second (one-object scenes) `... data --objects 1 --out "
+        "runs/toy/data-single -n 40000 --seed 0`. Then "
+        "each model's commands below, in this order (the CLIP's vision stage, then its "
+        "contrastive stage; the UNet needs the CLIP and the VAE), and "
+        "`python -m blendedit.toy.train assemble`. Figures: `python -m blendedit.toy.evaluate`.",
+        "",
+    ]
+
+
 def assemble(args) -> None:
     """Build the shipped folder from finished runs: ``pipeline/`` (StableDiffusionPipeline:
     toy VAE, CLIP text encoder and tokenizer, UNet, DDIM), ``clip/`` (CLIPModel, for ranking
-    and guidance) and ``pixel/`` (UNet2DModel + DDPM scheduler), weights in float16."""
+    and guidance) and ``pixel/`` (UNet2DModel + DDPM scheduler), weights in float16.
+
+    With ``--only PART ...`` (``unet``, ``clip``, ``pixel``) the existing ``--dest`` folder is
+    the source of every other part: only those are replaced, and the named runs' cards are
+    added to its MODEL_CARD.md (whose measured figures, now stale, are dropped)."""
     with quiet_transformers():
         from diffusers import (
             AutoencoderKL,
@@ -1197,23 +1222,44 @@ def assemble(args) -> None:
     from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
 
     work, dest = Path(args.work), Path(args.dest)
+    only = set(args.only or ())
+    if only - set(SHIPPED_PARTS):
+        raise SystemExit(f"--only: parts are {', '.join(SHIPPED_PARTS)}; got {sorted(only)}")
+    if only and not (dest / "pipeline" / "model_index.json").is_file():
+        raise SystemExit(f"--only: {dest} is not an assembled folder (no pipeline/) to update")
 
     def folder(name):
         return _model_folder(work / name, args.unfinished)
 
     # every run is found before anything is written: a wrong name leaves no half-built folder
-    vae, unet = folder(args.vae), folder(args.unet)
-    clip_folder = folder(args.clip)
-    # a UNet trained with its text encoder carries it; one trained on a frozen one names its run
-    text_folder = unet / TEXT_ENCODER
-    if not text_folder.is_dir():
-        text_folder = folder(args.text_encoder or "clip")
-    elif args.text_encoder:
-        raise SystemExit(
-            f"--text-encoder {args.text_encoder}: the UNet {args.unet} was trained with its own "
-            f"text encoder ({text_folder}), which the pipeline ships; leave --text-encoder out"
-        )
-    pixel = folder(args.pixel) if args.pixel else None  # '' ships no pixel model
+    if only:  # the parts not named come from the folder being updated
+        vae, text_folder = dest / "pipeline" / "vae", dest / "pipeline" / "text_encoder"
+        tok_folder = dest / "pipeline" / "tokenizer"
+        unet = folder(args.unet) if "unet" in only else dest / "pipeline" / "unet"
+        clip_folder = folder(args.clip) if "clip" in only else dest / "clip"
+        keep_pixel = "pixel" not in only and (dest / "pixel").is_dir()
+        pixel = folder(args.pixel) if "pixel" in only else dest / "pixel" if keep_pixel else None
+        if (unet / TEXT_ENCODER).is_dir():  # a UNet that brings its own text encoder
+            text_folder = tok_folder = unet / TEXT_ENCODER
+        runs = [args.unet if "unet" in only else None, args.clip if "clip" in only else None]
+        runs += [args.pixel if "pixel" in only else None]
+    else:
+        vae, unet = folder(args.vae), folder(args.unet)
+        clip_folder = folder(args.clip)
+        # a UNet trained with its text encoder carries it; one trained on a frozen one names its
+        # run
+        text_folder = unet / TEXT_ENCODER
+        if not text_folder.is_dir():
+            text_folder = folder(args.text_encoder or "clip")
+        elif args.text_encoder:
+            raise SystemExit(
+                f"--text-encoder {args.text_encoder}: the UNet {args.unet} was trained with its "
+                f"own text encoder ({text_folder}), which the pipeline ships; leave "
+                "--text-encoder out"
+            )
+        tok_folder = text_folder
+        pixel = folder(args.pixel) if args.pixel else None  # '' ships no pixel model
+        runs = [args.vision, args.clip, args.text_encoder, args.vae, args.unet, args.pixel]
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -1221,7 +1267,7 @@ def assemble(args) -> None:
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae).to(half),
         text_encoder=CLIPTextModel.from_pretrained(text_folder).to(half),
-        tokenizer=AutoTokenizer.from_pretrained(text_folder),
+        tokenizer=AutoTokenizer.from_pretrained(tok_folder),
         unet=UNet2DConditionModel.from_pretrained(unet).to(half),
         scheduler=DDIMScheduler(**LATENT_SCHEDULER),
         safety_checker=None,
@@ -1242,24 +1288,19 @@ def assemble(args) -> None:
             unet=UNet2DModel.from_pretrained(pixel / "unet").to(half),
             scheduler=DDPMScheduler.from_pretrained(pixel / "scheduler"),
         ).save_pretrained(tmp / "pixel")
-    runs = (args.vision, args.clip, args.text_encoder, args.vae, args.unet, args.pixel)
+    if only:  # the parts kept are copied as they are (their configs name the runs they came from)
+        kept = [vae, unet, clip_folder, pixel, text_folder, tok_folder]
+        for part in {p for p in kept if p is not None and p.is_relative_to(dest)}:
+            shutil.rmtree(tmp / part.relative_to(dest))
+            shutil.copytree(part, tmp / part.relative_to(dest))
     cards = [c for n in runs if n for c in _card_chain(work / n)]
     cards = list(dict.fromkeys(cards))
-    text = [
-        "# Shapes World models (blendedit's own)",
-        "",
-        "Trained from scratch by `blendedit.toy.train` on scenes rendered by `blendedit.toy` "
-        "(SHAPES_WORLD.md); weights stored as float16 safetensors, loaded as float32. Data: "
-        "`python -m blendedit.toy.train data --out runs/toy/data -n 30000 --seed 0` (training) "
-        "and `... data --out runs/toy/heldout -n 1000 --seed 1` (held out), and for the CLIP's "
-        "first stage and the UNet's second (one-object scenes) `... data --objects 1 --out "
-        "runs/toy/data-single -n 40000 --seed 0`. Then "
-        "each model's commands below, in this order (the CLIP's vision stage, then its "
-        "contrastive stage; the UNet needs the CLIP and the VAE), and "
-        "`python -m blendedit.toy.train assemble`. Figures: `python -m blendedit.toy.evaluate`.",
-        "",
-    ]
-    text += [c.read_text() for c in cards if c.exists()]
+    if only:  # the folder's card so far, without its measured figures (they were of the old one)
+        old = (dest / "MODEL_CARD.md").read_text() if (dest / "MODEL_CARD.md").exists() else ""
+        text = [old.split("\n" + MEASURED)[0].rstrip("\n") + "\n"]
+        text += [c.read_text() for c in cards if c.exists() and c.read_text() not in old]
+    else:
+        text = _card_head() + [c.read_text() for c in cards if c.exists()]
     (tmp / "MODEL_CARD.md").write_text("\n".join(text))
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
@@ -1469,6 +1510,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the latest checkpoint (EMA) of runs that have not finished, for previews",
     )
     a.add_argument("--dest", default=str(Path(__file__).parents[1] / "assets" / "toy"))
+    a.add_argument(
+        "--only",
+        nargs="+",
+        choices=SHIPPED_PARTS,
+        default=None,
+        help="replace only these parts of the existing --dest folder (e.g. `--only unet --unet "
+        "unet8`), keeping the others as they are; their runs' cards are added to its card",
+    )
     n = sub.add_parser("snapshot", help="write an unfinished run's current weights to RUN/snapshot")
     n.add_argument("run", nargs="+", help="run folders, e.g. runs/toy/unet")
     return p
