@@ -301,6 +301,36 @@ def _tiny_unet_inputs(monkeypatch, vae_dir, clip_dir, half=False) -> dict:
     return small
 
 
+def test_unet_widths_bf16_and_device_options_train_and_snapshot(data_dir, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    _tiny_unet_inputs(monkeypatch, tmp_path / "vae" / "model", tmp_path / "clip" / "model")
+    base = ["unet", "--data", str(data_dir), "--steps", "2", "--batch-size", "4"]
+    base += ["--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "vae"), "--device", "cpu"]
+    wide = ["--channels", "32", "32", "64", "--layers", "2"]
+    losses = {}
+    for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
+        T.train_unet(
+            T.build_parser().parse_args(base + wide + extra + ["--out", str(tmp_path / name)])
+        )
+        rows = (tmp_path / name / "loss.csv").read_text().splitlines()
+        losses[name] = float(rows[-1].split(",")[1])
+    # autocast is on: the same draws give a slightly different loss, not a broken one
+    assert losses["bf16"] != losses["fp32"] and abs(losses["bf16"] / losses["fp32"] - 1) < 0.1
+    model = UNet2DConditionModel.from_pretrained(tmp_path / "bf16" / "model")
+    assert list(model.config.block_out_channels) == [32, 32, 64]
+    assert model.config.layers_per_block == 2
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay float32
+    snap = UNet2DConditionModel.from_pretrained(T.snapshot(tmp_path / "bf16"))  # its own widths
+    a, b = snap.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="--device nonsense: not usable here"):
+        T.train_unet(T.build_parser().parse_args(base[:-1] + ["nonsense", "--out", str(tmp_path)]))
+    with pytest.raises(SystemExit, match="--channels: each width a multiple of 32"):
+        argv = base + ["--channels", "32", "48", "64", "--out", str(tmp_path / "x")]
+        T.train_unet(T.build_parser().parse_args(argv))
+
+
 def test_unet_init_from_starts_from_the_given_unet(data_dir, tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
