@@ -326,6 +326,9 @@ def test_unet_widths_bf16_and_device_options_train_and_snapshot(data_dir, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match="--device nonsense: not usable here"):
         T.train_unet(T.build_parser().parse_args(base[:-1] + ["nonsense", "--out", str(tmp_path)]))
+    with pytest.raises(SystemExit, match="widths .32, 32, 64. x 2 layers are not this one's"):
+        argv = base + ["--init-from", str(tmp_path / "bf16"), "--out", str(tmp_path / "y")]
+        T.train_unet(T.build_parser().parse_args(argv))
     with pytest.raises(SystemExit, match="--channels: each width a multiple of 32"):
         argv = base + ["--channels", "32", "48", "64", "--out", str(tmp_path / "x")]
         T.train_unet(T.build_parser().parse_args(argv))
