@@ -56,7 +56,8 @@ def test_reconstruct_redoes_the_background_from_saved_latents(files, tmp_path, c
         out / "photo.json"
     )
     for a, b in zip(meta["results"], again["results"]):
-        assert (a["seed"], a["score"]) == (b["seed"], b["score"])
+        # the score is recomputed on frames decoded in ranked order: equal up to float rounding
+        assert a["seed"] == b["seed"] and a["score"] == pytest.approx(b["score"], abs=1e-6)
         assert (out / b["file"]).read_bytes() == (out / a["file"]).read_bytes()
     # paste from the same latents: the background becomes exact, the samples keep their seeds
     assert main(["reconstruct", str(out / "photo.json"), "--background", "paste", "--quiet"]) == 0
