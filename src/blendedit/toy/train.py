@@ -799,7 +799,7 @@ def _latent_ddpm():
 
 def _unet_config(pooled_text: bool, channels=None, layers: int | None = None) -> dict:
     """UNET_CONFIG, with UNET_POOLED_TEXT for `unet --pooled-text` and the widths and depth of
-    `unet --channels/--layers-per-block`."""
+    `unet --channels/--layers`."""
     cfg = dict(UNET_CONFIG, **(UNET_POOLED_TEXT if pooled_text else {}))
     if channels:
         cfg["block_out_channels"] = tuple(channels)
@@ -1247,8 +1247,8 @@ def _drop_load_flags(config: Path) -> None:
 
 
 MEASURED = "# Measured by `python -m blendedit.toy.evaluate`"  # the card's last section
-SHIPPED_PARTS = ("unet", "clip", "pixel")
-SHIPPED_MB = 60  # the cap on the package's weights  # what `assemble --only` can replace on its own
+SHIPPED_PARTS = ("unet", "clip", "pixel")  # what `assemble --only` can replace on its own
+SHIPPED_MB = 60  # the cap on the package's weights
 
 
 def _card_head() -> list[str]:
@@ -1310,8 +1310,8 @@ def assemble(args) -> None:
     else:
         vae, unet = folder(args.vae), folder(args.unet)
         clip_folder = folder(args.clip)
-        # a UNet trained with its text encoder carries it; one trained on a frozen one names its
-        # run
+        # a UNet trained with its text encoder carries it; one trained on a frozen one names
+        # that encoder's run
         text_folder = unet / TEXT_ENCODER
         if not text_folder.is_dir():
             text_folder = folder(args.text_encoder or "clip")
@@ -1500,7 +1500,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--device",
                 default="auto",
                 help="where to train: auto (a CUDA GPU when there is one, else the CPU), cpu, "
-                "cuda, cuda:1 ... (noise is drawn on the CPU either way, so runs match)",
+                "cuda, cuda:1 ... (noise and steps are drawn on the CPU either way: a run sees the "
+                "same draws on any device)",
             )
             s.add_argument(
                 "--bf16",
