@@ -1,6 +1,7 @@
 """Shapes World training code: data sets, captions, tokenizer, checkpoints and resuming."""
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -332,6 +333,24 @@ def test_unet_widths_bf16_and_device_options_train_and_snapshot(data_dir, tmp_pa
     with pytest.raises(SystemExit, match="--channels: each width a multiple of 32"):
         argv = base + ["--channels", "32", "48", "64", "--out", str(tmp_path / "x")]
         T.train_unet(T.build_parser().parse_args(argv))
+
+
+def test_unet_zero_snr_trains_v_prediction_on_a_schedule_that_ends_in_pure_noise(
+    data_dir, tmp_path, monkeypatch
+):
+    sched = T._latent_ddpm(zero_snr=True)
+    assert float(sched.alphas_cumprod[-1]) < 1e-6 < float(T._latent_ddpm().alphas_cumprod[-1])
+    z0, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    t = torch.tensor([999, 500])
+    v = sched.get_velocity(z0, noise, t)
+    assert torch.allclose(v[0], -z0[0], atol=1e-3)  # at pure noise v is minus the image
+    _tiny_unet_inputs(monkeypatch, tmp_path / "vae" / "model", tmp_path / "clip" / "model")
+    argv = ["unet", "--data", str(data_dir), "--steps", "2", "--batch-size", "4", "--zero-snr"]
+    argv += ["--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "vae")]
+    T.train_unet(T.build_parser().parse_args(argv + ["--out", str(tmp_path / "u")]))
+    loss = float((tmp_path / "u" / "loss.csv").read_text().splitlines()[-1].split(",")[1])
+    assert math.isfinite(loss) and loss > 0
+    assert "v-prediction" in (tmp_path / "u" / "card.md").read_text()
 
 
 def test_unet_init_from_starts_from_the_given_unet(data_dir, tmp_path, monkeypatch):

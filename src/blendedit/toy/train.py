@@ -790,11 +790,16 @@ def train_vae(args) -> None:
     )
 
 
-def _latent_ddpm():
-    """The latent UNet's training scheduler: Stable Diffusion's schedule as DDPM."""
+def _latent_ddpm(zero_snr: bool = False):
+    """The latent UNet's training scheduler: Stable Diffusion's schedule as DDPM; with
+    ``zero_snr`` its betas rescaled so that the last step is pure noise, and v-prediction (which
+    stays defined there; Lin et al. 2024)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**{k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"})
+    cfg = {k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"}
+    if zero_snr:
+        cfg.update(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    return DDPMScheduler(**cfg)
 
 
 def _unet_config(pooled_text: bool, channels=None, layers: int | None = None) -> dict:
@@ -808,6 +813,10 @@ def _unet_config(pooled_text: bool, channels=None, layers: int | None = None) ->
     return cfg
 
 
+# what a pipeline's scheduler needs for a `unet --zero-snr` UNet
+ZERO_SNR_SAMPLING = dict(
+    prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
+)
 UNET_RUN_CONFIG = "unet_config.json"  # a UNet run's architecture, for snapshots
 
 
@@ -939,7 +948,7 @@ def train_unet(args) -> None:
     tok = AutoTokenizer.from_pretrained(clip_folder)
     joint = args.train_text_encoder
     text = CLIPTextModel.from_pretrained(clip_folder).float().requires_grad_(joint).to(device)
-    sched = _latent_ddpm()
+    sched = _latent_ddpm(args.zero_snr)
     torch.manual_seed(args.seed)
     if args.channels and any(c < 32 or c % 32 for c in args.channels):  # GroupNorm: 32 groups
         raise SystemExit(f"--channels: each width a multiple of 32; got {args.channels}")
@@ -989,12 +998,17 @@ def train_unet(args) -> None:
         t = t.to(device)
         zt = sched.add_noise(z0, noise, t)
         pred = model(zt, t, cond).sample
-        err = (pred.float() - noise).pow(2)
+        target = sched.get_velocity(z0, noise, t) if args.zero_snr else noise
+        err = (pred.float() - target).pow(2)
         if args.object_weight:  # latent cells under an object (or its 2 px band) weigh more
             cells = object_cells([data.scenes[i] for i in idx], sets[0].images.shape[1], 8)
             per_image = _per_image_mean(err, 1 + args.object_weight * cells.to(device))
         else:
             per_image = _per_image_mean(err)
+        if (
+            args.zero_snr
+        ):  # plain v loss: min-SNR's v form would leave the pure-noise end unweighted
+            return per_image.mean()
         return (_min_snr_weight(sched, t, args.min_snr) * per_image).mean()
 
     if not run.train(loss_fn):
@@ -1028,6 +1042,13 @@ def train_unet(args) -> None:
             " Latent cells under an object or within 2 px of one weigh "
             f"{1 + args.object_weight:g}x in the loss (averaged per image under those weights)."
             if args.object_weight
+            else ""
+        )
+        + (
+            " Zero terminal SNR (betas rescaled so that the last step is pure noise) with "
+            "v-prediction and a plain v loss: the pipeline's scheduler needs "
+            f"{ZERO_SNR_SAMPLING}."
+            if args.zero_snr
             else ""
         )
         + (
@@ -1564,6 +1585,14 @@ def build_parser() -> argparse.ArgumentParser:
                 type=int,
                 default=None,
                 help=f"ResNet layers per block (default {UNET_CONFIG['layers_per_block']})",
+            )
+            s.add_argument(
+                "--zero-snr",
+                action="store_true",
+                help="train on Stable Diffusion's schedule rescaled to zero terminal SNR, with "
+                "v-prediction (the last step is pure noise, so the seed's noise does not set the "
+                "layout); the pipeline then samples with "
+                + ", ".join(f"{k}={v}" for k, v in ZERO_SNR_SAMPLING.items()),
             )
             s.add_argument(
                 "--name-small",
