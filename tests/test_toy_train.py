@@ -351,6 +351,23 @@ def test_unet_zero_snr_trains_v_prediction_on_a_schedule_that_ends_in_pure_noise
     loss = float((tmp_path / "u" / "loss.csv").read_text().splitlines()[-1].split(",")[1])
     assert math.isfinite(loss) and loss > 0
     assert "v-prediction" in (tmp_path / "u" / "card.md").read_text()
+    # the scheduler it needs travels with it, through a snapshot and into the assembled pipeline
+    assert (
+        json.loads((T.snapshot(tmp_path / "u") / "sampling.json").read_text())["prediction_type"]
+        == "v_prediction"
+    )
+    argv = ["assemble", "--work", str(tmp_path), "--vae", "vae", "--clip", "clip", "--unet", "u"]
+    T.assemble(T.build_parser().parse_args(argv + ["--pixel", "", "--dest", str(tmp_path / "toy")]))
+    cfg = json.loads((tmp_path / "toy/pipeline/scheduler/scheduler_config.json").read_text())
+    assert cfg["_class_name"] == "DDIMScheduler" and cfg["rescale_betas_zero_snr"] is True
+    assert (cfg["prediction_type"], cfg["timestep_spacing"]) == ("v_prediction", "trailing")
+    T.assemble(
+        T.build_parser().parse_args(
+            argv[:2] + [str(tmp_path), "--only", "clip", "--dest", str(tmp_path / "toy")]
+        )
+    )
+    again = json.loads((tmp_path / "toy/pipeline/scheduler/scheduler_config.json").read_text())
+    assert again == cfg  # replacing another part keeps it
 
 
 def test_unet_init_from_starts_from_the_given_unet(data_dir, tmp_path, monkeypatch):

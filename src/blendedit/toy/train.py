@@ -817,6 +817,7 @@ def _unet_config(pooled_text: bool, channels=None, layers: int | None = None) ->
 ZERO_SNR_SAMPLING = dict(
     prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
 )
+SAMPLING_FILE = "sampling.json"  # beside such a UNet's weights: `assemble` gives it that scheduler
 UNET_RUN_CONFIG = "unet_config.json"  # a UNet run's architecture, for snapshots
 
 
@@ -954,6 +955,8 @@ def train_unet(args) -> None:
         raise SystemExit(f"--channels: each width a multiple of 32; got {args.channels}")
     model = UNet2DConditionModel(**_unet_config(args.pooled_text, args.channels, args.layers))
     out.joinpath(UNET_RUN_CONFIG).write_text(json.dumps(dict(model.config), indent=2, default=list))
+    if args.zero_snr:
+        out.joinpath(SAMPLING_FILE).write_text(json.dumps(ZERO_SNR_SAMPLING, indent=2))
     if args.pooled_text:  # the pooled text starts silent: a UNet it is added to keeps its output
         torch.nn.init.zeros_(model.add_embedding.norm2.weight)
         torch.nn.init.zeros_(model.add_embedding.norm2.bias)
@@ -1015,6 +1018,8 @@ def train_unet(args) -> None:
         return
     net.load_state_dict(run.final_state())
     model.save_pretrained(out / "model")
+    if (out / SAMPLING_FILE).is_file():
+        shutil.copy(out / SAMPLING_FILE, out / "model" / SAMPLING_FILE)
     if joint:  # the UNet only works with its own text encoder: it goes inside its model folder
         text.save_pretrained(out / "model" / TEXT_ENCODER)
         tok.save_pretrained(out / "model" / TEXT_ENCODER)
@@ -1208,6 +1213,8 @@ def snapshot(run: Path) -> Path:
         text.load_state_dict(text_weights)
         text.save_pretrained(tmp / TEXT_ENCODER)
         AutoTokenizer.from_pretrained(run / TEXT_ENCODER).save_pretrained(tmp / TEXT_ENCODER)
+    if (run / SAMPLING_FILE).is_file():  # the scheduler it needs travels with it
+        shutil.copy(run / SAMPLING_FILE, tmp / SAMPLING_FILE)
     (tmp / "STEP").write_text(f"{state['step']}\n")
     dest = run / "snapshot"
     shutil.rmtree(dest, ignore_errors=True)
@@ -1270,6 +1277,12 @@ def _drop_load_flags(config: Path) -> None:
 MEASURED = "# Measured by `python -m blendedit.toy.evaluate`"  # the card's last section
 SHIPPED_PARTS = ("unet", "clip", "pixel")  # what `assemble --only` can replace on its own
 SHIPPED_MB = 60  # the cap on the package's weights
+
+
+def _sampling(unet: Path) -> dict:
+    """What a UNet's sampler needs beyond Stable Diffusion's schedule (`unet --zero-snr`)."""
+    f = unet / SAMPLING_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def _card_head() -> list[str]:
@@ -1354,7 +1367,7 @@ def assemble(args) -> None:
         text_encoder=CLIPTextModel.from_pretrained(text_folder).to(half),
         tokenizer=AutoTokenizer.from_pretrained(tok_folder),
         unet=UNet2DConditionModel.from_pretrained(unet).to(half),
-        scheduler=DDIMScheduler(**LATENT_SCHEDULER),
+        scheduler=DDIMScheduler(**LATENT_SCHEDULER, **_sampling(unet)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -1375,6 +1388,8 @@ def assemble(args) -> None:
         ).save_pretrained(tmp / "pixel")
     if only:  # the parts kept are copied as they are (their configs name the runs they came from)
         kept = [vae, unet, clip_folder, pixel, text_folder, tok_folder]
+        if "unet" not in only:  # and the sampler it was assembled with (`unet --zero-snr`'s)
+            kept.append(dest / "pipeline" / "scheduler")
         for part in {p for p in kept if p is not None and p.is_relative_to(dest)}:
             shutil.rmtree(tmp / part.relative_to(dest))
             shutil.copytree(part, tmp / part.relative_to(dest))
