@@ -911,6 +911,15 @@ class _Concat:
         return len(self.scenes)
 
 
+def _noise_and_steps(rng, shape, scheduler, device):
+    """A batch's noise and timesteps for a diffusion loss, drawn on the CPU from the step's
+    ``rng`` (so a run sees the same draws on any device), then moved to ``device``."""
+    g = torch.Generator().manual_seed(int(rng.randint(2**31)))
+    noise = torch.randn(shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (shape[0],), generator=g)
+    return noise.to(device), t.to(device)
+
+
 def _min_snr_weight(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     ac = scheduler.alphas_cumprod[t]
     snr = ac / (1 - ac)
@@ -994,11 +1003,7 @@ def train_unet(args) -> None:
         texts = [train_caption(data.scenes[i], rng, name_small=args.name_small) for i in idx]
         with torch.set_grad_enabled(joint):
             cond = text(tokenize(tok, texts).to(device))[0]
-        # noise and steps drawn on the CPU: the same run on any device sees the same ones
-        g = torch.Generator().manual_seed(int(rng.randint(2**31)))
-        noise = torch.randn(z0.shape, generator=g).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
-        t = t.to(device)
+        noise, t = _noise_and_steps(rng, z0.shape, sched, device)
         zt = sched.add_noise(z0, noise, t)
         pred = model(zt, t, cond).sample
         target = sched.get_velocity(z0, noise, t) if args.zero_snr else noise
@@ -1093,10 +1098,7 @@ def train_pixel(args) -> None:
         rng = _rng(args, step)
         idx = pool[rng.randint(len(pool), size=args.batch_size)]
         x0 = F.avg_pool2d(image_batch(data, idx), factor).to(device)  # box-filtered 128 px
-        g = torch.Generator().manual_seed(int(rng.randint(2**31)))
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
-        t = t.to(device)
+        noise, t = _noise_and_steps(rng, x0.shape, sched, device)
         pred = model(sched.add_noise(x0, noise, t), t).sample
         w = _min_snr_weight(sched, t, args.min_snr)
         return (w * (pred.float() - noise).pow(2).mean((1, 2, 3))).mean()
@@ -1335,12 +1337,13 @@ def assemble(args) -> None:
         tok_folder = dest / "pipeline" / "tokenizer"
         unet = folder(args.unet) if "unet" in only else dest / "pipeline" / "unet"
         clip_folder = folder(args.clip) if "clip" in only else dest / "clip"
-        keep_pixel = "pixel" not in only and (dest / "pixel").is_dir()
-        pixel = folder(args.pixel) if "pixel" in only else dest / "pixel" if keep_pixel else None
+        if "pixel" in only:
+            pixel = folder(args.pixel)
+        else:
+            pixel = dest / "pixel" if (dest / "pixel").is_dir() else None
         if (unet / TEXT_ENCODER).is_dir():  # a UNet that brings its own text encoder
             text_folder = tok_folder = unet / TEXT_ENCODER
-        runs = [args.unet if "unet" in only else None, args.clip if "clip" in only else None]
-        runs += [args.pixel if "pixel" in only else None]
+        runs = [getattr(args, part) for part in SHIPPED_PARTS if part in only]
     else:
         vae, unet = folder(args.vae), folder(args.unet)
         clip_folder = folder(args.clip)
