@@ -283,9 +283,10 @@ def check_output_folder(out_dir: str | os.PathLike) -> Path:
         base = base.parent
     if not base.is_dir():
         raise OutputError(f"out: cannot create {str(out)!r}: {str(base)!r} is a file")
-    try:  # an unnamed file where the OS has them (O_TMPFILE): a kill leaves nothing behind
-        with tempfile.TemporaryFile(prefix=".blendedit-probe-", dir=base):
-            pass
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".blendedit-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise OutputError(
             f"out: cannot write in {str(base)!r} ({e.strerror or e}); choose another folder"
