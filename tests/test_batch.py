@@ -16,6 +16,7 @@ from PIL import Image
 
 from blendedit.batch import run_batch
 from blendedit.cli import main
+from blendedit.io import PROBE_PREFIX
 from blendedit.outputs import listed_files
 from blendedit.runner import EditRequest, ModelSpec
 from blendedit.toy.tasks import write_manifest
@@ -111,8 +112,10 @@ def test_sigkill_half_way_then_the_same_command_finishes_each_row_once(tmp_path)
     done_before = {p.parent for p in out.glob("rows/*/*.json")}
     assert 4 <= len(done_before) < n, "the kill must land half way"
     survivors = {k: v for k, v in file_ids(out).items() if (out / k).parent in done_before}
-    # the kill may also land inside a summary write: the re-run clears what that leaves
+    # the kill may also land inside a summary write, or between a row folder's write probe and
+    # its removal: the re-run clears what those leave
     (out / ".summary.csv.killed.tmp").write_bytes(b"row,")
+    (out / "rows" / f"{PROBE_PREFIX}killed").write_bytes(b"")
 
     rc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr

@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .io import check_output_folder, write_files_atomically
+from .io import PROBE_PREFIX, check_output_folder, write_files_atomically
 from .outputs import listed_files
 from .runner import (
     AUTO_INT_OPTIONS,
@@ -338,8 +338,10 @@ def run_batch(
     if workers > 1 and not use_ray:
         raise ValueError("workers: more than one worker runs on Ray; add --ray (use_ray=True)")
     out = check_output_folder(out)
-    for stale in out.glob(".summary.*.tmp"):  # a summary write that a kill cut short
-        stale.unlink(missing_ok=True)
+    # what a kill cut short: a summary write, or a row's folder probe (rows/ then holds it)
+    for pattern in (".summary.*.tmp", f"rows/{PROBE_PREFIX}*"):
+        for stale in out.glob(pattern):
+            stale.unlink(missing_ok=True)
     manifest = Path(manifest)
     raws = read_manifest(manifest)
     if not raws:

@@ -272,6 +272,9 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
     return write_files_atomically({Path(path): json_bytes(obj)})[0]
 
 
+PROBE_PREFIX = ".blendedit-probe-"  # check_output_folder's test file (a kill may leave one)
+
+
 def check_output_folder(out_dir: str | os.PathLike) -> Path:
     """Fail fast (:class:`OutputError`) when results could not be written to ``out_dir``:
     it is a file, or its nearest existing folder refuses a new file. Creates nothing."""
@@ -284,7 +287,7 @@ def check_output_folder(out_dir: str | os.PathLike) -> Path:
     if not base.is_dir():
         raise OutputError(f"out: cannot create {str(out)!r}: {str(base)!r} is a file")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".blendedit-probe-", dir=base)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=base)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
