@@ -733,6 +733,27 @@ def test_unet_object_weight_weighs_the_latent_cells_under_objects(data_dir, tmp_
     assert "weigh 5x in the loss" in card and "always called small" in card
 
 
+def test_unet_max_t_trains_only_on_the_low_noise_steps(data_dir, tmp_path, monkeypatch):
+    _tiny_unet_inputs(monkeypatch, tmp_path / "vae", tmp_path / "clip")
+    drawn = []
+    real = T._noise_and_steps
+
+    def recording(*a, **k):
+        noise, t = real(*a, **k)
+        drawn.append(t)
+        return noise, t
+
+    monkeypatch.setattr(T, "_noise_and_steps", recording)
+    argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "3"]
+    argv += ["--batch-size", "16", "--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "vae")]
+    T.train_unet(T.build_parser().parse_args(argv + ["--max-t", "40"]))
+    t = torch.cat(drawn)
+    assert len(t) == 48 and int(t.max()) < 40 and len(set(t.tolist())) > 10
+    assert "only on timesteps below 40" in (tmp_path / "u" / "card.md").read_text()
+    with pytest.raises(SystemExit, match="--max-t: .* from 1 to 1000; got 0"):
+        T.train_unet(T.build_parser().parse_args(argv + ["--max-t", "0", "--fresh"]))
+
+
 def test_unet_limit_encodes_and_draws_only_the_first_images(data_dir, tmp_path, monkeypatch):
     _tiny_unet_inputs(monkeypatch, tmp_path / "vae", tmp_path / "clip")
     seen = []

@@ -911,12 +911,13 @@ class _Concat:
         return len(self.scenes)
 
 
-def _noise_and_steps(rng, shape, scheduler, device):
-    """A batch's noise and timesteps for a diffusion loss, drawn on the CPU from the step's
-    ``rng`` (so a run sees the same draws on any device), then moved to ``device``."""
+def _noise_and_steps(rng, shape, scheduler, device, max_t: int | None = None):
+    """A batch's noise and timesteps (below ``max_t``, default all) for a diffusion loss, drawn
+    on the CPU from the step's ``rng`` (so a run sees the same draws on any device), then moved
+    to ``device``."""
     g = torch.Generator().manual_seed(int(rng.randint(2**31)))
     noise = torch.randn(shape, generator=g)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (shape[0],), generator=g)
+    t = torch.randint(0, max_t or scheduler.config.num_train_timesteps, (shape[0],), generator=g)
     return noise.to(device), t.to(device)
 
 
@@ -960,6 +961,11 @@ def train_unet(args) -> None:
     text = CLIPTextModel.from_pretrained(clip_folder).float().requires_grad_(joint).to(device)
     sched = _latent_ddpm(args.zero_snr)
     torch.manual_seed(args.seed)
+    if args.max_t is not None and not 1 <= args.max_t <= sched.config.num_train_timesteps:
+        raise SystemExit(
+            f"--max-t: a timestep bound from 1 to {sched.config.num_train_timesteps}; "
+            f"got {args.max_t}"
+        )
     if args.channels and any(c < 32 or c % 32 for c in args.channels):  # GroupNorm: 32 groups
         raise SystemExit(f"--channels: each width a multiple of 32; got {args.channels}")
     model = UNet2DConditionModel(**_unet_config(args.pooled_text, args.channels, args.layers))
@@ -1003,7 +1009,7 @@ def train_unet(args) -> None:
         texts = [train_caption(data.scenes[i], rng, name_small=args.name_small) for i in idx]
         with torch.set_grad_enabled(joint):
             cond = text(tokenize(tok, texts).to(device))[0]
-        noise, t = _noise_and_steps(rng, z0.shape, sched, device)
+        noise, t = _noise_and_steps(rng, z0.shape, sched, device, args.max_t)
         zt = sched.add_noise(z0, noise, t)
         pred = model(zt, t, cond).sample
         target = sched.get_velocity(z0, noise, t) if args.zero_snr else noise
@@ -1059,6 +1065,11 @@ def train_unet(args) -> None:
             "v-prediction and a plain v loss: the pipeline's scheduler needs "
             f"{ZERO_SNR_SAMPLING}."
             if args.zero_snr
+            else ""
+        )
+        + (
+            f" Trained only on timesteps below {args.max_t} (the low-noise steps)."
+            if args.max_t
             else ""
         )
         + (
@@ -1611,6 +1622,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "v-prediction (the last step is pure noise, so the seed's noise does not set the "
                 "layout); the pipeline then samples with "
                 + ", ".join(f"{k}={v}" for k, v in ZERO_SNR_SAMPLING.items()),
+            )
+            s.add_argument(
+                "--max-t",
+                type=int,
+                default=None,
+                help="train only on timesteps below this (of 1000): a fine-tuning of the "
+                "low-noise steps, where an object's outline is drawn",
             )
             s.add_argument(
                 "--name-small",
