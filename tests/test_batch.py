@@ -53,7 +53,7 @@ def assert_complete(out: Path, n_rows: int, n_results: int = 1) -> None:
         assert meta["latents"] in listed  # results, sheet, latents
         assert len(meta["results"]) == n_results
         assert {p.name for p in folder.iterdir()} == listed
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(f"{PROBE_PREFIX}*"))
     entries = summary(out)
     assert [e["row"] for e in entries] == list(range(1, n_rows + 1))
     assert all(e["status"] in ("ok", "skipped") and e["best"] for e in entries)
@@ -116,6 +116,7 @@ def test_sigkill_half_way_then_the_same_command_finishes_each_row_once(tmp_path)
     # its removal: the re-run clears what those leave
     (out / ".summary.csv.killed.tmp").write_bytes(b"row,")
     (out / "rows" / f"{PROBE_PREFIX}killed").write_bytes(b"")
+    (out / f"{PROBE_PREFIX}killed").write_bytes(b"")
 
     rc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr

@@ -338,8 +338,9 @@ def run_batch(
     if workers > 1 and not use_ray:
         raise ValueError("workers: more than one worker runs on Ray; add --ray (use_ray=True)")
     out = check_output_folder(out)
-    # what a kill cut short: a summary write, or a row's folder probe (rows/ then holds it)
-    for pattern in (".summary.*.tmp", f"rows/{PROBE_PREFIX}*"):
+    # what a kill cut short: a summary write, or a folder's write probe (a row's is in rows/, or
+    # here before rows/ existed)
+    for pattern in (".summary.*.tmp", f"{PROBE_PREFIX}*", f"rows/{PROBE_PREFIX}*"):
         for stale in out.glob(pattern):
             stale.unlink(missing_ok=True)
     manifest = Path(manifest)
