@@ -2,10 +2,11 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from blendedit.toy.evaluate import vae_shapes_kept
+from blendedit.toy.evaluate import denoise_shapes_kept, vae_shapes_kept
 
 
 class _StandInVAE(torch.nn.Module):
@@ -15,9 +16,12 @@ class _StandInVAE(torch.nn.Module):
     def __init__(self, blur: int = 1):
         super().__init__()
         self.blur = blur
+        self.config = SimpleNamespace(scaling_factor=0.5)
+        self.last = None  # the latents last encoded (what an oracle denoiser knows)
 
     def encode(self, x):
         z = F.avg_pool2d(x, self.blur) if self.blur > 1 else x
+        self.last = z * self.config.scaling_factor
         return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: z))
 
     def decode(self, z):
@@ -43,3 +47,33 @@ def test_measured_figures_go_into_the_card_once(tmp_path):
     assert "PSNR on 200 held-out scenes (dB): 31.4\n" in text and "31.35" not in text
     assert "judge finds 'a {colour} {shape}'" in text and "0.5" in text
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _parts(vae, eps):
+    """A pipeline's components around ``vae``, with a UNet that answers ``eps(z_t, t)``."""
+    from diffusers import DDPMScheduler
+
+    from blendedit.toy.train import LATENT_SCHEDULER
+
+    sched = DDPMScheduler(**{k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"})
+
+    def unet(zt, t, encoder_hidden_states):
+        assert encoder_hidden_states.shape[0] == zt.shape[0] and int(t.unique()) == int(t[0])
+        return SimpleNamespace(sample=eps(zt, int(t[0]), sched.alphas_cumprod))
+
+    tokenizer = lambda texts, **kw: SimpleNamespace(input_ids=torch.zeros(len(texts), 4).long())
+    text_encoder = lambda ids: (torch.zeros(len(ids), 4, 8),)
+    return dict(vae=vae, unet=unet, scheduler=sched, tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+def test_denoise_shapes_kept_tells_a_denoiser_that_keeps_shapes_from_one_that_does_nothing():
+    vae = _StandInVAE()
+    # the oracle predicts the very noise that was added: its x0 is the render
+    oracle = lambda zt, t, ab: (zt - ab[t].sqrt() * vae.last) / (1 - ab[t]).sqrt()
+    denoised, noisy = denoise_shapes_kept(_parts(vae, oracle), t=300, n=30)
+    assert denoised == 1.0 and noisy < 0.5  # the noise at step 300 hides the shapes
+    idle = lambda zt, t, ab: torch.zeros_like(zt)  # no denoising: x0 is the noisy latent
+    assert denoise_shapes_kept(_parts(vae, idle), t=300, n=30) == (noisy, noisy)
+    assert denoise_shapes_kept(_parts(vae, idle), t=0, n=30)[1] == 1.0  # step 0: barely noised
+    with pytest.raises(ValueError, match="t: a training step from 0 to 999"):
+        denoise_shapes_kept(_parts(vae, idle), t=1000, n=30)

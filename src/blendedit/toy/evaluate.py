@@ -5,7 +5,9 @@
 - ``t2i``: text-to-image "a {colour} {shape}" over all 30 combinations x 4 seeds; the judge
   must find the prompted object (whole frame as the mask).
 - ``clip``: zero-shot colour+shape classification of single-object renders.
-- ``vae``: reconstruction PSNR on held-out scenes.
+- ``vae``: reconstruction PSNR on held-out scenes, and the shapes its round trip keeps.
+- ``denoise``: the shapes the UNet keeps predicting a render's latent back from step 50, against
+  the noisy latent decoded as it is.
 - ``pixel``: share of unconditional samples with at least one object the judge can read.
 """
 
@@ -107,11 +109,49 @@ def vae_shapes_kept(vae, n: int = 150, seed: int = 3) -> float:
     vae = _vae(vae)
     kept = 0
     for labels, x in cycled_renders(n, seed):
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        for label, img in zip(labels, tensor_to_pil((rec + 1) / 2)):
-            colour, shape = COMBOS[label].split()[1:]
-            kept += any(c == colour and s == shape for c, s, _ in read_objects(img))
+        kept += _labels_read(labels, vae.decode(vae.encode(x).latent_dist.mode()).sample)
     return kept / n
+
+
+def _labels_read(labels, decoded: torch.Tensor) -> int:
+    """How many of the ``decoded`` frames (in [-1, 1]) show their label's colour and shape."""
+    kept = 0
+    for label, img in zip(labels, tensor_to_pil((decoded + 1) / 2)):
+        colour, shape = COMBOS[label].split()[1:]
+        kept += any(c == colour and s == shape for c, s, _ in read_objects(img))
+    return kept
+
+
+@torch.no_grad()
+def denoise_shapes_kept(parts: dict, t: int = 50, n: int = 150, seed: int = 3):
+    """Does the UNet draw outlines? The one-object renders of :func:`vae_shapes_kept`, encoded,
+    noised to step ``t`` and predicted back in one step with their true prompt (x0 from the
+    epsilon, no guidance), then decoded: the share whose colour and shape the judge reads.
+    Returns it with, beside it, the share read when the noisy latent is decoded as it is
+    (x_t / sqrt(alpha_bar), no denoising): a UNet that knows its shapes beats the second, one
+    that rounds them does not. Seconds for 150 renders; far quicker than text-to-image, and
+    it isolates the UNet from the layout. ``parts``: a pipeline's components
+    (:func:`blendedit.models.load_sd_components`); epsilon prediction."""
+    from .train import tokenize
+
+    vae, unet, sched = parts["vae"], parts["unet"], parts["scheduler"]
+    if not 0 <= t < sched.config.num_train_timesteps:
+        raise ValueError(f"t: a training step from 0 to {sched.config.num_train_timesteps - 1}")
+    sf = vae.config.scaling_factor
+    ab = sched.alphas_cumprod[t].float()
+    g = torch.Generator().manual_seed(seed)
+    denoised = noisy = 0
+    for labels, x in cycled_renders(n, seed):
+        z0 = vae.encode(x).latent_dist.mode() * sf
+        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * torch.randn(z0.shape, generator=g)
+        ids = tokenize(parts["tokenizer"], [COMBOS[i] for i in labels])
+        steps = torch.full((len(z0),), t)
+        eps = unet(zt, steps, encoder_hidden_states=parts["text_encoder"](ids)[0]).sample
+        denoised += _labels_read(
+            labels, vae.decode((zt - (1 - ab).sqrt() * eps) / ab.sqrt() / sf).sample
+        )
+        noisy += _labels_read(labels, vae.decode(zt / ab.sqrt() / sf).sample)
+    return denoised / n, noisy / n
 
 
 def t2i_success(pipe_folder, seeds=(0, 1, 2, 3), steps: int = 25, guidance: float = 5.0):
@@ -167,6 +207,9 @@ LABELS = {
     "vae_psnr_db": "VAE reconstruction PSNR on 200 held-out scenes (dB)",
     "vae_shapes_kept": "VAE round trip keeps a shape the judge reads (150 one-object renders)",
     "pixel_readable": "pixel model: samples with an object the judge reads (100, DDIM 100)",
+    "unet_denoise_shapes_kept": "UNet: one-step prediction from step 50 keeps a shape the judge "
+    "reads (150 one-object renders, true prompts)",
+    "noisy_latent_shapes_kept": "the same latents at step 50 decoded without denoising",
 }
 
 
@@ -197,7 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", default=str(Path(__file__).parents[1] / "assets" / "toy"))
     p.add_argument("--heldout", default="runs/toy/heldout")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
-    p.add_argument("--only", nargs="*", default=["t2i", "clip", "vae", "pixel"])
+    p.add_argument("--only", nargs="*", default=["t2i", "clip", "vae", "denoise", "pixel"])
     p.add_argument(
         "--card",
         action="store_true",
@@ -212,6 +255,12 @@ def main(argv=None) -> int:
     if "vae" in args.only:
         res["vae_psnr_db"] = vae_psnr(d / "pipeline" / "vae", args.heldout, n=200)
         res["vae_shapes_kept"] = vae_shapes_kept(d / "pipeline" / "vae")
+    if "denoise" in args.only:
+        from ..models import load_sd_components
+
+        parts = load_sd_components(str(d / "pipeline"), torch_dtype=torch.float32)
+        kept = denoise_shapes_kept(parts)
+        res["unet_denoise_shapes_kept"], res["noisy_latent_shapes_kept"] = kept
     if "t2i" in args.only:
         rate, rows, _ = t2i_success(d / "pipeline")
         res["t2i_judge_success"] = rate
