@@ -49,13 +49,14 @@ def test_measured_figures_go_into_the_card_once(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def _parts(vae, eps):
-    """A pipeline's components around ``vae``, with a UNet that answers ``eps(z_t, t)``."""
+def _parts(vae, eps, prediction_type="epsilon"):
+    """A pipeline's components around ``vae``, with a UNet that answers ``eps(z_t, t, ab)``."""
     from diffusers import DDPMScheduler
 
     from blendedit.toy.train import LATENT_SCHEDULER
 
-    sched = DDPMScheduler(**{k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"})
+    cfg = {k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"}
+    sched = DDPMScheduler(**cfg, prediction_type=prediction_type)
 
     def unet(zt, t, encoder_hidden_states):
         assert encoder_hidden_states.shape[0] == zt.shape[0] and int(t.unique()) == int(t[0])
@@ -75,5 +76,8 @@ def test_denoise_shapes_kept_tells_a_denoiser_that_keeps_shapes_from_one_that_do
     idle = lambda zt, t, ab: torch.zeros_like(zt)  # no denoising: x0 is the noisy latent
     assert denoise_shapes_kept(_parts(vae, idle), t=300, n=30) == (noisy, noisy)
     assert denoise_shapes_kept(_parts(vae, idle), t=0, n=30)[1] == 1.0  # step 0: barely noised
+    # the same oracle answering in v (a `unet --zero-snr` UNet's prediction)
+    v = lambda zt, t, ab: ab[t].sqrt() * oracle(zt, t, ab) - (1 - ab[t]).sqrt() * vae.last
+    assert denoise_shapes_kept(_parts(vae, v, "v_prediction"), t=300, n=30) == (1.0, noisy)
     with pytest.raises(ValueError, match="t: a training step from 0 to 999"):
         denoise_shapes_kept(_parts(vae, idle), t=1000, n=30)
