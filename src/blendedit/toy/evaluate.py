@@ -125,8 +125,8 @@ def _labels_read(labels, decoded: torch.Tensor) -> int:
 @torch.no_grad()
 def denoise_shapes_kept(parts: dict, t: int = 50, n: int = 150, seed: int = 3):
     """Does the UNet draw outlines? The one-object renders of :func:`vae_shapes_kept`, encoded,
-    noised to step ``t`` and predicted back in one step with their true prompt (x0 from the
-    epsilon, no guidance), then decoded: the share whose colour and shape the judge reads.
+    noised to step ``t`` and predicted back in one step with their true prompt (x0 from its
+    prediction, no guidance), then decoded: the share whose colour and shape the judge reads.
     Returns it with, beside it, the share read when the noisy latent is decoded as it is
     (x_t / sqrt(alpha_bar), no denoising): a UNet that knows its shapes beats the second, one
     that rounds them does not. About a minute for 150 renders on 2 cores, and it isolates the
