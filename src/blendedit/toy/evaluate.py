@@ -133,7 +133,7 @@ def denoise_shapes_kept(parts: dict, t: int = 50, n: int = 150, seed: int = 3):
     UNet from the layout that text-to-image also needs. ``parts``: a pipeline's components
     (:func:`blendedit.models.load_sd_components`); epsilon or v prediction, as its scheduler
     says."""
-    from .train import tokenize
+    from .train import predict_x0
 
     vae, unet, sched = parts["vae"], parts["unet"], parts["scheduler"]
     if not 0 <= t < sched.config.num_train_timesteps:
@@ -144,14 +144,10 @@ def denoise_shapes_kept(parts: dict, t: int = 50, n: int = 150, seed: int = 3):
     denoised = noisy = 0
     for labels, x in cycled_renders(n, seed):
         z0 = vae.encode(x).latent_dist.mode() * sf
-        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * torch.randn(z0.shape, generator=g)
-        ids = tokenize(parts["tokenizer"], [COMBOS[i] for i in labels])
         steps = torch.full((len(z0),), t)
-        out = unet(zt, steps, encoder_hidden_states=parts["text_encoder"](ids)[0]).sample
-        if sched.config.prediction_type == "v_prediction":  # a `unet --zero-snr` UNet's
-            x0 = ab.sqrt() * zt - (1 - ab).sqrt() * out
-        else:
-            x0 = (zt - (1 - ab).sqrt() * out) / ab.sqrt()
+        zt = sched.add_noise(z0, torch.randn(z0.shape, generator=g), steps)
+        texts = [COMBOS[i] for i in labels]
+        x0 = predict_x0(unet, parts["text_encoder"], parts["tokenizer"], sched, zt, steps, texts)
         denoised += _labels_read(labels, vae.decode(x0 / sf).sample)
         noisy += _labels_read(labels, vae.decode(zt / ab.sqrt() / sf).sample)
     return denoised / n, noisy / n

@@ -821,6 +821,17 @@ SAMPLING_FILE = "sampling.json"  # beside such a UNet's weights: `assemble` give
 UNET_RUN_CONFIG = "unet_config.json"  # a UNet run's architecture, for snapshots
 
 
+def predict_x0(unet, text_encoder, tokenizer, scheduler, zt, t, texts) -> torch.Tensor:
+    """The UNet's one-step prediction of the clean latents from ``zt`` at steps ``t`` (one per
+    latent) with ``texts``, no guidance: x0 from its epsilon, or from its v where ``scheduler``
+    says v_prediction (a `unet --zero-snr` UNet's)."""
+    out = unet(zt, t, text_encoder(tokenize(tokenizer, texts))[0]).sample  # encoder_hidden_states
+    a = scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        return a.sqrt() * zt - (1 - a).sqrt() * out
+    return (zt - (1 - a).sqrt() * out) / a.sqrt()
+
+
 class _Denoiser:
     """A pipeline's UNet and text encoder, frozen: ``z0`` noised to a random t up to ``max_t``
     and predicted back in one step (x0 from its epsilon, no guidance), for all but
@@ -842,9 +853,7 @@ class _Denoiser:
         g = torch.Generator().manual_seed(int(rng.randint(2**31)))
         t = torch.randint(0, max_t + 1, (len(z0),), generator=g)
         zt = self.sched.add_noise(z0, torch.randn(z0.shape, generator=g), t)
-        eps = self.unet(zt, t, self.text(tokenize(self.tok, texts))[0]).sample
-        a = self.sched.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x0 = (zt - (1 - a).sqrt() * eps) / a.sqrt()
+        x0 = predict_x0(self.unet, self.text, self.tok, self.sched, zt, t, texts)
         keep = torch.from_numpy(rng.rand(len(z0)) < clean_share).view(-1, 1, 1, 1)
         return torch.where(keep, z0, x0)
 
@@ -1019,9 +1028,8 @@ def train_unet(args) -> None:
             per_image = _per_image_mean(err, 1 + args.object_weight * cells.to(device))
         else:
             per_image = _per_image_mean(err)
-        if (
-            args.zero_snr
-        ):  # plain v loss: min-SNR's v form would leave the pure-noise end unweighted
+        # zero SNR: a plain v loss (min-SNR's v form would leave the pure-noise end unweighted)
+        if args.zero_snr:
             return per_image.mean()
         return (_min_snr_weight(sched, t, args.min_snr) * per_image).mean()
 
