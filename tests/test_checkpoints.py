@@ -47,10 +47,20 @@ def test_checkpoint_vae_reconstructs_held_out_scenes_at_28_db(tmp_path):
 
 
 @present
-def test_checkpoint_clip_names_colour_and_shape_zero_shot():
-    from blendedit.toy.evaluate import clip_zero_shot
+def test_checkpoint_clip_names_colour_and_shape_zero_shot(tmp_path, capsys):
+    """Through the evaluation's command line, as the card's figure is made: 600 renders."""
+    import json
+    import shutil
 
-    assert clip_zero_shot(CHECKPOINTS / "clip", n=90) >= 0.9  # 3 renders of each of the 30
+    from blendedit.toy.evaluate import main, read_measured
+
+    shutil.copytree(CHECKPOINTS / "clip", tmp_path / "toy" / "clip")
+    argv = ["--model-dir", str(tmp_path / "toy"), "--only", "clip", "--card"]
+    assert main(argv + ["--out", str(tmp_path / "figures.json")]) == 0
+    top1 = json.loads((tmp_path / "figures.json").read_text())["clip_zero_shot_top1"]
+    assert top1 >= 0.9
+    assert f"clip_zero_shot_top1 {top1:.4g}" in capsys.readouterr().err  # shown as it comes
+    assert read_measured(tmp_path / "toy" / "MODEL_CARD.md")[0].endswith(f": {top1}")
 
 
 @present

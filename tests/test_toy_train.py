@@ -697,6 +697,21 @@ def test_vae_denoised_by_decodes_the_unets_one_step_predictions(data_dir, tmp_pa
     g = np.random.RandomState(2)  # an epsilon of zero: x0 is z_t scaled back to the signal
     x0 = den(z0, texts, g, 0, clean_share=0.0)  # t = 0: almost no noise, so x0 is near z0
     assert not torch.equal(x0, z0) and torch.allclose(x0, z0, atol=0.2)
+    # a `unet --zero-snr` pipeline: its UNet answers v, on the rescaled schedule
+    shutil.copytree(pipe, tmp_path / "pipe_v")
+    zero_snr = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    DDIMScheduler(**T.LATENT_SCHEDULER, **zero_snr).save_pretrained(
+        tmp_path / "pipe_v" / "scheduler"
+    )
+    den_v = T._Denoiser(str(tmp_path / "pipe_v"))
+    den_v.unet = den.unet  # v = 0: x0 = sqrt(alpha_bar) z_t (an epsilon of 0 would divide by it)
+    g = torch.Generator().manual_seed(int(np.random.RandomState(3).randint(2**31)))
+    t = torch.randint(0, 1000, (6,), generator=g)  # the draws __call__ makes, in its order
+    ab = den_v.sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert float(den_v.sched.alphas_cumprod[-1]) < 1e-6  # rescaled: pure noise at the last step
+    zt = ab.sqrt() * z0 + (1 - ab).sqrt() * torch.randn(z0.shape, generator=g)
+    x0 = den_v(z0, texts, np.random.RandomState(3), 999, clean_share=0.0)
+    assert torch.allclose(x0, ab.sqrt() * zt, atol=1e-5)
     vae_small = dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
     monkeypatch.setattr(T, "VAE_CONFIG", vae_small)
     argv = ["vae", "--data", str(data_dir), "--heldout", str(data_dir), "--out"]

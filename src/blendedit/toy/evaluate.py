@@ -249,23 +249,34 @@ def main(argv=None) -> int:
     d = Path(args.model_dir)
     res = {}
     t0 = time.time()
-    if "clip" in args.only:
-        res["clip_zero_shot_top1"] = clip_zero_shot(d / "clip", n=600)
-    if "vae" in args.only:
-        res["vae_psnr_db"] = vae_psnr(d / "pipeline" / "vae", args.heldout, n=200)
-        res["vae_shapes_kept"] = vae_shapes_kept(d / "pipeline" / "vae")
-    if "denoise" in args.only:
-        from ..models import load_sd_components
 
-        parts = load_sd_components(str(d / "pipeline"), torch_dtype=torch.float32)
-        kept = denoise_shapes_kept(parts)
-        res["unet_denoise_shapes_kept"], res["noisy_latent_shapes_kept"] = kept
-    if "t2i" in args.only:
-        rate, rows, _ = t2i_success(d / "pipeline")
-        res["t2i_judge_success"] = rate
-        res["t2i_failures"] = [r for r in rows if not r["success"]]
-    if "pixel" in args.only and (d / "pixel").exists():
-        res["pixel_readable"] = pixel_readable(d / "pixel")[0]
+    def measured(*keys):  # each figure on stderr as it comes: the whole run takes minutes
+        shown = ", ".join(f"{k} {res[k]:.4g}" for k in keys)
+        print(f"[{time.time() - t0:.0f} s] {shown}", file=sys.stderr, flush=True)
+
+    with quiet_transformers():  # diffusers' loading notices (accelerate) are not ours to act on
+        if "clip" in args.only:
+            res["clip_zero_shot_top1"] = clip_zero_shot(d / "clip", n=600)
+            measured("clip_zero_shot_top1")
+        if "vae" in args.only:
+            res["vae_psnr_db"] = vae_psnr(d / "pipeline" / "vae", args.heldout, n=200)
+            res["vae_shapes_kept"] = vae_shapes_kept(d / "pipeline" / "vae")
+            measured("vae_psnr_db", "vae_shapes_kept")
+        if "denoise" in args.only:
+            from ..models import load_sd_components
+
+            parts = load_sd_components(str(d / "pipeline"), torch_dtype=torch.float32)
+            kept = denoise_shapes_kept(parts)
+            res["unet_denoise_shapes_kept"], res["noisy_latent_shapes_kept"] = kept
+            measured("unet_denoise_shapes_kept", "noisy_latent_shapes_kept")
+        if "t2i" in args.only:
+            rate, rows, _ = t2i_success(d / "pipeline")
+            res["t2i_judge_success"] = rate
+            res["t2i_failures"] = [r for r in rows if not r["success"]]
+            measured("t2i_judge_success")
+        if "pixel" in args.only and (d / "pixel").exists():
+            res["pixel_readable"] = pixel_readable(d / "pixel")[0]
+            measured("pixel_readable")
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps({k: v for k, v in res.items() if k != "t2i_failures"}, indent=2))
     if args.out:

@@ -834,9 +834,10 @@ def predict_x0(unet, text_encoder, tokenizer, scheduler, zt, t, texts) -> torch.
 
 class _Denoiser:
     """A pipeline's UNet and text encoder, frozen: ``z0`` noised to a random t up to ``max_t``
-    and predicted back in one step (x0 from its epsilon, no guidance), for all but
-    ``clean_share`` of a batch, so that a decoder learns to draw the scene from the latents the
-    UNet actually makes (`vae --denoised-by`)."""
+    and predicted back in one step (x0 from its epsilon or v, as the pipeline's scheduler says;
+    no guidance), for all but ``clean_share`` of a batch, so that a decoder learns to draw the
+    scene from the latents the UNet actually makes (`vae --denoised-by`). Noised on that
+    scheduler's schedule: a `unet --zero-snr` pipeline's is rescaled."""
 
     def __init__(self, pipeline: str):
         from ..models import load_sd_components
@@ -846,7 +847,7 @@ class _Denoiser:
         except ValueError as e:
             raise SystemExit(f"--denoised-by: {pipeline} is not a pipeline folder ({e})") from None
         self.unet, self.text, self.tok = c["unet"].eval(), c["text_encoder"].eval(), c["tokenizer"]
-        self.sched = _latent_ddpm()
+        self.sched = c["scheduler"]
 
     @torch.no_grad()
     def __call__(self, z0, texts, rng, max_t: int, clean_share: float):
