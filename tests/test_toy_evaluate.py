@@ -53,10 +53,10 @@ def _parts(vae, eps, prediction_type="epsilon"):
     """A pipeline's components around ``vae``, with a UNet that answers ``eps(z_t, t, ab)``."""
     from diffusers import DDPMScheduler
 
-    from blendedit.toy.train import LATENT_SCHEDULER
+    from blendedit.toy.train import _latent_ddpm
 
-    cfg = {k: v for k, v in LATENT_SCHEDULER.items() if k != "set_alpha_to_one"}
-    sched = DDPMScheduler(**cfg, prediction_type=prediction_type)
+    # the training schedule, answered in epsilon or v (not rescaled: the same noise either way)
+    sched = DDPMScheduler.from_config(_latent_ddpm().config, prediction_type=prediction_type)
 
     def unet(zt, t, encoder_hidden_states):
         assert encoder_hidden_states.shape[0] == zt.shape[0] and int(t.unique()) == int(t[0])
