@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blendedit.batch import run_batch
+from blendedit.batch import _coerce, run_batch
 from blendedit.cli import main
 from blendedit.io import PROBE_PREFIX
 from blendedit.outputs import listed_files
@@ -204,6 +204,14 @@ def test_csv_manifest_with_per_row_options(tmp_path):
     assert first["seed"] == 7 and first["results"] == 2 and second["results"] == 1
     meta = json.loads(next(Path(second["folder"]).glob("*.json")).read_text())
     assert meta["options"]["strength"] == 0.5 and meta["options"]["shrink_iterations"] == 2
+
+
+def test_manifest_values_take_the_options_words():
+    # crop_to_mask's default is the string "auto": its other values were passed on as strings
+    assert _coerce("crop_to_mask", "Zoom", "auto") == "zoom"
+    assert _coerce("crop_to_mask", "no", "auto") is False
+    with pytest.raises(ValueError, match="crop_to_mask: expected"):
+        _coerce("crop_to_mask", "tight", "auto")
 
 
 @pytest.fixture(scope="module")

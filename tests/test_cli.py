@@ -119,6 +119,28 @@ def test_shrink_iterations_flag_takes_auto_or_an_integer(files, tmp_path, capsys
     assert "--shrink-iterations: expected an integer or auto, got 'lots'" in capsys.readouterr().err
 
 
+def test_crop_to_mask_flag_takes_zoom(files, tmp_path, capsys):
+    img, mask = files
+    out = tmp_path / "zoom"
+    assert edit(img, mask, out, "--crop-to-mask", "zoom", "--steps", "2") == 0
+    meta = json.loads((out / "photo.json").read_text())
+    assert meta["options"]["crop_to_mask"] == "zoom"
+    x0, y0, x1, y1 = meta["crop_box"]  # the 24 px mask and half its side a side: 48 px
+    assert (x1 - x0, y1 - y0) == (48, 48)
+    first = out / meta["results"][0]["file"]
+    res, src = (np.asarray(Image.open(p)).astype(int) for p in (first, img))
+    keep = np.asarray(Image.open(mask)) == 0
+    assert np.abs(res - src)[keep].max() == 0
+    # the same background again from the saved latents: the same zoomed edit
+    assert main(["reconstruct", str(out / "photo.json"), "--background", "paste", "--quiet"]) == 0
+    again = json.loads((out / "photo-paste.json").read_text())
+    assert (out / again["results"][0]["file"]).read_bytes() == first.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        edit(img, mask, tmp_path / "bad", "--crop-to-mask", "tight")
+    assert "expected auto, true, false or zoom, got 'tight'" in capsys.readouterr().err
+
+
 def test_same_seed_same_files(files, tmp_path):
     img, mask = files
     edit(img, mask, tmp_path / "a", "--seed", "3")

@@ -157,6 +157,30 @@ def test_crop_to_mask_edits_only_a_native_size_box(pipe):
     assert full.crop_box == (0, 0, 256, 256) and full.latents.shape[-2:] == (32, 32)
 
 
+def test_zoom_edits_the_box_around_the_mask_magnified_to_native_size(pipe):
+    """crop_to_mask="zoom" (diffusers' padding_mask_crop): a 16 px mask with context 0.5 is
+    a 32 px box, edited at 64 px (2x): the mask covers 4x4 latent cells instead of 2x2."""
+    rng = np.random.RandomState(2)
+    img = Image.fromarray((rng.rand(256, 256, 3) * 255).astype(np.uint8))
+    m = np.zeros((256, 256), np.float32)
+    m[180:196, 32:48] = 1
+    out = run(pipe, img, m, crop_to_mask="zoom")
+    assert out.zoomed and out.crop_box == (24, 172, 56, 204)
+    assert out.latents.shape[-2:] == (8, 8) and int(out.latent_mask.sum()) == 16
+    assert int(run(pipe, img, m, crop_to_mask=True).latent_mask.sum()) == 4
+    diff = np.abs(px(out.images[0]) - px(img))
+    assert diff[m == 0].max() == 0 and diff[m == 1].mean() > 5  # paste: every pixel kept
+    # the raw decode, resized back, fills the box; outside the box the source
+    raw = run(pipe, img, m, crop_to_mask="zoom", background="none")
+    diff = np.abs(px(raw.images[0]) - px(img))
+    in_box = np.zeros((256, 256), bool)
+    in_box[172:204, 24:56] = True
+    assert diff[~in_box].max() == 0 and diff[in_box & (m == 0)].mean() > 1
+    # redoing the background of the zoomed edit is the zoomed edit's own paste
+    again = pipe.reconstruct_background(raw, img, background="paste")
+    assert px(again.images[0]).tolist() == px(out.images[0]).tolist()
+
+
 def test_ranking_orders_best_first_and_keeps_images_with_their_scores(pipe, image, box_mask):
     gens = lambda: [gen(s) for s in (3, 4, 5, 6)]  # noqa: E731
     ranker, pipe.ranker = pipe.ranker, None

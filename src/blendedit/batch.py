@@ -140,17 +140,19 @@ def _coerce(name: str, value, default):
     """A CSV string (or JSON value) as the type of the option's default."""
     if isinstance(value, str) and name in AUTO_INT_OPTIONS:
         return int_or_auto(name, value)
-    if not isinstance(value, str) or isinstance(default, str):
+    crop = name == "crop_to_mask"  # its default "auto" is a string, its values mostly not
+    if not isinstance(value, str) or (isinstance(default, str) and not crop):
         return value
     v = value.strip().lower()
-    if isinstance(default, bool) or name == "crop_to_mask":
+    if isinstance(default, bool) or crop:
         if v in ("true", "yes", "1"):
             return True
         if v in ("false", "no", "0"):
             return False
-        if v == "auto" and name == "crop_to_mask":
-            return "auto"
-        raise ValueError(f"{name}: expected true or false, got {value!r}")
+        if crop and v in ("auto", "zoom"):
+            return v
+        words = "auto, true, false or zoom" if crop else "true or false"
+        raise ValueError(f"{name}: expected {words}, got {value!r}")
     kind_of = NONE_DEFAULT_TYPES.get(name, float) if default is None else type(default)
     try:
         return int(v) if kind_of is int else float(v)

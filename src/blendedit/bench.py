@@ -8,7 +8,8 @@ ranks returns its best sample, one that does not its first.
 
 Methods (:data:`METHODS`): our latent method with its defaults and one option changed at a time
 (shrinking k = 3, 1 or 0 against the default ``auto``, background none / poisson / decoder,
-nearest mask downsampling, fresh background noise, no ranking), diffusers'
+nearest mask downsampling, fresh background noise, no ranking, the box around the mask zoomed
+to the native size), diffusers'
 ``StableDiffusionInpaintPipeline`` on the same 4-channel UNet, text-to-image of the prompt
 pasted into the mask, img2img of the whole frame (SDEdit) pasted into the mask, and the pixel
 method (Blended Diffusion) when a pixel model is given.
@@ -44,6 +45,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "ours nearest": ("ours", {"mask_downsample": "nearest"}),
     "ours fresh noise": ("ours", {"background_noise": "fresh"}),
     "ours first sample": ("ours", {"rank": False}),
+    "ours zoom": ("ours", {"crop_to_mask": "zoom"}),
     "ours background=none": ("ours", {"background": "none"}),
     "ours background=poisson": ("ours", {"background": "poisson"}),
     "ours background=decoder": ("ours", {"background": "decoder"}),
@@ -402,6 +404,7 @@ DEFAULT_STUDIES = [
     ("ranking", "ours", "ours first sample", "best of N", "first sample"),
     ("background_noise", "ours", "ours fresh noise", "fixed", "fresh"),
     ("mask_downsample", "ours", "ours nearest", "max", "nearest"),
+    ("crop_to_mask", "ours", "ours zoom", "auto", "zoom"),
     ("decoder_lambda", "ours background=decoder", "ours decoder lambda=10", "100", "10"),
 ]
 #: Background reconstructions compared with the raw decode they start from, on the same tasks.

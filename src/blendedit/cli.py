@@ -28,6 +28,16 @@ SHORT_FLAGS = {"num_inference_steps": ["--steps"], "num_images_per_prompt": ["-n
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
+def _crop_mode(s: str):
+    """crop_to_mask: auto, true, false or zoom."""
+    if s.lower() == "zoom":
+        return "zoom"
+    try:
+        return _bool_or_auto(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, true, false or zoom, got {s!r}") from None
+
+
 def _bool_or_auto(s: str):
     v = s.lower()
     if v in ("auto",):
@@ -40,7 +50,9 @@ def _bool_or_auto(s: str):
 
 
 def _flag_type(name: str, default):
-    if name == "crop_to_mask" or isinstance(default, bool):
+    if name == "crop_to_mask":
+        return _crop_mode
+    if isinstance(default, bool):
         return _bool_or_auto
     if name in AUTO_INT_OPTIONS:
 

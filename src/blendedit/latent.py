@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -24,7 +25,7 @@ from .ranking import RANK_REGIONS, ClipRanker
 
 SCHEDULERS = ("ddim", "dpm++", "euler")
 BACKGROUND_NOISE_MODES = ("fixed", "fresh")
-CROP_MODES = ("auto", True, False)
+CROP_MODES = ("auto", True, False, "zoom")
 
 Generator = torch.Generator | list | None
 
@@ -97,7 +98,10 @@ class LatentEditOptions:
     crop_to_mask: Any = _opt(
         "auto",
         "edit only a box around the mask: auto (when the image is larger than the "
-        "model's native size), true or false",
+        "model's native size), true or false; zoom: the box (the mask plus crop_context, any "
+        "size) resized to the model's native size and back, as diffusers' padding_mask_crop and "
+        "the web UIs' 'inpaint only masked' (outside the mask the source's pixels, but for "
+        "background=none)",
     )
     crop_context: float = _opt(0.5, "context around the mask in the crop box, x the mask's side")
     rank_region: str = _opt(
@@ -129,6 +133,7 @@ class BlendedLatentDiffusionOutput:
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     reconstruction: Any = None  # background="decoder": a background.DecoderTuning (losses ...)
+    zoomed: bool = False  # crop_to_mask="zoom": crop_box was resized to the native size and back
 
 
 # --- the math, as small functions over tensors -----------------------------------------------
@@ -346,7 +351,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         _check_int("decoder_crop_margin", opts.decoder_crop_margin, -1, 10_000)
         if opts.crop_to_mask not in CROP_MODES:
             raise ValueError(
-                f"crop_to_mask: expected 'auto', True or False, got {opts.crop_to_mask!r}"
+                f"crop_to_mask: expected 'auto', True, False or 'zoom', got {opts.crop_to_mask!r}"
             )
         n = opts.num_images_per_prompt
         check_generator(generator, n, f"num_images_per_prompt={n}")
@@ -432,11 +437,14 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         # 2. Region to edit: the whole frame or a box around the mask at native size
         x_full = pil_to_tensor(image)  # (1, 3, H, W)
         W, H = image.size
+        zoom = crop_to_mask == "zoom"
         crop = crop_to_mask if crop_to_mask != "auto" else max(W, H) > self.native_size
         box = (0, 0, W, H)
         if crop:
-            box = M.crop_box(M.mask_bbox(mask_full), (W, H), self.native_size, crop_context)
-        x_pad, m_pad, (h, w) = self._region(x_full, mask_full, box)
+            # zoom: any side from the mask and its context (at most 8x magnified)
+            side = max(self.vae_scale_factor, self.native_size // 8) if zoom else self.native_size
+            box = M.crop_box(M.mask_bbox(mask_full), (W, H), side, crop_context)
+        x_pad, m_pad, (h, w) = self._region(x_full, mask_full, box, zoom)
 
         # 3. Encode the prompt
         cfg = guidance_scale > 1.0
@@ -491,7 +499,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
 
         # 8-10. Decode, reconstruct the background, paste into the frame, rank
         frames, order, scores, info = self._finish(
-            z, x_full, box, x_pad, m_pad, (h, w), mask_full, prompt, opts, timings
+            z, x_full, box, x_pad, m_pad, (h, w), mask_full, prompt, opts, timings, zoom
         )
         timings["total"] = time.perf_counter() - t_total
 
@@ -509,21 +517,37 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             timings=timings,
             warnings=warnings,
             reconstruction=_reordered(info, order),
+            zoomed=zoom,
         )
 
-    def _region(self, x_full, mask_full, box):
-        """The image and mask in ``box``, padded to sizes the VAE takes (reflect / zeros);
-        returns (x_pad, m_pad, (h, w)), (h, w) the size before padding."""
+    def zoom_size(self, box) -> tuple[int, int]:
+        """(h, w) that ``box`` is resized to by ``crop_to_mask="zoom"``: its longer side the
+        native size, the other in proportion, both multiples of the VAE's factor."""
+        f, n = self.vae_scale_factor, self.native_size
+        bh, bw = box[3] - box[1], box[2] - box[0]
+        return tuple(max(f, round(s * n / max(bh, bw) / f) * f) for s in (bh, bw))
+
+    def _region(self, x_full, mask_full, box, zoom: bool = False):
+        """The image and mask in ``box``, padded to sizes the VAE takes (reflect / zeros), or
+        with ``zoom`` resized to :meth:`zoom_size`; returns (x_pad, m_pad, (h, w)), (h, w) the
+        size before padding."""
         x0, y0, x1, y1 = box
-        x_pad, hw = M.pad_to_multiple(x_full[..., y0:y1, x0:x1], self.vae_scale_factor, "reflect")
-        m_pad, _ = M.pad_to_multiple(
-            mask_full[..., y0:y1, x0:x1], self.vae_scale_factor, "constant"
-        )
+        x, m = x_full[..., y0:y1, x0:x1], mask_full[..., y0:y1, x0:x1]
+        if zoom:
+            size = self.zoom_size(box)
+            # the mask: exact pixel centres when magnified, coverage when shrunk (no spread
+            # into latent cells the mask does not reach)
+            mode = "nearest-exact" if size[0] >= m.shape[-2] else "area"
+            return _resize(x, size), F.interpolate(m, size, mode=mode), size
+        x_pad, hw = M.pad_to_multiple(x, self.vae_scale_factor, "reflect")
+        m_pad, _ = M.pad_to_multiple(m, self.vae_scale_factor, "constant")
         return x_pad, m_pad, hw
 
-    def _finish(self, z, x_full, box, x_pad, m_pad, hw, mask_full, prompt, opts, timings):
+    def _finish(self, z, x_full, box, x_pad, m_pad, hw, mask_full, prompt, opts, timings, zoom):
         """Steps 8-10 of an edit: decode ``z``, reconstruct the background of the edited region,
-        paste it into the frame and rank. Returns (frames, order, scores, decoder info)."""
+        paste it into the frame and rank. With ``zoom`` the region is resized back to ``box``
+        and, but for background="none", keeps the source's pixels outside the mask.
+        Returns (frames, order, scores, decoder info)."""
         (h, w), (x0, y0, x1, y1), n = hw, box, z.shape[0]
         _sync(self.device)
         t0 = time.perf_counter()
@@ -556,6 +580,11 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             region, info = B.reconstruct(
                 opts.background, edit[crop], x_pad[crop], m_pad[crop], feather=opts.feather
             )
+        if zoom:
+            region = _resize(region, (y1 - y0, x1 - x0))
+            if opts.background != "none":
+                source = x_full[..., y0:y1, x0:x1]
+                region = torch.where(mask_full[..., y0:y1, x0:x1] > 0, region, source)
         frames = x_full.expand(n, -1, -1, -1).clone()
         frames[..., y0:y1, x0:x1] = region
         frames = (frames * 255).round() / 255  # what is saved is what gets ranked
@@ -599,11 +628,11 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         x_full = pil_to_tensor(image)
         mask_full = mask_to_tensor(output.mask)
         box = output.crop_box
-        x_pad, m_pad, (h, w) = self._region(x_full, mask_full, box)
+        x_pad, m_pad, (h, w) = self._region(x_full, mask_full, box, output.zoomed)
         timings: dict[str, float] = {}
         z = output.latents.to(self.device, self.dtype)
         frames, order, scores, info = self._finish(
-            z, x_full, box, x_pad, m_pad, (h, w), mask_full, prompt, opts, timings
+            z, x_full, box, x_pad, m_pad, (h, w), mask_full, prompt, opts, timings, output.zoomed
         )
         timings["total"] = time.perf_counter() - t_total
         return replace(
@@ -616,6 +645,13 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             warnings=list(output.warnings),
             reconstruction=_reordered(info, order),
         )
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Images (N, C, H, W) in [0, 1] to ``size`` (h, w): bicubic, antialiased when shrunk."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
 
 def _reordered(info, order):

@@ -60,8 +60,9 @@ def listed_files(sidecar: dict) -> list[str]:
 
 
 def latents_bytes(result, image_sha256: str) -> bytes:
-    """A latent edit's final latents (ranked order), its mask and crop box as safetensors: what
-    :func:`blendedit.runner.reconstruct_from_sidecar` needs to redo the background step."""
+    """A latent edit's final latents (ranked order), its mask, crop box and whether that box was
+    zoomed as safetensors: what :func:`blendedit.runner.reconstruct_from_sidecar` needs to redo
+    the background step."""
     import numpy as np
     import torch
     from safetensors.torch import save
@@ -72,6 +73,7 @@ def latents_bytes(result, image_sha256: str) -> bytes:
     }
     meta = {
         "crop_box": json.dumps(list(result.crop_box)),
+        "zoomed": json.dumps(bool(getattr(result, "zoomed", False))),
         "order": json.dumps(list(result.order)),
         "image_sha256": image_sha256,
     }

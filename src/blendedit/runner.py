@@ -322,6 +322,7 @@ def read_edit(sidecar_path: str | Path, image: str | Path | None = None):
         mask_schedule=[],
         crop_box=tuple(json.loads(info["crop_box"])),
         timings={},
+        zoomed=json.loads(info.get("zoomed", "false")),  # absent in files of before zoom
     )
     return meta, source, out
 
