@@ -274,6 +274,10 @@ def test_two_pages_edit_at_once(server, browser):
     prompts = ["a green square", "a purple cross"]
     for page in pages:
         _paint(page)
+    # the second page edits a zoomed box around its strokes (Options, Edit area)
+    pages[1].get_by_text("Options").first.click()
+    pages[1].locator("#edit-area input").click()
+    pages[1].get_by_role("option", name="zoom", exact=True).click()
     for page, prompt in zip(pages, prompts):
         _edit(page, prompt)
     for page in pages:
@@ -283,6 +287,7 @@ def test_two_pages_edit_at_once(server, browser):
     metas = _sidecars(out)
     for prompt in prompts:
         assert len(metas[prompt]["results"]) == 4
+    assert [metas[p]["options"]["crop_to_mask"] for p in prompts] == ["auto", "zoom"]
     for page in pages:
         page.close()
 

@@ -31,6 +31,8 @@ DEFAULT_MAX_FILE_SIZE = "10mb"
 WEB_MAX_PIXELS = 4_000_000
 PREVIEW_EVERY = 1  # decode a preview at most every N steps (and about 10 in all)
 EDITOR_CANVAS = (800, 800)
+#: The page's "Edit area" choices: their crop_to_mask values.
+EDIT_AREAS = {"auto": "auto", "whole image": False, "box around the mask": True, "zoom": "zoom"}
 LATENT_LABEL = "latent (Blended Latent Diffusion)"
 PIXEL_LABEL = (
     "pixel (Blended Diffusion)"  # the editor's blank canvas: painting with no image gives this
@@ -268,6 +270,13 @@ def build_app(session: EditSession, examples: list[str] | None = None):
                     background = gr.Dropdown(
                         list(BACKGROUND_METHODS), value=d.background, label="Background"
                     )
+                    area = gr.Dropdown(
+                        list(EDIT_AREAS),
+                        value="auto",
+                        label="Edit area (zoom: the box around the mask at the model's full "
+                        "resolution, as 'inpaint only masked')",
+                        elem_id="edit-area",
+                    )
                     clip_scale = gr.Slider(
                         0, 5000, value=1000, step=50, label="CLIP guidance scale (pixel method)"
                     )
@@ -302,6 +311,7 @@ def build_app(session: EditSession, examples: list[str] | None = None):
             k_guid,
             k_shrink,
             k_bg,
+            k_area,
             k_clip,
             progress=gr.Progress(),
         ):
@@ -316,6 +326,7 @@ def build_app(session: EditSession, examples: list[str] | None = None):
                     guidance_scale=float(k_guid),
                     shrink_iterations=int_or_auto("shrink_iterations", str(k_shrink)),
                     background=k_bg,
+                    crop_to_mask=EDIT_AREAS[k_area],
                 )
             else:
                 options |= dict(clip_guidance_scale=float(k_clip))
@@ -348,6 +359,7 @@ def build_app(session: EditSession, examples: list[str] | None = None):
                 guidance,
                 shrink,
                 background,
+                area,
                 clip_scale,
             ],
             outputs=[preview, gallery, files],
