@@ -128,6 +128,20 @@ def test_bench_of_one_task_kind_runs_only_that_kind_and_names_a_bad_one(tmp_path
     assert main(["bench", "--kinds", "huge", "--out", str(tmp_path / "y")]) == 2
 
 
+def test_bench_seed_flag_draws_another_task_suite(tmp_path, capsys):
+    def run(seed):
+        out = tmp_path / str(seed)
+        args = ["bench", "--model", "tiny-random", "--tasks", "2", "--steps", "1"]
+        args += ["--samples", "1", "--methods", "ours", "--seed", str(seed), "--quiet"]
+        assert main([*args, "--out", str(out)]) == 0
+        return json.loads((out / "results.json").read_text())
+
+    a, b = run(0), run(3)
+    assert (a["config"]["seed"], b["config"]["seed"]) == (0, 3)
+    assert [t["seed"] for t in b["tasks"]] == [300_000, 300_001]
+    assert [t["prompt"] for t in a["tasks"]] != [t["prompt"] for t in b["tasks"]]
+
+
 def test_bench_without_the_shipped_model_says_what_to_do(tmp_path, monkeypatch):
     from blendedit import models
 

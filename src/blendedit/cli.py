@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25)")
     q.add_argument("--samples", type=int, default=4, help="samples per edit (default: 4)")
     q.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the task suite and the samples (default: 0); another seed is another, "
+        "independent set of tasks",
+    )
+    q.add_argument(
         "--methods",
         nargs="+",
         default=None,
@@ -472,6 +479,7 @@ def _bench(args) -> int:
         kinds=tuple(args.kinds or BenchConfig.kinds),
         steps=args.steps or (20 if args.quick else 25),
         samples=args.samples,
+        seed=args.seed,
         methods=args.methods or (QUICK_METHODS if args.quick else None),
         label=args.label,
     )
