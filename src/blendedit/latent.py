@@ -434,7 +434,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
                 "mask: covers the whole image, so nothing of it is kept (text-to-image)"
             )
 
-        # 2. Region to edit: the whole frame or a box around the mask at native size
+        # 2. Region to edit: the whole frame, a box around the mask at native size, or (zoom)
+        # the box of the mask and its context resized to the native size
         x_full = pil_to_tensor(image)  # (1, 3, H, W)
         W, H = image.size
         zoom = crop_to_mask == "zoom"
