@@ -33,16 +33,16 @@ from blendedit.toy.tasks import task_suite
 SETTINGS: dict[str, dict] = {
     "paste": dict(background="paste"),
     "poisson": dict(background="poisson"),
-    "decoder (defaults: last, 75 @1e-3, margin 1)": dict(background="decoder"),
+    "decoder (defaults: last, 75 @1e-3, margin 1, lambda 10)": dict(background="decoder"),
     "decoder last, 0 steps (the crop alone)": dict(background="decoder", decoder_steps=0),
-    "decoder last, lambda 10": dict(background="decoder", decoder_lambda=10.0),
+    "decoder last, lambda 100": dict(background="decoder", decoder_lambda=100.0),
     "decoder last 40 @2e-3": dict(background="decoder", decoder_steps=40, decoder_lr=2e-3),
     "decoder last, margin 2": dict(background="decoder", decoder_crop_margin=2),
     "decoder last, margin 4": dict(background="decoder", decoder_crop_margin=4),
     "decoder head 75 @3e-3": dict(background="decoder", decoder_layers="head"),
     "decoder all 75 @1e-4, margin 1": dict(background="decoder", decoder_layers="all"),
-    "decoder all 75 @1e-4, whole frame (the paper)": dict(
-        background="decoder", decoder_layers="all", decoder_crop_margin=-1
+    "decoder all 75 @1e-4, whole frame, lambda 100 (the paper)": dict(
+        background="decoder", decoder_layers="all", decoder_crop_margin=-1, decoder_lambda=100.0
     ),
 }
 

@@ -49,7 +49,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "ours background=none": ("ours", {"background": "none"}),
     "ours background=poisson": ("ours", {"background": "poisson"}),
     "ours background=decoder": ("ours", {"background": "decoder"}),
-    "ours decoder lambda=10": ("ours", {"background": "decoder", "decoder_lambda": 10.0}),
+    "ours decoder lambda=100": ("ours", {"background": "decoder", "decoder_lambda": 100.0}),
     "diffusers inpaint": ("inpaint", {}),
     "text-to-image + paste": ("t2i", {}),
     "SDEdit + paste": ("sdedit", {"strength": 0.75}),
@@ -405,7 +405,7 @@ DEFAULT_STUDIES = [
     ("background_noise", "ours", "ours fresh noise", "fixed", "fresh"),
     ("mask_downsample", "ours", "ours nearest", "max", "nearest"),
     ("crop_to_mask", "ours", "ours zoom", "auto", "zoom"),
-    ("decoder_lambda", "ours background=decoder", "ours decoder lambda=10", "100", "10"),
+    ("decoder_lambda", "ours background=decoder", "ours decoder lambda=100", "10", "100"),
 ]
 #: Background reconstructions compared with the raw decode they start from, on the same tasks.
 RAW_DECODE = "ours background=none"
