@@ -128,7 +128,7 @@ def test_bench_of_one_task_kind_runs_only_that_kind_and_names_a_bad_one(tmp_path
     assert main(["bench", "--kinds", "huge", "--out", str(tmp_path / "y")]) == 2
 
 
-def test_bench_seed_flag_draws_another_task_suite(tmp_path, capsys):
+def test_bench_seed_flag_draws_another_task_suite(tmp_path):
     def run(seed):
         out = tmp_path / str(seed)
         args = ["bench", "--model", "tiny-random", "--tasks", "2", "--steps", "1"]

@@ -50,6 +50,11 @@ def paste(
     return w * edit + (1 - w) * source
 
 
+def keep_outside(images: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``images`` where ``mask > 0``, the ``source``'s pixels exactly everywhere else."""
+    return torch.where(mask > 0, images, source)
+
+
 def none(
     edit: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, feather: int
 ) -> torch.Tensor:

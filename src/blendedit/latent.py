@@ -588,8 +588,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         if zoom:
             region = _resize(region, (y1 - y0, x1 - x0))
             if opts.background != "none":
-                source = x_full[..., y0:y1, x0:x1]
-                region = torch.where(mask_full[..., y0:y1, x0:x1] > 0, region, source)
+                box_of = (..., slice(y0, y1), slice(x0, x1))
+                region = B.keep_outside(region, x_full[box_of], mask_full[box_of])
         frames = x_full.expand(n, -1, -1, -1).clone()
         frames[..., y0:y1, x0:x1] = region
         frames = (frames * 255).round() / 255  # what is saved is what gets ranked

@@ -73,7 +73,7 @@ def latents_bytes(result, image_sha256: str) -> bytes:
     }
     meta = {
         "crop_box": json.dumps(list(result.crop_box)),
-        "zoomed": json.dumps(bool(getattr(result, "zoomed", False))),
+        "zoomed": json.dumps(result.zoomed),
         "order": json.dumps(list(result.order)),
         "image_sha256": image_sha256,
     }

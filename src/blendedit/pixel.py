@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import background as B
 from . import guidance as G
 from . import masks as M
 from .io import pil_to_tensor, tensor_to_mask, tensor_to_pil
@@ -357,8 +358,7 @@ class BlendedDiffusionPipeline(OnUNet):
         frames = x_full.expand(total, -1, -1, -1).clone()
         frames[..., y0_:y1_, x0_:x1_] = edit.clamp(0, 1)
         if enforce_background:
-            keep = (mask_full <= 0).expand_as(frames)
-            frames[keep] = x_full.expand(total, -1, -1, -1)[keep]
+            frames = B.keep_outside(frames, x_full, mask_full)
         frames = (frames * 255).round() / 255
 
         # 4. Rank with CLIP
