@@ -1,6 +1,7 @@
 """The batch runner: every row done exactly once, across a SIGKILL; bad rows reported while the
 others succeed; Ray's outputs equal the sequential runner's."""
 
+import argparse
 import csv
 import json
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +214,33 @@ def test_manifest_values_take_the_options_words():
     assert _coerce("crop_to_mask", "no", "auto") is False
     with pytest.raises(ValueError, match="crop_to_mask: expected"):
         _coerce("crop_to_mask", "tight", "auto")
+
+
+def test_flags_and_manifest_cells_read_words_alike():
+    # one parser serves both: a word the command line takes, a manifest takes as the same value
+    from blendedit.cli import _flag_type
+    from blendedit.latent import LatentEditOptions
+
+    defaults = asdict(LatentEditOptions())
+    cases = [
+        ("crop_to_mask", "On", True),
+        ("crop_to_mask", "ZOOM", "zoom"),
+        ("crop_to_mask", "0", False),
+        ("shrink_iterations", "auto", "auto"),
+        ("shrink_iterations", "2", 2),
+        ("num_inference_steps", "30", 30),
+        ("guidance_scale", "7.5", 7.5),
+        ("background", "poisson", "poisson"),
+    ]
+    for name, text, want in cases:
+        flag = _flag_type(name, defaults[name])(text)
+        assert flag == want and type(flag) is type(want), (name, text, flag)
+        assert _coerce(name, text, defaults[name]) == flag
+    for name, text in [("crop_to_mask", "tight"), ("num_inference_steps", "2.5")]:
+        with pytest.raises(ValueError, match=f"{name}: expected"):
+            _coerce(name, text, defaults[name])
+        with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+            _flag_type(name, defaults[name])(text)
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,12 @@ from pathlib import Path
 from .io import PROBE_PREFIX, check_output_folder, write_files_atomically
 from .outputs import listed_files
 from .runner import (
-    AUTO_INT_OPTIONS,
-    NONE_DEFAULT_TYPES,
     EditRequest,
     LoadedModel,
     ModelSpec,
     edit_options,
-    int_or_auto,
     load_pipeline,
+    option_from_text,
     options_class,
     run_edit,
 )
@@ -138,27 +136,7 @@ def read_manifest(path: str | Path) -> list[dict | str]:
 
 def _coerce(name: str, value, default):
     """A CSV string (or JSON value) as the type of the option's default."""
-    if isinstance(value, str) and name in AUTO_INT_OPTIONS:
-        return int_or_auto(name, value)
-    crop = name == "crop_to_mask"  # its default "auto" is a string, its values mostly not
-    if not isinstance(value, str) or (isinstance(default, str) and not crop):
-        return value
-    v = value.strip().lower()
-    if isinstance(default, bool) or crop:
-        if v in ("true", "yes", "1"):
-            return True
-        if v in ("false", "no", "0"):
-            return False
-        if crop and v in ("auto", "zoom"):
-            return v
-        words = "auto, true, false or zoom" if crop else "true or false"
-        raise ValueError(f"{name}: expected {words}, got {value!r}")
-    kind_of = NONE_DEFAULT_TYPES.get(name, float) if default is None else type(default)
-    try:
-        return int(v) if kind_of is int else float(v)
-    except ValueError:
-        kind = "an integer" if kind_of is int else "a number"
-        raise ValueError(f"{name}: expected {kind}, got {value!r}") from None
+    return option_from_text(name, value, default) if isinstance(value, str) else value
 
 
 def _sha256_file(path: Path) -> str:

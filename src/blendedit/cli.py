@@ -12,13 +12,11 @@ from .demo import DEMO_PROMPT
 from .io import DEFAULT_MAX_PIXELS, check_output_folder
 from .latent import BACKGROUND_OPTIONS, SCHEDULERS, LatentEditOptions, options_fields
 from .runner import (
-    AUTO_INT_OPTIONS,
     DEFAULT_MODEL,
     DEFAULT_RANK_MODEL,
-    NONE_DEFAULT_TYPES,
     EditRequest,
     ModelSpec,
-    int_or_auto,
+    option_from_text,
 )
 
 SHORT_FLAGS = {"num_inference_steps": ["--steps"], "num_images_per_prompt": ["-n"]}
@@ -28,44 +26,16 @@ SHORT_FLAGS = {"num_inference_steps": ["--steps"], "num_images_per_prompt": ["-n
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
-def _crop_mode(s: str):
-    """crop_to_mask: auto, true, false or zoom."""
-    if s.lower() == "zoom":
-        return "zoom"
-    try:
-        return _bool_or_auto(s)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected auto, true, false or zoom, got {s!r}") from None
-
-
-def _bool_or_auto(s: str):
-    v = s.lower()
-    if v in ("auto",):
-        return "auto"
-    if v in ("true", "yes", "1", "on"):
-        return True
-    if v in ("false", "no", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {s!r}")
-
-
 def _flag_type(name: str, default):
-    if name == "crop_to_mask":
-        return _crop_mode
-    if isinstance(default, bool):
-        return _bool_or_auto
-    if name in AUTO_INT_OPTIONS:
+    """The argparse type of an option's flag: :func:`option_from_text`, its error argparse's."""
 
-        def parse(s: str):
-            try:
-                return int_or_auto(name, s)
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"expected an integer or auto, got {s!r}"
-                ) from None
+    def parse(s: str):
+        try:
+            return option_from_text(name, s, default)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
-        return parse
-    return NONE_DEFAULT_TYPES[name] if default is None else type(default)
+    return parse
 
 
 def _add_option_flags(p: argparse.ArgumentParser, only=None) -> None:

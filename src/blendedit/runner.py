@@ -77,6 +77,40 @@ def int_or_auto(name: str, text: str) -> int | str:
         raise ValueError(f"{name}: expected an integer or auto, got {text!r}") from None
 
 
+TRUE_WORDS = ("true", "yes", "1", "on")
+FALSE_WORDS = ("false", "no", "0", "off")
+#: Options whose default is a word but which also take true/false.
+WORD_OR_BOOL_OPTIONS = {"crop_to_mask": ("auto", "zoom")}
+
+
+def option_from_text(name: str, text: str, default):
+    """An edit option's value from text (a command-line flag or a manifest cell), as the type of
+    its ``default``; ``ValueError`` naming the option when the text is not one. Options with a
+    word default (scheduler, background, ...) are returned as given: the pipeline checks them."""
+    if name in AUTO_INT_OPTIONS:
+        return int_or_auto(name, text)
+    v = text.strip().lower()
+    words = WORD_OR_BOOL_OPTIONS.get(name)
+    if isinstance(default, bool) or words:
+        if v in TRUE_WORDS:
+            return True
+        if v in FALSE_WORDS:
+            return False
+        if words and v in words:
+            return v
+        said = [*(words or ())[:1], "true", "false", *(words or ())[1:]]
+        expected = ", ".join(said[:-1]) + " or " + said[-1]
+        raise ValueError(f"{name}: expected {expected}, got {text!r}")
+    if isinstance(default, str):
+        return text
+    kind_of = NONE_DEFAULT_TYPES.get(name, float) if default is None else type(default)
+    try:
+        return int(v) if kind_of is int else float(v)
+    except ValueError:
+        kind = "an integer" if kind_of is int else "a number"
+        raise ValueError(f"{name}: expected {kind}, got {text!r}") from None
+
+
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
     """``auto`` device: cuda when there is one, else cpu; ``auto`` dtype: float16 on a GPU,
     float32 on the CPU. Returns the names."""
