@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from blendedit import BlendedLatentDiffusionPipeline
-from blendedit.bench import add_study_flags, machine_facts, model_label
+from blendedit.bench import add_study_flags, edit_task, model_label, study_meta
 from blendedit.io import save_json
 from blendedit.toy.judge import judge
 from blendedit.toy.tasks import task_suite
@@ -70,17 +70,7 @@ def main(argv=None) -> int:
     rows: dict[str, list[dict]] = {s: [] for s in ["none", *args.settings]}
     t_all = time.perf_counter()
     for task in tasks:
-        gens = [torch.Generator().manual_seed(task.seed + i) for i in range(args.samples)]
-        raw = pipe(
-            task.prompt,
-            task.image,
-            task.mask,
-            num_inference_steps=args.steps,
-            guidance_scale=5.0,
-            num_images_per_prompt=args.samples,
-            background="none",
-            generator=gens,
-        )
+        raw = edit_task(pipe, task, args.samples, args.steps, guidance_scale=5.0, background="none")
         sample_s = raw.timings["sample"]
         inside = np.asarray(task.mask) > 0
         for name in ["none", *args.settings]:
@@ -113,14 +103,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(
-        model=args.model,
-        tasks=args.tasks,
-        samples=args.samples,
-        steps=args.steps,
-        **machine_facts(),
-        wall_s=round(time.perf_counter() - t_all, 1),
-    )
+    meta = study_meta(args, t_all, model=args.model)
     save_json(dict(meta=meta, summary=summary, rows=rows), out / "decoder_cost.json")
     lines = [
         "# Background reconstruction: what each setting buys and costs",

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from blendedit import BlendedDiffusionPipeline
-from blendedit.bench import add_study_flags, machine_facts, paired, wilson
+from blendedit.bench import add_study_flags, edit_task, paired, study_meta, wilson
 from blendedit.io import save_json
 from blendedit.toy.judge import judge
 from blendedit.toy.tasks import task_suite
@@ -62,17 +62,9 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for name in args.settings:
         for task in tasks:
-            gens = [torch.Generator().manual_seed(task.seed + i) for i in range(args.samples)]
             t0 = time.perf_counter()
-            out = pipe(
-                task.prompt,
-                task.image,
-                task.mask,
-                num_inference_steps=args.steps,
-                num_images_per_prompt=args.samples,
-                enforce_background=False,
-                generator=gens,
-                **SETTINGS[name],
+            out = edit_task(
+                pipe, task, args.samples, args.steps, enforce_background=False, **SETTINGS[name]
             )
             v = judge(out.images[0], task.mask, task.prompt, source=task.image)
             rows[name].append(
@@ -95,15 +87,7 @@ def main(argv=None) -> int:
             psnr_outside=statistics.median(r["psnr_outside"] for r in rs),
             seconds=statistics.median(r["seconds"] for r in rs),
         )
-    meta = dict(
-        pixel_model=args.pixel_model,
-        clip=args.clip,
-        tasks=args.tasks,
-        samples=args.samples,
-        steps=args.steps,
-        **machine_facts(),
-        wall_s=round(time.perf_counter() - t_all, 1),
-    )
+    meta = study_meta(args, t_all, pixel_model=args.pixel_model, clip=args.clip)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta["label"] = args.label

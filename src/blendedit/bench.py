@@ -93,6 +93,39 @@ def add_study_flags(p, settings: list[str], tasks: int, steps: int, out: str) ->
     p.add_argument("--out", default=out, help=f"report folder (default: {out})")
 
 
+def study_meta(args, t_start: float, **extra) -> dict:
+    """What a study's report says it ran on: its tasks, samples, steps, ``extra``, the machine
+    (:func:`machine_facts`) and the seconds since ``t_start``."""
+    return dict(
+        **extra,
+        tasks=args.tasks,
+        samples=args.samples,
+        steps=args.steps,
+        **machine_facts(),
+        wall_s=round(time.perf_counter() - t_start, 1),
+    )
+
+
+def task_generators(seed: int, n: int) -> list[torch.Generator]:
+    """The ``n`` samples' generators of a task: sample k is seeded ``seed + k`` (so the first
+    samples of a larger ``n`` are the same)."""
+    return [torch.Generator().manual_seed(seed + k) for k in range(n)]
+
+
+def edit_task(pipe, task, samples: int, steps: int, **options):
+    """Run a pipeline (either method) on a task: ``samples`` samples seeded as
+    :func:`task_generators`, ``steps`` steps, ``options`` over the pipeline's defaults."""
+    return pipe(
+        task.prompt,
+        task.image,
+        task.mask,
+        num_inference_steps=steps,
+        num_images_per_prompt=samples,
+        generator=task_generators(task.seed, samples),
+        **options,
+    )
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95 % Wilson score interval of a success rate k / n."""
     if n == 0:
@@ -184,9 +217,6 @@ class Runner:
         side = self.ours.native_size // self.ours.vae_scale_factor
         return auto_shrink_iterations(side, side)
 
-    def gens(self, seed: int, n: int):
-        return [torch.Generator().manual_seed(seed + i) for i in range(n)]
-
     def best(self, images: list[Image.Image], prompt: str, mask: Image.Image) -> Image.Image:
         """The highest-scoring image by the model's CLIP (the crop around the mask)."""
         x = torch.cat([pil_to_tensor(i) for i in images])
@@ -205,14 +235,8 @@ class Runner:
             rank = opts.pop("rank", True)
             ranker, self.ours.ranker = self.ours.ranker, (self.ours.ranker if rank else None)
             try:
-                out = self.ours(
-                    task.prompt,
-                    task.image,
-                    task.mask,
-                    num_images_per_prompt=n,
-                    generator=self.gens(task.seed, n),
-                    **common,
-                    **opts,
+                out = edit_task(
+                    self.ours, task, n, c.steps, guidance_scale=c.guidance_scale, **opts
                 )
             finally:
                 self.ours.ranker = ranker
@@ -221,16 +245,10 @@ class Runner:
         if kind == "pixel":
             if self.pixel is None:
                 raise ValueError("pixel_model: the pixel method needs a pixel model")
-            out = self.pixel(
-                task.prompt,
-                task.image,
-                task.mask,
-                num_inference_steps=max(4 * c.steps // 3, 4),  # the same steps run after skipping
-                num_images_per_prompt=n,
-                generator=self.gens(task.seed, n),
-            )
+            # 4/3 of the steps: the same number run after its 25 % skipped
+            out = edit_task(self.pixel, task, n, max(4 * c.steps // 3, 4))
             return out.images[0]
-        g = self.gens(task.seed, n)
+        g = task_generators(task.seed, n)
         if kind == "inpaint":
             images = self.inpaint(
                 task.prompt,
