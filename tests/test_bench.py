@@ -142,6 +142,21 @@ def test_bench_seed_flag_draws_another_task_suite(tmp_path):
     assert [t["prompt"] for t in a["tasks"]] != [t["prompt"] for t in b["tasks"]]
 
 
+def test_bench_guidance_flag_reaches_the_methods(tmp_path):
+    def run(g):
+        out = tmp_path / g
+        args = ["bench", "--model", "tiny-random", "--tasks", "2", "--steps", "2", "--quiet"]
+        args += ["--samples", "1", "--methods", "ours", "diffusers inpaint"]
+        assert main([*args, "--guidance-scale", g, "--out", str(out)]) == 0
+        return json.loads((out / "results.json").read_text())
+
+    off, on = run("1"), run("8")
+    assert (off["config"]["guidance_scale"], on["config"]["guidance_scale"]) == (1.0, 8.0)
+    for method in ("ours", "diffusers inpaint"):  # the same seeds: only the guidance differs
+        clip = [[r["clip"] for r in res["per_task"][method]] for res in (off, on)]
+        assert clip[0] != clip[1], method
+
+
 def test_bench_without_the_shipped_model_says_what_to_do(tmp_path, monkeypatch):
     from blendedit import models
 

@@ -85,6 +85,7 @@ def test_edit_writes_ranked_results_sidecar_and_sheet(files, tmp_path, capsys):
         meta["options"]["num_inference_steps"] == 4
         and meta["options"]["num_images_per_prompt"] == 3
     )
+    assert meta["options"]["guidance_scale"] == 7.5  # unset: the model's own (here SD's), recorded
     scores = [r["score"] for r in meta["results"]]
     assert scores == sorted(scores, reverse=True) and len(scores) == 3
     assert sorted(r["seed"] for r in meta["results"]) == [7, 8, 9]

@@ -583,6 +583,23 @@ def model_folder_missing_component(c):
 
 
 @case
+def model_bad_defaults_file(c):
+    from diffusers import StableDiffusionPipeline
+
+    folder, q = c.d / "sd", c.pipe
+    parts = dict(unet=q.unet, vae=q.vae, text_encoder=q.text_encoder, tokenizer=q.tokenizer)
+    StableDiffusionPipeline(
+        **parts,
+        scheduler=q.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+    (folder / "blendedit.json").write_text('{"guidance_scale": "strong"}')
+    return _model_case(c, str(folder))
+
+
+@case
 def model_not_a_checkpoint(c):
     return _model_case(c, str(c.write("notes.txt", b"weights are elsewhere")))
 

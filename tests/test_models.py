@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,9 +9,9 @@ from diffusers import StableDiffusionPipeline
 from blendedit import BlendedLatentDiffusionPipeline, ClipRanker, ModelNotFoundError
 
 
-def test_folder_round_trip_gives_the_same_edit(tiny_components, pipe, tmp_path, image, box_mask):
-    c = tiny_components
-    sd = StableDiffusionPipeline(
+def save_folder(c: dict, folder) -> None:
+    """The tiny components as a diffusers Stable Diffusion folder."""
+    StableDiffusionPipeline(
         unet=c["unet"],
         vae=c["vae"],
         text_encoder=c["text_encoder"],
@@ -18,8 +20,12 @@ def test_folder_round_trip_gives_the_same_edit(tiny_components, pipe, tmp_path, 
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    )
-    sd.save_pretrained(tmp_path / "sd")
+    ).save_pretrained(folder)
+
+
+def test_folder_round_trip_gives_the_same_edit(tiny_components, pipe, tmp_path, image, box_mask):
+    c = tiny_components
+    save_folder(c, tmp_path / "sd")
     c["ranker"].save_pretrained(tmp_path / "clip")
     c["ranker_tokenizer"].save_pretrained(tmp_path / "clip")
     loaded = BlendedLatentDiffusionPipeline.from_pretrained(
@@ -32,6 +38,31 @@ def test_folder_round_trip_gives_the_same_edit(tiny_components, pipe, tmp_path, 
     assert torch.allclose(a.latents, b.latents, atol=1e-5)
     assert a.scores == pytest.approx(b.scores, abs=1e-5)
     assert loaded.tokenizer("a red star").input_ids == c["tokenizer"]("a red star").input_ids
+
+
+def test_a_folders_blendedit_json_sets_its_default_guidance(
+    tiny_components, tmp_path, image, box_mask
+):
+    folder = tmp_path / "sd"
+    save_folder(tiny_components, folder)
+    defaults = folder / "blendedit.json"
+    defaults.write_text(json.dumps({"guidance_scale": 3.0, "measured": "a test"}))
+    pipe = BlendedLatentDiffusionPipeline.from_pretrained(str(folder))
+    assert pipe.default_guidance_scale == 3.0
+
+    def edit(**kw):
+        out = pipe("a red star", image, box_mask, num_inference_steps=3, generator=gen(0), **kw)
+        return out.latents
+
+    unset = edit()
+    assert torch.equal(unset, edit(guidance_scale=3.0))  # unset is the folder's 3
+    assert not torch.allclose(unset, edit(guidance_scale=7.5))
+    defaults.unlink()  # no file: Stable Diffusion's 7.5
+    assert BlendedLatentDiffusionPipeline.from_pretrained(str(folder)).default_guidance_scale == 7.5
+    for bad in ('{"guidance_scale": "high"}', '{"guidance": 5}', "not json"):
+        defaults.write_text(bad)
+        with pytest.raises(ModelNotFoundError, match="blendedit.json is not a blendedit defaults"):
+            BlendedLatentDiffusionPipeline.from_pretrained(str(folder))
 
 
 @pytest.mark.parametrize(

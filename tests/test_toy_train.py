@@ -516,6 +516,7 @@ def test_assemble_ships_float16_folders_that_load_and_names_a_missing_run(tmp_pa
     assert all(t.dtype == torch.float16 for w in weights for t in load_file(w).values())
     c = models.load_sd_components(str(dest / "pipeline"), torch_dtype=torch.float32)
     assert c["unet"].dtype == torch.float32
+    assert c["guidance_scale"] == 5.0  # the edits' default guidance travels with the pipeline
     assert len({tuple(c["tokenizer"](p).input_ids) for p in ("a red circle", "a blue star")}) == 2
     assert DDPMPipeline.from_pretrained(dest / "pixel").unet.config.sample_size == 64
     for tok in (dest / "pipeline" / "tokenizer", dest / "clip"):  # how it was loaded is not kept

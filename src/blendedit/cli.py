@@ -209,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25)")
     q.add_argument("--samples", type=int, default=4, help="samples per edit (default: 4)")
     q.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=5.0,
+        help="classifier-free guidance of every method (default: 5)",
+    )
+    q.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -449,6 +455,7 @@ def _bench(args) -> int:
         kinds=tuple(args.kinds or BenchConfig.kinds),
         steps=args.steps or (20 if args.quick else 25),
         samples=args.samples,
+        guidance_scale=args.guidance_scale,
         seed=args.seed,
         methods=args.methods or (QUICK_METHODS if args.quick else None),
         label=args.label,

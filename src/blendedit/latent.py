@@ -26,6 +26,8 @@ from .ranking import RANK_REGIONS, ClipRanker
 SCHEDULERS = ("ddim", "dpm++", "euler")
 BACKGROUND_NOISE_MODES = ("fixed", "fresh")
 CROP_MODES = ("auto", True, False, "zoom")
+#: Classifier-free guidance when neither the call nor the model folder names one (SD's).
+DEFAULT_GUIDANCE_SCALE = 7.5
 
 Generator = torch.Generator | list | None
 
@@ -41,7 +43,11 @@ class LatentEditOptions:
 
     negative_prompt: str = _opt("", "text the edit should move away from (classifier-free)")
     num_inference_steps: int = _opt(50, "denoising steps of the full schedule")
-    guidance_scale: float = _opt(7.5, "classifier-free guidance scale (<= 1 turns it off)")
+    guidance_scale: float | None = _opt(
+        None,
+        "classifier-free guidance scale (<= 1 turns it off); unset: the model's own (the "
+        "shipped toy model's 5, from its blendedit.json), else Stable Diffusion's 7.5",
+    )
     strength: float = _opt(
         1.0, "fraction of the schedule that runs, in (0, 1]; 1 starts from (almost) pure noise"
     )
@@ -207,6 +213,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = scheduler
         self.ranker = ranker
+        self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE  # from_pretrained: the model's own
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # -- construction ---------------------------------------------------------------------
@@ -240,7 +247,13 @@ class BlendedLatentDiffusionPipeline(OnUNet):
                 ranker = ClipRanker(ranker, c["ranker_tokenizer"])
         pipe = cls(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"], ranker)
         pipe.set_scheduler(scheduler)
+        pipe.default_guidance_scale = c.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
         return pipe
+
+    def guidance_or_default(self, guidance_scale: float | None) -> float:
+        """``guidance_scale``, or when it is None the model's own default
+        (:attr:`default_guidance_scale`: its folder's ``blendedit.json``, else 7.5)."""
+        return self.default_guidance_scale if guidance_scale is None else guidance_scale
 
     def set_scheduler(self, name: str) -> None:
         """Swap the sampler, keeping the model's noise schedule: ddim, dpm++ or euler."""
@@ -331,7 +344,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         if opts.shrink_iterations != "auto":
             _check_int("shrink_iterations", opts.shrink_iterations, 0, 64)
         _check_int("feather", opts.feather, 0, 1024)
-        _check_float("guidance_scale", opts.guidance_scale, 0.0, 1000.0)
+        _check_float("guidance_scale", self.guidance_or_default(opts.guidance_scale), 0.0, 1000.0)
         _check_float("crop_context", opts.crop_context, 0.0, 100.0)
         _check_float("strength", opts.strength, 0.0, 1.0, low_open=True)
         if int(opts.num_inference_steps * opts.strength) < 1:
@@ -377,7 +390,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         *,
         negative_prompt: str | None = None,
         num_inference_steps: int = _D.num_inference_steps,
-        guidance_scale: float = _D.guidance_scale,
+        guidance_scale: float | None = _D.guidance_scale,
         strength: float = _D.strength,
         num_images_per_prompt: int = _D.num_images_per_prompt,
         generator: Generator = None,
@@ -410,7 +423,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         opts = LatentEditOptions(
             negative_prompt="" if negative_prompt is None else negative_prompt,
             num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+            guidance_scale=self.guidance_or_default(guidance_scale),
             strength=strength,
             num_images_per_prompt=num_images_per_prompt,
             mask_downsample=mask_downsample,
@@ -452,7 +465,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         x_pad, m_pad, (h, w) = self._region(x_full, mask_full, box, zoom)
 
         # 3. Encode the prompt
-        cfg = guidance_scale > 1.0
+        cfg = opts.guidance_scale > 1.0
         embeds, truncated = self.encode_prompt(prompt, opts.negative_prompt, n, cfg)
         if truncated:
             warnings.append("prompt: longer than the text encoder's limit; truncated")
@@ -485,7 +498,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         steps = len(timesteps)
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
             z_in = self.scheduler.scale_model_input(z, t)
-            eps = guided_eps(self.unet, z_in, t, embeds, guidance_scale)
+            eps = guided_eps(self.unet, z_in, t, embeds, opts.guidance_scale)
             z = self.scheduler.step(eps, t, z).prev_sample
             if i + 1 < steps:
                 bg_noise = (

@@ -131,13 +131,53 @@ def load_sd_components(
     kw = dict(**dtype_kwargs(torch_dtype), safety_checker=None, requires_safety_checker=False)
     with quiet_transformers():
         pipe = _load_pipeline(spec, kw, local_files_only, config)
-    return dict(
+    c = dict(
         unet=pipe.unet,
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
         scheduler=pipe.scheduler,
     )
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        c.update(read_edit_defaults(path))
+    return c
+
+
+#: A file beside ``model_index.json`` with the edit defaults measured best for that model.
+EDIT_DEFAULTS_FILE = "blendedit.json"
+
+
+def read_edit_defaults(folder: Path) -> dict:
+    """``{"guidance_scale": float}`` from ``folder``'s :data:`EDIT_DEFAULTS_FILE`, or ``{}``
+    when it has none; :class:`ModelNotFoundError` naming the file when it is not such a file."""
+    import json
+
+    f = Path(folder) / EDIT_DEFAULTS_FILE
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+        g = data["guidance_scale"]
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1000:
+            raise ValueError(f"guidance_scale: expected a number in [0, 1000], got {g!r}")
+        if set(data) - {"guidance_scale", "measured"}:
+            raise ValueError(f"unknown keys {sorted(set(data) - {'guidance_scale', 'measured'})}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelNotFoundError(
+            f"model: {f} is not a blendedit defaults file ({type(e).__name__}: {e}); it holds "
+            '{"guidance_scale": <number>, "measured": "<how>"}; fix or delete it'
+        ) from None
+    return dict(guidance_scale=float(g))
+
+
+def write_edit_defaults(folder: Path, guidance_scale: float, measured: str) -> None:
+    """Write ``folder``'s :data:`EDIT_DEFAULTS_FILE`: the guidance an edit takes when the call
+    names none, and ``measured``, how that value was chosen."""
+    import json
+
+    text = json.dumps(dict(guidance_scale=float(guidance_scale), measured=measured), indent=1)
+    (Path(folder) / EDIT_DEFAULTS_FILE).write_text(text + "\n")
 
 
 def _load_pipeline(spec: str, kw: dict, local_files_only, config):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import __version__
@@ -61,7 +61,12 @@ class LoadedModel:
 
 METHODS = ("latent", "pixel")
 #: Types of the options whose default is None (for parsing them from text).
-NONE_DEFAULT_TYPES = {"strength": float, "skip_timesteps": int, "decoder_lr": float}
+NONE_DEFAULT_TYPES = {
+    "strength": float,
+    "skip_timesteps": int,
+    "decoder_lr": float,
+    "guidance_scale": float,
+}
 #: Integer options that also take "auto".
 AUTO_INT_OPTIONS = ("shrink_iterations",)
 
@@ -247,6 +252,8 @@ def run_edit(
     image, mask = inputs if inputs is not None else load_inputs(req)
     method = loaded.spec.method
     opts = edit_options(req.options, method)
+    if method == "latent":  # the sidecar records the guidance the edit ran with
+        opts = replace(opts, guidance_scale=loaded.pipe.guidance_or_default(opts.guidance_scale))
     out_dir = io.check_output_folder(out_dir)
     n = opts.num_images_per_prompt * getattr(opts, "num_batches", 1)
     seed = check_seed(req.seed, n)

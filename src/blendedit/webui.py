@@ -258,7 +258,11 @@ def build_app(session: EditSession, examples: list[str] | None = None):
                     seed = gr.Number(value=0, precision=0, label="Seed (-1: random)")
                     strength = gr.Slider(0.05, 1.0, value=d.strength, step=0.05, label="Strength")
                     guidance = gr.Slider(
-                        0, 20, value=d.guidance_scale, step=0.5, label="Guidance scale"
+                        0,
+                        20,
+                        value=session.loaded.pipe.default_guidance_scale,
+                        step=0.5,
+                        label="Guidance scale",
                     )
                     shrink = gr.Dropdown(
                         ["auto", *map(str, range(7))],

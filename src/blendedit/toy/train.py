@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import quiet_transformers
+from ..models import quiet_transformers, write_edit_defaults
 from ..tiny import SD_SCHEDULER
 from .data import SceneData, build_dataset, train_caption
 from .world import COLOURS, PATTERN_WORDS, SHAPES, article, coverage, describe
@@ -1297,6 +1297,12 @@ def _drop_load_flags(config: Path) -> None:
 
 
 MEASURED = "# Measured by `python -m blendedit.toy.evaluate`"  # the card's last section
+#: Why the shipped pipeline's edits default to guidance 5 (`assemble --guidance-scale`).
+GUIDANCE_MEASURED = (
+    "blendedit bench --methods ours --guidance-scale G (120 tasks, 25 steps): 5 edits 28 %, "
+    "2.5 and 7.5 20 % each (12 against 3 tasks, p = 0.035), 10 18 %; on 90 other tasks "
+    "(--seed 1) 5 26 %, 7.5 23 % (9 against 7); benchmarks/results/guidance/"
+)
 SHIPPED_PARTS = ("unet", "clip", "pixel")  # what `assemble --only` can replace on its own
 SHIPPED_MB = 60  # the cap on the package's weights
 
@@ -1396,6 +1402,7 @@ def assemble(args) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(tmp / "pipeline")
+    write_edit_defaults(tmp / "pipeline", args.guidance_scale, GUIDANCE_MEASURED)
     clip = CLIPModel.from_pretrained(clip_folder).to(half)
     clip.save_pretrained(tmp / "clip")
     AutoTokenizer.from_pretrained(clip_folder).save_pretrained(tmp / "clip")
@@ -1689,6 +1696,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="replace only these parts of the existing --dest folder (e.g. `--only unet --unet "
         "unet8`), keeping the others as they are; their runs' cards are added to its card",
+    )
+    a.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=5.0,
+        help="classifier-free guidance an edit with the pipeline takes when it names none, "
+        "written to pipeline/blendedit.json (default: 5, measured best on the shipped models)",
     )
     n = sub.add_parser("snapshot", help="write an unfinished run's current weights to RUN/snapshot")
     n.add_argument("run", nargs="+", help="run folders, e.g. runs/toy/unet")
