@@ -93,6 +93,18 @@ def test_run_request_writes_ranked_results_and_keeps_the_background(session):
         assert np.array_equal(np.asarray(img)[keep], np.asarray(image)[keep])
 
 
+def test_the_guidance_slider_starts_at_the_models_default(session):
+    import gradio as gr
+
+    from blendedit.webui import build_app
+
+    session.loaded.pipe.default_guidance_scale = 3.0  # as a folder's blendedit.json would set it
+    app = build_app(session)
+    sliders = [b for b in app.blocks.values() if isinstance(b, gr.Slider)]
+    assert [b.value for b in sliders if b.label == "Guidance scale"] == [3.0]
+    app.close()
+
+
 def test_bad_input_is_a_value_error_naming_it(session):
     image, _ = example_scene()
     session.out_root.mkdir(parents=True)

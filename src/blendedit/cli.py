@@ -38,6 +38,11 @@ def _flag_type(name: str, default):
     return parse
 
 
+def _shown(default) -> str:
+    """An option's default in its flag's help: None (the help says what then) as "unset"."""
+    return "unset" if default is None else str(default)
+
+
 def _add_option_flags(p: argparse.ArgumentParser, only=None) -> None:
     """One flag per option of either method (:class:`LatentEditOptions`,
     :class:`PixelEditOptions`), with the default and help of each. Flags default to None: an
@@ -60,10 +65,10 @@ def _add_option_flags(p: argparse.ArgumentParser, only=None) -> None:
         for name, (default, help, choices) in table.items():
             if name in latent and name in pixel:
                 ld, pd = latent[name][0], pixel[name][0]
-                shown = f"{ld}" if ld == pd else f"{ld} latent, {pd} pixel"
+                shown = _shown(ld) if ld == pd else f"{_shown(ld)} latent, {_shown(pd)} pixel"
                 help = f"both: {help}"
             else:
-                shown = default
+                shown = _shown(default)
             g.add_argument(
                 *[f"--{name.replace('_', '-')}", *SHORT_FLAGS.get(name, [])],
                 dest=name,
