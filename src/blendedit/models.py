@@ -161,8 +161,9 @@ def read_edit_defaults(folder: Path) -> dict:
         g = data["guidance_scale"]
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1000:
             raise ValueError(f"guidance_scale: expected a number in [0, 1000], got {g!r}")
-        if set(data) - {"guidance_scale", "measured"}:
-            raise ValueError(f"unknown keys {sorted(set(data) - {'guidance_scale', 'measured'})}")
+        unknown = sorted(set(data) - {"guidance_scale", "measured"})
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}")
     except (ValueError, KeyError, TypeError) as e:
         raise ModelNotFoundError(
             f"model: {f} is not a blendedit defaults file ({type(e).__name__}: {e}); it holds "
