@@ -45,3 +45,19 @@ def box_mask():
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def save_sd_folder(folder, *, unet, vae, text_encoder, tokenizer, scheduler) -> None:
+    """These components as a diffusers Stable Diffusion pipeline folder (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)

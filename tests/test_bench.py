@@ -128,13 +128,18 @@ def test_bench_of_one_task_kind_runs_only_that_kind_and_names_a_bad_one(tmp_path
     assert main(["bench", "--kinds", "huge", "--out", str(tmp_path / "y")]) == 2
 
 
+def bench_cli(out, *flags: str) -> dict:
+    """``blendedit bench`` on tiny-random (2 tasks, 1 sample each) with ``flags``; its results."""
+    args = ["bench", "--model", "tiny-random", "--tasks", "2", "--samples", "1", "--quiet"]
+    assert main([*args, *flags, "--out", str(out)]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
 def test_bench_seed_flag_draws_another_task_suite(tmp_path):
     def run(seed):
-        out = tmp_path / str(seed)
-        args = ["bench", "--model", "tiny-random", "--tasks", "2", "--steps", "1"]
-        args += ["--samples", "1", "--methods", "ours", "--seed", str(seed), "--quiet"]
-        assert main([*args, "--out", str(out)]) == 0
-        return json.loads((out / "results.json").read_text())
+        return bench_cli(
+            tmp_path / str(seed), "--steps", "1", "--methods", "ours", "--seed", str(seed)
+        )
 
     a, b = run(0), run(3)
     assert (a["config"]["seed"], b["config"]["seed"]) == (0, 3)
@@ -144,11 +149,8 @@ def test_bench_seed_flag_draws_another_task_suite(tmp_path):
 
 def test_bench_guidance_flag_reaches_the_methods(tmp_path):
     def run(g):
-        out = tmp_path / g
-        args = ["bench", "--model", "tiny-random", "--tasks", "2", "--steps", "2", "--quiet"]
-        args += ["--samples", "1", "--methods", "ours", "diffusers inpaint"]
-        assert main([*args, "--guidance-scale", g, "--out", str(out)]) == 0
-        return json.loads((out / "results.json").read_text())
+        methods = ["--methods", "ours", "diffusers inpaint"]
+        return bench_cli(tmp_path / g, "--steps", "2", *methods, "--guidance-scale", g)
 
     off, on = run("1"), run("8")
     assert (off["config"]["guidance_scale"], on["config"]["guidance_scale"]) == (1.0, 8.0)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_sd_folder
 from PIL import Image, ImageDraw
 
 import blendedit.io as bio
@@ -584,17 +585,9 @@ def model_folder_missing_component(c):
 
 @case
 def model_bad_defaults_file(c):
-    from diffusers import StableDiffusionPipeline
-
     folder, q = c.d / "sd", c.pipe
     parts = dict(unet=q.unet, vae=q.vae, text_encoder=q.text_encoder, tokenizer=q.tokenizer)
-    StableDiffusionPipeline(
-        **parts,
-        scheduler=q.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(folder)
+    save_sd_folder(folder, **parts, scheduler=q.scheduler)
     (folder / "blendedit.json").write_text('{"guidance_scale": "strong"}')
     return _model_case(c, str(folder))
 

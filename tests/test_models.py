@@ -3,24 +3,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import gen
-from diffusers import StableDiffusionPipeline
+from conftest import gen, save_sd_folder
 
 from blendedit import BlendedLatentDiffusionPipeline, ClipRanker, ModelNotFoundError
 
 
 def save_folder(c: dict, folder) -> None:
     """The tiny components as a diffusers Stable Diffusion folder."""
-    StableDiffusionPipeline(
-        unet=c["unet"],
-        vae=c["vae"],
-        text_encoder=c["text_encoder"],
-        tokenizer=c["tokenizer"],
-        scheduler=c["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(folder)
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    save_sd_folder(folder, **{k: c[k] for k in parts})
 
 
 def test_folder_round_trip_gives_the_same_edit(tiny_components, pipe, tmp_path, image, box_mask):

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import save_sd_folder
 from safetensors.torch import load_file
 
 from blendedit.tokenizer import build_clip_tokenizer
@@ -666,26 +667,19 @@ def test_vae_init_from_continues_a_vae_with_the_object_weighted_loss(
 
 
 def test_vae_denoised_by_decodes_the_unets_one_step_predictions(data_dir, tmp_path, monkeypatch):
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
     small = _tiny_unet_inputs(monkeypatch, tmp_path / "vae" / "model", tmp_path / "clip")
     pipe = tmp_path / "pipe"
-    StableDiffusionPipeline(
+    save_sd_folder(
+        pipe,
         vae=AutoencoderKL.from_pretrained(tmp_path / "vae" / "model"),
         text_encoder=CLIPTextModel.from_pretrained(tmp_path / "clip"),
         tokenizer=AutoTokenizer.from_pretrained(tmp_path / "clip"),
         unet=UNet2DConditionModel(**small),
         scheduler=DDIMScheduler(**T.LATENT_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(pipe)
+    )
     den = T._Denoiser(str(pipe))
     z0 = torch.randn(6, 4, 16, 16)
     texts = ["a red circle"] * 6
