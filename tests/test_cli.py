@@ -240,3 +240,50 @@ def test_edit_with_the_pixel_method(files, tmp_path):
     for r in meta["results"]:
         out = np.asarray(Image.open(tmp_path / "px" / r["file"])).astype(int)
         assert np.abs(out - src)[keep].max() == 0
+
+
+def test_python_m_blendedit_is_the_command_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "blendedit", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    for command in ("edit", "batch", "serve", "demo", "bench", "reconstruct"):
+        assert command in out.stdout
+
+
+def test_an_uncached_default_ranker_leaves_the_samples_unranked_with_a_warning(
+    files, tmp_path, capsys, tiny_components, monkeypatch
+):
+    from conftest import save_sd_folder
+
+    from blendedit import runner
+
+    c = tiny_components
+    folder = tmp_path / "sd"
+    save_sd_folder(
+        folder,
+        **{k: c[k] for k in ("unet", "vae", "text_encoder", "tokenizer")},
+        scheduler=c["scheduler"],
+    )
+    # the default CLIP is a hub id that this offline machine has not cached
+    monkeypatch.setattr(runner, "DEFAULT_RANK_MODEL", "nobody/no-such-clip")
+    img, mask = files
+    args = ["edit", str(img), "--mask", str(mask), "--prompt", "a red circle", "--model"]
+    args += [str(folder), "--steps", "3", "-n", "2", "--seed", "4", "--out", str(tmp_path / "o")]
+    assert main([*args, "--quiet"]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "unranked" in line]
+    assert len(warned) == 1 and "nobody/no-such-clip" in warned[0]
+    meta = json.loads((tmp_path / "o" / "photo.json").read_text())
+    assert meta["ranked"] is False and meta["rank_model"] is None
+    assert any("unranked" in w for w in meta["warnings"])
+    assert len(meta["results"]) == 2 and all(
+        (tmp_path / "o" / r["file"]).exists() for r in meta["results"]
+    )
+    # a ranker the user named stays an error (exit 3, nothing written)
+    named = [*args[:-1], str(tmp_path / "o2"), "--rank-model", "nobody/no-such-clip", "--quiet"]
+    assert main(named) == 3
+    assert not (tmp_path / "o2").exists() or not list((tmp_path / "o2").iterdir())

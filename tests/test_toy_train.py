@@ -783,3 +783,66 @@ def test_unet_limit_encodes_and_draws_only_the_first_images(data_dir, tmp_path, 
     argv[argv.index("--limit") + 1] = "0"
     with pytest.raises(SystemExit, match="--limit: .* at least 1; got 0"):
         T.train_unet(T.build_parser().parse_args(argv))
+
+
+def test_vae_factor_4_gives_32x32_latents_and_the_unet_takes_the_32x32_layout(
+    data_dir, tmp_path, monkeypatch
+):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    _tiny_unet_inputs(monkeypatch, tmp_path / "unused-vae", tmp_path / "clip")
+    monkeypatch.setattr(
+        T, "VAE_CONFIG", dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+    )
+    argv = ["vae", "--factor", "4", "--data", str(data_dir), "--heldout", str(data_dir)]
+    argv += ["--out", str(tmp_path / "v4"), "--steps", "2", "--batch-size", "2", "--crop", "64"]
+    T.train_vae(T.build_parser().parse_args(argv + ["--object-weight", "10"]))
+    vae = AutoencoderKL.from_pretrained(tmp_path / "v4" / "model")
+    assert T.vae_factor(vae.config) == 4 and vae.config.layers_per_block == 2
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist.mode()
+    assert z.shape == (1, 4, 32, 32)
+    card = (tmp_path / "v4" / "card.md").read_text()
+    assert "downscale 4 (128 px -> 32x32x4 latents)" in card and "aligned to the 4 px" in card
+    snap = AutoencoderKL.from_pretrained(T.snapshot(tmp_path / "v4"))  # rebuilt as an f=4 VAE
+    assert T.vae_factor(snap.config) == 4
+    # the UNet trained on those latents takes the 32x32 layout: no attention at 32x32
+    argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "1"]
+    argv += ["--batch-size", "2", "--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "v4")]
+    T.train_unet(T.build_parser().parse_args(argv + ["--object-weight", "4"]))
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "u" / "model")
+    assert unet.config.sample_size == 32
+    assert list(unet.config.down_block_types) == list(T.UNET_GRID32["down_block_types"])
+    assert "on 32x32x4 VAE latents" in (tmp_path / "u" / "card.md").read_text()
+    with pytest.raises(SystemExit):
+        T.build_parser().parse_args(["vae", "--factor", "2"])
+
+
+def test_time_budget_stops_by_wall_time_and_keeps_snapshots(data_dir, tmp_path, monkeypatch):
+    _tiny_unet_inputs(monkeypatch, tmp_path / "vae", tmp_path / "clip")
+    clock = iter(range(0, 10**6))  # each call of time.time() one second later
+    monkeypatch.setattr(T.time, "time", lambda: float(next(clock)))
+    argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "1000000"]
+    argv += ["--batch-size", "2", "--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "vae")]
+    argv += ["--time-budget", "6", "--snapshots", "3", "--warmup", "1", "--log-every", "1"]
+    T.train_unet(T.build_parser().parse_args(argv))
+    steps = [int((tmp_path / "u" / f"snapshot-{k}" / "STEP").read_text()) for k in (1, 2, 3)]
+    final = torch.load(tmp_path / "u" / "checkpoint.pt", weights_only=True)
+    assert steps[0] < steps[1] < steps[2] == final["step"] < 1000  # stopped by the budget
+    assert final["wall"] >= 6
+    # the learning rate decays over the budget, not over --steps (a million of them)
+    lrs = [float(r.split(",")[2]) for r in (tmp_path / "u" / "loss.csv").read_text().split()[1:]]
+    assert len(lrs) == final["step"] and lrs == sorted(lrs, reverse=True)
+    assert lrs[-1] < 0.5 * lrs[0] and (tmp_path / "u" / "model").is_dir()
+
+
+def test_band_cache_is_object_band_computed_once(data_dir, tmp_path):
+    data = SceneData(data_dir)
+    cache = tmp_path / "bands.pt"
+    band = T.band_cache(data, cache, workers=2)
+    want = T.object_band(data.scenes, 128)
+    assert band.dtype == torch.uint8 and band.shape == (12, 1, 128, 128)
+    assert torch.allclose(band.float() / 255, want, atol=1 / 255)
+    cache.write_bytes(b"")  # a second call reads the cache, it does not compute again
+    with pytest.raises(Exception):  # noqa: B017 (torch's error for an empty file)
+        T.band_cache(data, cache)

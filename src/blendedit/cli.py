@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "seed and per-row options) into --out/rows/, skipping rows a previous run finished; "
         "writes --out/summary.jsonl and summary.csv. The flags below are the rows' defaults.",
     )
-    b.add_argument("manifest", help="JSONL or CSV file, a row per edit (docs: README, Batch)")
+    b.add_argument("manifest", help="JSONL or CSV file, a row per edit (docs/usage.md, Batch)")
     b.add_argument(
         "--workers",
         type=int,
@@ -386,7 +386,7 @@ def _demo(args) -> int:
     if args.model == "toy" and not models.toy_shipped():
         print(
             "blendedit demo: the shipped Shapes World model is not in this checkout yet (it is "
-            "being trained: `blendedit train-toy`, see the README); running on 'tiny-random'.",
+            "being trained: `blendedit train-toy`, see docs/models.md); running on 'tiny-random'.",
             file=sys.stderr,
         )
         args.model = "tiny-random"

@@ -84,8 +84,8 @@ class LatentEditOptions:
     )
     decoder_lambda: float = _opt(
         10.0,
-        "background=decoder: weight of the background loss (the paper's 100 kept fewer edits on "
-        "the quality benchmark: 18 against 5 tasks over two task sets)",
+        "background=decoder: weight of the background loss (the paper's is 100; why 10 is the "
+        "default: docs/benchmarks.md)",
     )
     decoder_mode: str = _opt(
         "weights",

@@ -80,7 +80,7 @@ def toy_folder(part: str) -> Path:
     if not folder.is_dir():
         raise ModelNotFoundError(
             f"model: the shipped Shapes World model is missing ({folder} does not exist); "
-            "reinstall blendedit, or train it with `blendedit train-toy` (README: Shipped models)"
+            "reinstall blendedit, or train it with `blendedit train-toy` (docs/models.md)"
         )
     return folder
 

@@ -57,6 +57,7 @@ class LoadedModel:
     rank_model: str | None  # what ranks results, as recorded in sidecars
     device: str
     dtype: str
+    warnings: list[str] = field(default_factory=list)  # about the loading, for every edit
 
 
 METHODS = ("latent", "pixel")
@@ -151,20 +152,43 @@ def load_pipeline(spec: ModelSpec, num_images: int = 1) -> LoadedModel:
         rank_model = clip or f"{spec.model} (built-in)"
         pipe.to(device, getattr(torch, dtype))
         return LoadedModel(pipe, spec, rank_model, device, dtype)
+    default_ranker = rank_model == "auto" and not is_builtin and num_images > 1
     if rank_model == "auto":
-        rank_model = None if is_builtin or num_images == 1 else DEFAULT_RANK_MODEL
+        rank_model = DEFAULT_RANK_MODEL if default_ranker else None
     pipe = BlendedLatentDiffusionPipeline.from_pretrained(
         spec.model,
         scheduler=spec.scheduler,
         config=spec.config,
-        ranker=None if rank_model == "none" else rank_model,
+        ranker=None if rank_model == "none" or default_ranker else rank_model,
     )
+    notes = []
+    if default_ranker:  # a ranker nobody asked for never stops an edit
+        pipe.ranker, notes = _default_ranker()
+        rank_model = DEFAULT_RANK_MODEL if pipe.ranker is not None else None
     if spec.rank_model == "none":
         pipe.ranker = None
     elif rank_model is None and pipe.ranker is not None:
         rank_model = f"{spec.model} (built-in)"
     pipe.to(device, getattr(torch, dtype))
-    return LoadedModel(pipe, spec, None if rank_model == "none" else rank_model, device, dtype)
+    rank_model = None if rank_model == "none" else rank_model
+    return LoadedModel(pipe, spec, rank_model, device, dtype, notes)
+
+
+def _default_ranker():
+    """The default ranking CLIP, or None and a one-line warning when it cannot be loaded (not
+    cached offline, say): the samples are then returned unranked."""
+    from .models import ModelNotFoundError
+    from .ranking import ClipRanker
+
+    try:
+        return ClipRanker.from_pretrained(DEFAULT_RANK_MODEL), []
+    except ModelNotFoundError as e:
+        why = str(e).rsplit("(", 1)[-1].rstrip(")")
+        return None, [
+            f"results are unranked: the default ranking CLIP {DEFAULT_RANK_MODEL} could not be "
+            f"loaded ({why}); --rank-model names another (a folder or hub id), --rank-model "
+            "none turns ranking off without this warning"
+        ]
 
 
 def load_inputs(req: EditRequest):
@@ -267,6 +291,7 @@ def run_edit(
         req.prompt, image, mask, generator=gens, progress=progress, callback=callback, **kwargs
     )
     wall = time.perf_counter() - t0
+    result.warnings[:0] = loaded.warnings  # the loading's too: in the sidecar and on stderr
     meta = dict(
         blendedit=__version__,
         command=command,
@@ -277,6 +302,7 @@ def run_edit(
         method=method,
         scheduler=loaded.spec.scheduler if method == "latent" else opts.sampler,
         rank_model=loaded.rank_model,
+        ranked=getattr(loaded.pipe, "ranker", None) is not None,
         device=loaded.device,
         dtype=loaded.dtype,
         options=asdict(opts),

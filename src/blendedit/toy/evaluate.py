@@ -32,6 +32,28 @@ from .train import CLASS_PROMPTS as COMBOS
 from .train import MEASURED
 from .world import Scene, place, random_object, render, sample_background
 
+_POOL = None  # judge_workers(n): a process pool for the judge, which reads ~0.1 s an image
+
+
+def judge_workers(n: int) -> None:
+    """Read images with the judge in ``n`` processes (1: in this one). For machines with many
+    cores (a GPU machine's evaluation would otherwise wait on the judge)."""
+    global _POOL
+    if _POOL is not None:
+        _POOL.terminate()
+        _POOL = None
+    if n > 1:
+        from multiprocessing import get_context
+
+        _POOL = get_context("spawn").Pool(n)
+
+
+def _map(fn, *iterables) -> list:
+    items = list(zip(*iterables))
+    if _POOL is None:
+        return [fn(*a) for a in items]
+    return _POOL.starmap(fn, items, chunksize=max(1, len(items) // (4 * _POOL._processes)))
+
 
 def single_object_scene(seed: int, index: int, colour: str, shape: str) -> Scene:
     rng = np.random.RandomState([seed, index])
@@ -80,6 +102,11 @@ def _vae(vae):
     return AutoencoderKL.from_pretrained(vae, **dtype_kwargs(torch.float32)).eval()
 
 
+def _device_of(model) -> torch.device:
+    """Where a model's weights are (the CPU for one without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 @torch.no_grad()
 def vae_psnr(vae, heldout, n: int = 200) -> float:
     """Mean PSNR (dB) of D(E(x)) (posterior mode, as the pipeline encodes) over ``n`` held-out
@@ -92,8 +119,8 @@ def vae_psnr(vae, heldout, n: int = 200) -> float:
     n = min(n, len(data))
     out = []
     for a in range(0, n, 25):
-        x = image_batch(data, range(a, min(n, a + 25)))
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        x = image_batch(data, range(a, min(n, a + 25))).to(_device_of(vae))
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
         rec = ((rec + 1) * 127.5).clamp(0, 255).round()
         mse = (rec - ((x + 1) * 127.5).round()).pow(2).mean((1, 2, 3))
         out += [10 * math.log10(255**2 / max(float(m), 1e-10)) for m in mse]
@@ -109,21 +136,23 @@ def vae_shapes_kept(vae, n: int = 150, seed: int = 3) -> float:
     vae = _vae(vae)
     kept = 0
     for labels, x in cycled_renders(n, seed):
+        x = x.to(_device_of(vae))
         kept += _labels_read(labels, vae.decode(vae.encode(x).latent_dist.mode()).sample)
     return kept / n
 
 
+def _label_read(label: int, img) -> bool:
+    colour, shape = COMBOS[label].split()[1:]
+    return any(c == colour and s == shape for c, s, _ in read_objects(img))
+
+
 def _labels_read(labels, decoded: torch.Tensor) -> int:
     """How many of the ``decoded`` frames (in [-1, 1]) show their label's colour and shape."""
-    kept = 0
-    for label, img in zip(labels, tensor_to_pil((decoded + 1) / 2)):
-        colour, shape = COMBOS[label].split()[1:]
-        kept += any(c == colour and s == shape for c, s, _ in read_objects(img))
-    return kept
+    return sum(_map(_label_read, labels, tensor_to_pil((decoded.float().cpu() + 1) / 2)))
 
 
 @torch.no_grad()
-def denoise_shapes_kept(parts: dict, t: int = 50, n: int = 150, seed: int = 3):
+def denoise_shapes_kept(parts: dict, t: int = 50, n: int = 150, seed: int = 3, device="cpu"):
     """Does the UNet draw outlines? The one-object renders of :func:`vae_shapes_kept`, encoded,
     noised to step ``t`` and predicted back in one step with their true prompt (x0 from its
     prediction, no guidance), then decoded: the share whose colour and shape the judge reads.
@@ -132,9 +161,12 @@ def denoise_shapes_kept(parts: dict, t: int = 50, n: int = 150, seed: int = 3):
     that rounds them does not. About a minute for 150 renders on 2 cores, and it isolates the
     UNet from the layout that text-to-image also needs. ``parts``: a pipeline's components
     (:func:`blendedit.models.load_sd_components`); epsilon or v prediction, as its scheduler
-    says."""
+    says. ``device``: where the models run (the components are moved there)."""
     from .train import predict_x0
 
+    for k in ("vae", "unet", "text_encoder"):
+        if isinstance(parts[k], torch.nn.Module):
+            parts[k].to(device)
     vae, unet, sched = parts["vae"], parts["unet"], parts["scheduler"]
     if not 0 <= t < sched.config.num_train_timesteps:
         raise ValueError(f"t: a training step from 0 to {sched.config.num_train_timesteps - 1}")
@@ -143,9 +175,9 @@ def denoise_shapes_kept(parts: dict, t: int = 50, n: int = 150, seed: int = 3):
     g = torch.Generator().manual_seed(seed)
     denoised = noisy = 0
     for labels, x in cycled_renders(n, seed):
-        z0 = vae.encode(x).latent_dist.mode() * sf
-        steps = torch.full((len(z0),), t)
-        zt = sched.add_noise(z0, torch.randn(z0.shape, generator=g), steps)
+        z0 = vae.encode(x.to(device)).latent_dist.mode() * sf
+        steps = torch.full((len(z0),), t, device=device)
+        zt = sched.add_noise(z0, torch.randn(z0.shape, generator=g).to(device), steps)
         texts = [COMBOS[i] for i in labels]
         x0 = predict_x0(unet, parts["text_encoder"], parts["tokenizer"], sched, zt, steps, texts)
         denoised += _labels_read(labels, vae.decode(x0 / sf).sample)
@@ -153,8 +185,17 @@ def denoise_shapes_kept(parts: dict, t: int = 50, n: int = 150, seed: int = 3):
     return denoised / n, noisy / n
 
 
-def t2i_success(pipe_folder, seeds=(0, 1, 2, 3), steps: int = 25, guidance: float = 5.0):
-    """Judge text-to-image samples of every 'a {colour} {shape}'. Returns (rate, rows)."""
+def _judge_full(img, prompt: str):
+    v = judge(img, np.ones((img.height, img.width), bool), prompt)
+    return v.success, v.reason
+
+
+def t2i_success(
+    pipe_folder, seeds=(0, 1, 2, 3), steps: int = 25, guidance: float = 5.0, device="cpu"
+):
+    """Judge text-to-image samples of every 'a {colour} {shape}' (sampled on ``device``; the
+    seeds' noise is drawn on the CPU, so the samples do not depend on it beyond rounding).
+    Returns (rate, rows, pipeline)."""
     with quiet_transformers():
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -163,21 +204,28 @@ def t2i_success(pipe_folder, seeds=(0, 1, 2, 3), steps: int = 25, guidance: floa
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    rows = []
-    full = np.ones((128, 128), bool)
-    for prompt in COMBOS:
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        images = pipe(
-            [prompt] * len(seeds),
+    pipe.to(device)
+    # on a GPU, every prompt in one batch (the same samples: each has its own generator)
+    per_call = len(COMBOS) if torch.device(device).type == "cuda" else 1
+    prompts, seeds_of, images = [], [], []
+    for a in range(0, len(COMBOS), per_call):
+        batch = [p for p in COMBOS[a : a + per_call] for _ in seeds]
+        gens = [torch.Generator().manual_seed(s) for s in seeds * (len(batch) // len(seeds))]
+        images += pipe(
+            batch,
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=gens,
             height=128,
             width=128,
         ).images
-        for s, img in zip(seeds, images):
-            v = judge(img, full, prompt)
-            rows.append(dict(prompt=prompt, seed=s, success=v.success, reason=v.reason))
+        prompts += batch
+        seeds_of += list(seeds) * (len(batch) // len(seeds))
+    verdicts = _map(_judge_full, images, prompts)
+    rows = [
+        dict(prompt=p, seed=s, success=ok, reason=why)
+        for p, s, (ok, why) in zip(prompts, seeds_of, verdicts)
+    ]
     return sum(r["success"] for r in rows) / len(rows), rows, pipe
 
 

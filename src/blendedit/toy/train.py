@@ -102,6 +102,32 @@ VAE_CONFIG = dict(
     mid_block_add_attention=False,  # fully convolutional: trains on crops, runs at any size
     sample_size=128,
 )
+VAE_FACTORS = (8, 4)
+
+
+def vae_config(factor: int = 8) -> dict:
+    """VAE_CONFIG, or with ``factor`` 4 (`vae --factor 4`) its first three levels with two layers
+    each: downscale 4 (128 px -> 32x32x4 latents), as the LDM paper's f=4 models, so that an
+    object spans tens of latent cells as it does in Stable Diffusion at 512 px."""
+    if factor not in VAE_FACTORS:
+        raise SystemExit(f"--factor: the VAE's downscale, one of {VAE_FACTORS}; got {factor}")
+    cfg = dict(VAE_CONFIG)
+    if factor == 4:
+        cfg.update(
+            block_out_channels=tuple(cfg["block_out_channels"][:3]),
+            layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+        )
+    return cfg
+
+
+def vae_factor(config) -> int:
+    """The downscale of a VAE config (a dict or a diffusers config): 2 per level after the first."""
+    blocks = config["block_out_channels"] if isinstance(config, dict) else config.block_out_channels
+    return 2 ** (len(blocks) - 1)
+
+
 UNET_CONFIG = dict(
     sample_size=16,
     in_channels=4,
@@ -116,6 +142,14 @@ UNET_CONFIG = dict(
 )
 # `unet --pooled-text`: the text's attention-pooled hidden states also join the time embedding
 # (DeepFloyd IF's `addition_embed_type="text"`), so every ResNet block sees what was asked for
+# the UNet on a 32x32 latent grid (an f=4 VAE's latents): the same widths, its first level at
+# 32x32 and without attention, cross-attention at 16x16 and 8x8; the same parameters, and a
+# step costs about twice the 16x16 UNet's
+UNET_GRID32 = dict(
+    sample_size=32,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
 UNET_POOLED_TEXT = dict(addition_embed_type="text", addition_embed_type_num_heads=4)
 PIXEL_CONFIG = dict(
     sample_size=64,
@@ -156,6 +190,7 @@ class Run:
             self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.bf16 = bool(getattr(args, "bf16", False))
         self.info = RunInfo(0, 0.0)
+        self._ema_pairs = None
         self.smooth = None  # running loss shown and logged
         if args.fresh:
             (self.out / "commands.log").unlink(missing_ok=True)
@@ -172,10 +207,37 @@ class Run:
         with (self.out / "commands.log").open("a") as f:  # the recipe, invocation by invocation
             f.write(f"from step {self.info.step}: {command_line()}\n")
 
+    def budget(self) -> float | None:
+        """``--time-budget``: seconds of training (summed over resumed runs) that replace
+        ``--steps`` as the run's length, so that two designs can be given equal compute."""
+        return getattr(self.args, "time_budget", None)
+
+    def progress(self, step: int) -> float:
+        """How far the run is, 0 to 1: by its steps, or by its wall time under a budget."""
+        if self.budget():
+            return self.info.wall / self.budget()
+        return step / max(1, self.args.steps)
+
     def lr(self, step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, self.args.warmup))
-        progress = step / max(1, self.args.steps)
+        progress = self.progress(step)
         return self.args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, progress))))
+
+    def _update_ema(self, step: int) -> None:
+        decay = min(self.args.ema, (1 + step) / (10 + step))
+        if self._ema_pairs is None:  # the float tensors once; the optimiser updates them in place
+            state = self.model.state_dict()
+            self._ema_pairs = [
+                [self.ema[k] for k, v in state.items() if v.dtype.is_floating_point],
+                [v.detach() for v in state.values() if v.dtype.is_floating_point],
+                [(self.ema[k], v) for k, v in state.items() if not v.dtype.is_floating_point],
+            ]
+        ema, cur, other = self._ema_pairs
+        with torch.no_grad():
+            torch._foreach_mul_(ema, decay)
+            torch._foreach_add_(ema, cur, alpha=1 - decay)
+            for e, v in other:
+                e.copy_(v)
 
     def save(self) -> None:
         state = dict(
@@ -202,12 +264,18 @@ class Run:
         if not log.exists() or self.info.step == 0:
             log.write_text("step,loss,lr,samples_per_s,wall_s\n")
         self.model.train()
+        budget, shots = self.budget(), max(0, getattr(args, "snapshots", 0) or 0)
         bar = tqdm(
-            total=args.steps, initial=self.info.step, desc=self.out.name, unit="step", smoothing=0
+            total=None if budget else args.steps,
+            initial=self.info.step,
+            desc=self.out.name,
+            unit="step",
+            smoothing=0,
         )
         t_last, smooth = time.time(), self.smooth
         stop = min(args.steps, args.stop_at or args.steps)
-        while self.info.step < stop:
+        shot = int(self.info.wall * shots / budget) if budget and shots else 0  # ones written
+        while (self.info.wall < budget) if budget else (self.info.step < stop):
             t0 = time.time()
             step = self.info.step
             for g in self.opt.param_groups:
@@ -219,13 +287,7 @@ class Run:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
             if self.ema is not None:
-                decay = min(args.ema, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for k, v in self.model.state_dict().items():
-                        if v.dtype.is_floating_point:
-                            self.ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                        else:
-                            self.ema[k].copy_(v)
+                self._update_ema(step)
             self.info.step += 1
             self.info.wall += time.time() - t0
             v = float(loss.detach())
@@ -243,9 +305,18 @@ class Run:
             self.smooth = smooth
             if self.info.step % args.ckpt_every == 0:
                 self.save()
+            if budget and shots and self.info.wall >= (shot + 1) * budget / shots:
+                shot += 1  # `--snapshots K`: the weights at each K-th of the budget, kept
+                self.save()
+                done = snapshot(self.out)
+                keep = self.out / f"snapshot-{shot}"
+                shutil.rmtree(keep, ignore_errors=True)
+                os.replace(done, keep)
         bar.close()
         self.save()
         self.model.eval()
+        if budget:
+            return self.info.wall >= budget
         return self.info.step >= args.steps
 
     def final_state(self) -> dict:
@@ -257,7 +328,7 @@ class Run:
 
 def train_device(args) -> torch.device:
     """``--device``: ``auto`` is CUDA when there is a GPU, else the CPU; runs without the option
-    (the CLIP and VAE trainers) train on the CPU."""
+    (the CLIP trainers) train on the CPU."""
     name = getattr(args, "device", None) or "cpu"
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -647,6 +718,33 @@ def object_cells(scenes, size: int, factor: int) -> torch.Tensor:
     return F.max_pool2d(object_band(scenes, size), factor)
 
 
+def _band_uint8(job) -> np.ndarray:
+    scenes, size = job
+    return (object_band(scenes, size) * 255).round().to(torch.uint8).numpy()
+
+
+def band_cache(data: SceneData, cache: Path, workers: int | None = None) -> torch.Tensor:
+    """``object_band`` of every scene of ``data`` at its size, as uint8 (N, 1, S, S) (255 = 1),
+    computed once in ``workers`` processes and cached to ``cache``: drawing it per batch costs
+    more than a training step on a GPU."""
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    size = data.images.shape[1]
+    chunk = 250
+    jobs = [(data.scenes[a : a + chunk], size) for a in range(0, len(data), chunk)]
+    workers = workers or max(1, min(16, (os.cpu_count() or 2) - 1))
+    with get_context("spawn").Pool(workers) as pool:
+        parts = list(tqdm(pool.imap(_band_uint8, jobs), total=len(jobs), desc="object bands"))
+    band = torch.from_numpy(np.concatenate(parts))
+    torch.save(band, str(cache) + ".tmp")
+    os.replace(str(cache) + ".tmp", cache)
+    return band
+
+
 def _per_image_mean(err, w=None) -> torch.Tensor:
     """(B,): each image's mean of ``err`` (B, C, H, W), under the weights ``w`` (B, 1, H, W)."""
     if w is None:
@@ -666,7 +764,8 @@ def train_vae(args) -> None:
     out = Path(args.out)
     data = SceneData(args.data)
     torch.manual_seed(args.seed)
-    model = AutoencoderKL(**VAE_CONFIG)
+    model = AutoencoderKL(**vae_config(args.factor))
+    factor = vae_factor(model.config)
     if args.decoder_only and args.init_from:
         raise SystemExit(
             "--decoder-only and --init-from: give one (both name the VAE to start from)"
@@ -691,20 +790,21 @@ def train_vae(args) -> None:
             )
         denoiser = _Denoiser(args.denoised_by)
     run = Run(out, model, args, ema=True)
+    band = band_cache(data, Path(args.data) / "bands.pt") if args.object_weight else None
 
     def loss_fn(step):
         rng = _rng(args, step)
         idx = rng.randint(len(data), size=args.batch_size)
-        x = image_batch(data, idx)
+        x = image_batch(data, idx).to(run.device)
         w = None
-        if args.object_weight:  # weight each pixel by 1 + object_weight on and around objects
-            w = 1 + args.object_weight * object_band([data.scenes[i] for i in idx], size)
+        if band is not None:  # weight each pixel by 1 + object_weight on and around objects
+            w = 1 + args.object_weight * band[torch.from_numpy(idx)].to(run.device).float() / 255
             x = torch.cat([x, w], 1)  # cropped together
         c = args.crop
         if c < size:
             crops = []
             for k in range(len(idx)):
-                y0, x0 = rng.randint(0, size - c + 1, size=2) // 8 * 8
+                y0, x0 = rng.randint(0, size - c + 1, size=2) // factor * factor
                 crops.append(x[k, :, y0 : y0 + c, x0 : x0 + c])
             x = torch.stack(crops)
         if w is not None:
@@ -725,19 +825,23 @@ def train_vae(args) -> None:
     if not run.train(loss_fn):
         return
     model.load_state_dict(run.final_state())
+    model.to(run.device)  # measured where it trained
     heldout = SceneData(args.heldout)
     n = min(200, len(heldout))
     with torch.no_grad():
         z = torch.cat(
             [
-                model.encode(image_batch(heldout, range(a, min(a + 50, n)))).latent_dist.mode()
+                model.encode(image_batch(heldout, range(a, min(a + 50, n))).to(run.device))
+                .latent_dist.mode()
+                .float()
                 for a in range(0, n, 50)
             ]
         )
     scaling = float(1 / z.std())
     model.register_to_config(scaling_factor=scaling)
     folder = out / "model"
-    model.save_pretrained(folder)
+    model.to("cpu").save_pretrained(folder)
+    model.to(run.device)
     from .evaluate import vae_psnr, vae_shapes_kept
 
     model.eval()  # measured as saved, without loading it again
@@ -755,8 +859,9 @@ def train_vae(args) -> None:
             "shapes the judge still reads after the round trip (150 one-object renders)": kept,
             "scaling_factor": round(scaling, 4),
         },
-        "`diffusers.AutoencoderKL`, downscale 8 (128 px -> 16x16x4 latents), no attention (fully "
-        f"convolutional, trained on random {args.crop} px crops aligned to the 8 px grid). Loss: "
+        f"`diffusers.AutoencoderKL`, downscale {factor} (128 px -> {128 // factor}x"
+        f"{128 // factor}x4 latents), no attention (fully convolutional, trained on random "
+        f"{args.crop} px crops aligned to the {factor} px grid). Loss: "
         f"MSE + 0.5 L1 + {args.kl} x KL (per pixel). The scaling factor is 1 / std of held-out "
         "latents, as for Stable Diffusion."
         + (
@@ -802,10 +907,17 @@ def _latent_ddpm(zero_snr: bool = False):
     return DDPMScheduler(**cfg)
 
 
-def _unet_config(pooled_text: bool, channels=None, layers: int | None = None) -> dict:
-    """UNET_CONFIG, with UNET_POOLED_TEXT for `unet --pooled-text` and the widths and depth of
-    `unet --channels/--layers`."""
+def _unet_config(
+    pooled_text: bool, channels=None, layers: int | None = None, grid: int = 16
+) -> dict:
+    """UNET_CONFIG, with UNET_POOLED_TEXT for `unet --pooled-text`, the widths and depth of
+    `unet --channels/--layers`, and UNET_GRID32's layout for a 32x32 latent grid (``grid``: the
+    side of the VAE's latents at 128 px)."""
+    if grid not in (16, 32):
+        raise SystemExit(f"the VAE's latents are {grid}x{grid} at 128 px; the UNet takes 16 or 32")
     cfg = dict(UNET_CONFIG, **(UNET_POOLED_TEXT if pooled_text else {}))
+    if grid == 32:
+        cfg.update(UNET_GRID32)
     if channels:
         cfg["block_out_channels"] = tuple(channels)
     if layers:
@@ -825,8 +937,9 @@ def predict_x0(unet, text_encoder, tokenizer, scheduler, zt, t, texts) -> torch.
     """The UNet's one-step prediction of the clean latents from ``zt`` at steps ``t`` (one per
     latent) with ``texts``, no guidance: x0 from its epsilon, or from its v where ``scheduler``
     says v_prediction (a `unet --zero-snr` UNet's)."""
-    out = unet(zt, t, text_encoder(tokenize(tokenizer, texts))[0]).sample  # encoder_hidden_states
-    a = scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    ids = tokenize(tokenizer, texts).to(zt.device)
+    out = unet(zt, t, text_encoder(ids)[0]).sample  # encoder_hidden_states
+    a = scheduler.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
     if scheduler.config.prediction_type == "v_prediction":
         return a.sqrt() * zt - (1 - a).sqrt() * out
     return (zt - (1 - a).sqrt() * out) / a.sqrt()
@@ -932,7 +1045,7 @@ def _noise_and_steps(rng, shape, scheduler, device, max_t: int | None = None):
 
 
 def _min_snr_weight(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    ac = scheduler.alphas_cumprod[t]
+    ac = scheduler.alphas_cumprod.to(t.device)[t]
     snr = ac / (1 - ac)
     return torch.clamp(snr, max=gamma) / snr
 
@@ -963,8 +1076,16 @@ def train_unet(args) -> None:
         )
         for d, f in zip(sets, folders)
     ]
-    z_all = torch.cat(z_sets)
+    z_all = torch.cat(z_sets).to(device)
     data = _Concat(sets, [len(z) for z in z_sets])
+    size = sets[0].images.shape[1]
+    factor = size // z_all.shape[-1]  # the VAE's downscale
+    cells = None
+    if args.object_weight:  # latent cells under an object, from each set's cached object bands
+        bands = [band_cache(d, Path(f) / "bands.pt") for d, f in zip(sets, folders)]
+        cells = torch.cat(
+            [F.max_pool2d(b[: len(z)].float(), factor) / 255 for b, z in zip(bands, z_sets)]
+        ).to(device)
     clip_folder = _model_dir(args.clip, "--clip")
     tok = AutoTokenizer.from_pretrained(clip_folder)
     joint = args.train_text_encoder
@@ -978,7 +1099,10 @@ def train_unet(args) -> None:
         )
     if args.channels and any(c < 32 or c % 32 for c in args.channels):  # GroupNorm: 32 groups
         raise SystemExit(f"--channels: each width a multiple of 32; got {args.channels}")
-    model = UNet2DConditionModel(**_unet_config(args.pooled_text, args.channels, args.layers))
+    grid = z_all.shape[-1] * 128 // size  # the latents' side at 128 px
+    model = UNet2DConditionModel(
+        **_unet_config(args.pooled_text, args.channels, args.layers, grid=grid)
+    )
     out.joinpath(UNET_RUN_CONFIG).write_text(json.dumps(dict(model.config), indent=2, default=list))
     if args.zero_snr:
         out.joinpath(SAMPLING_FILE).write_text(json.dumps(ZERO_SNR_SAMPLING, indent=2))
@@ -1015,7 +1139,7 @@ def train_unet(args) -> None:
     def loss_fn(step):
         rng = _rng(args, step)
         idx = rng.randint(len(data), size=args.batch_size)
-        z0 = z_all[idx].to(device)
+        z0 = z_all[torch.from_numpy(idx).to(device)]
         texts = [train_caption(data.scenes[i], rng, name_small=args.name_small) for i in idx]
         with torch.set_grad_enabled(joint):
             cond = text(tokenize(tok, texts).to(device))[0]
@@ -1024,9 +1148,9 @@ def train_unet(args) -> None:
         pred = model(zt, t, cond).sample
         target = sched.get_velocity(z0, noise, t) if args.zero_snr else noise
         err = (pred.float() - target).pow(2)
-        if args.object_weight:  # latent cells under an object (or its 2 px band) weigh more
-            cells = object_cells([data.scenes[i] for i in idx], sets[0].images.shape[1], 8)
-            per_image = _per_image_mean(err, 1 + args.object_weight * cells.to(device))
+        if cells is not None:  # latent cells under an object (or its 2 px band) weigh more
+            w = 1 + args.object_weight * cells[torch.from_numpy(idx).to(device)]
+            per_image = _per_image_mean(err, w)
         else:
             per_image = _per_image_mean(err)
         # zero SNR: a plain v loss (min-SNR's v form would leave the pure-noise end unweighted)
@@ -1051,7 +1175,8 @@ def train_unet(args) -> None:
         run,
         params,
         {},
-        "`diffusers.UNet2DConditionModel` on 16x16x4 VAE latents, cross-attention on the toy "
+        f"`diffusers.UNet2DConditionModel` on {grid}x{grid}x4 VAE latents, cross-attention on "
+        "the toy "
         "CLIP's text encoder ("
         + (
             f"trained with the UNet from {args.clip}'s, saved in model/{TEXT_ENCODER}/"
@@ -1210,8 +1335,9 @@ def snapshot(run: Path) -> Path:
         model.save_pretrained(tmp / "unet")
         DDPMScheduler(**PIXEL_SCHEDULER).save_pretrained(tmp / "scheduler")
     else:
-        if kind == "vae":
-            model = AutoencoderKL(**VAE_CONFIG)
+        if kind == "vae":  # its downscale from its levels: 2 per level after the first
+            levels = {k.split(".")[2] for k in weights if k.startswith("encoder.down_blocks.")}
+            model = AutoencoderKL(**vae_config(2 ** (len(levels) - 1)))
         else:  # with the pooled text's weights when it was trained with `unet --pooled-text`
             pooled = any(k.startswith("add_embedding.") for k in weights)
             if (run / UNET_RUN_CONFIG).is_file():  # its own widths
@@ -1522,6 +1648,14 @@ def build_parser() -> argparse.ArgumentParser:
                 help="do not train the text encoder (its hidden states condition the UNet)",
             )
         if name == "vae":
+            s.add_argument(
+                "--factor",
+                type=int,
+                default=8,
+                choices=VAE_FACTORS,
+                help="downscale: 8 (16x16 latents at 128 px, as Stable Diffusion) or 4 (32x32, "
+                "three levels of two layers)",
+            )
             s.add_argument("--crop", type=int, default=32, help="training crop side (px)")
             s.add_argument("--kl", type=float, default=1e-6)
             s.add_argument(
@@ -1562,6 +1696,22 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name in ("unet", "pixel"):
             s.add_argument("--min-snr", type=float, default=5.0)
+        if name in ("unet", "pixel", "vae"):
+            s.add_argument(
+                "--time-budget",
+                type=float,
+                default=None,
+                metavar="SECONDS",
+                help="train for this many seconds (summed over resumed runs) instead of --steps; "
+                "the learning rate decays over the budget (for equal-compute comparisons)",
+            )
+            s.add_argument(
+                "--snapshots",
+                type=int,
+                default=0,
+                help="with --time-budget: keep the weights (EMA) at each K-th of the budget in "
+                "RUN/snapshot-1 ... snapshot-K",
+            )
             s.add_argument(
                 "--device",
                 default="auto",
@@ -1573,7 +1723,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--bf16",
                 action="store_true",
                 help="bfloat16 autocast for the forward pass (weights, optimizer and EMA stay "
-                "float32): for GPUs; on this 2-core CPU 1.38x for an 18.9 M UNet, none for 8.8 M",
+                "float32): for GPUs (on a CPU, convolutions in bfloat16 can be far slower)",
             )
         if name == "pixel":
             s.add_argument(
