@@ -115,7 +115,7 @@ SMALL_PIXEL = dict(T.PIXEL_CONFIG, block_out_channels=(8, 8, 16, 16), norm_num_g
 
 
 def _shrink_pixel(monkeypatch):
-    monkeypatch.setattr(T, "PIXEL_CONFIG", SMALL_PIXEL)
+    monkeypatch.setattr(T.arch, "PIXEL_CONFIG", SMALL_PIXEL)
 
 
 def test_pixel_training_resumes_exactly_and_writes_a_loadable_model(
@@ -154,7 +154,7 @@ def test_pixel_min_objects_skips_empty_scenes_and_init_from_starts_there(
     assert any(not sc.objects for sc in scenes)  # the fixture has empty scenes to skip
     drawn = []
     real = T.image_batch
-    monkeypatch.setattr(T, "image_batch", lambda d, idx: drawn.extend(idx) or real(d, idx))
+    monkeypatch.setattr(T.pixel, "image_batch", lambda d, idx: drawn.extend(idx) or real(d, idx))
     args = _pixel_args(data_dir, tmp_path / "b", 3)
     args.init_from, args.min_objects, args.lr = str(tmp_path / "a" / "model"), 1, 0.0
     T.train_pixel(args)  # lr 0: the weights stay where they start
@@ -291,7 +291,7 @@ def _tiny_unet_inputs(monkeypatch, vae_dir, clip_dir, half=False) -> dict:
     from transformers import CLIPModel
 
     small = dict(T.UNET_CONFIG, block_out_channels=(8, 8, 8), norm_num_groups=4)
-    monkeypatch.setattr(T, "UNET_CONFIG", small)
+    monkeypatch.setattr(T.arch, "UNET_CONFIG", small)
     vae = AutoencoderKL(**dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4))
     tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
     clip = CLIPModel(T.clip_config(tok))
@@ -473,7 +473,9 @@ def test_unet_draws_from_the_union_of_several_data_sets(data_dir, tmp_path, monk
     seen = []
     real_caption = T.train_caption
     monkeypatch.setattr(
-        T, "train_caption", lambda sc, rng, **kw: seen.append(sc) or real_caption(sc, rng, **kw)
+        T.unet,
+        "train_caption",
+        lambda sc, rng, **kw: seen.append(sc) or real_caption(sc, rng, **kw),  # noqa: E501
     )
     argv = ["unet", "--data", str(data_dir), str(single), "--out", str(tmp_path / "u")]
     argv += ["--steps", "3", "--batch-size", "16", "--clip", str(tmp_path / "clip")]
@@ -640,7 +642,7 @@ def test_vae_init_from_continues_a_vae_with_the_object_weighted_loss(
     from diffusers import AutoencoderKL
 
     small = dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
-    monkeypatch.setattr(T, "VAE_CONFIG", small)
+    monkeypatch.setattr(T.arch, "VAE_CONFIG", small)
     torch.manual_seed(5)
     AutoencoderKL(**small).save_pretrained(tmp_path / "start" / "model")
     (tmp_path / "start" / "card.md").write_text("# Shapes World VAE\n")
@@ -708,7 +710,7 @@ def test_vae_denoised_by_decodes_the_unets_one_step_predictions(data_dir, tmp_pa
     x0 = den_v(z0, texts, np.random.RandomState(3), 999, clean_share=0.0)
     assert torch.allclose(x0, ab.sqrt() * zt, atol=1e-5)
     vae_small = dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
-    monkeypatch.setattr(T, "VAE_CONFIG", vae_small)
+    monkeypatch.setattr(T.arch, "VAE_CONFIG", vae_small)
     argv = ["vae", "--data", str(data_dir), "--heldout", str(data_dir), "--out"]
     argv += [str(tmp_path / "d"), "--steps", "1", "--batch-size", "2", "--crop", "128"]
     argv += ["--decoder-only", str(tmp_path / "vae"), "--denoised-by", str(pipe)]
@@ -753,7 +755,7 @@ def test_unet_max_t_trains_only_on_the_low_noise_steps(data_dir, tmp_path, monke
         drawn.append(t)
         return noise, t
 
-    monkeypatch.setattr(T, "_noise_and_steps", recording)
+    monkeypatch.setattr(T.unet, "_noise_and_steps", recording)
     argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "3"]
     argv += ["--batch-size", "16", "--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "vae")]
     T.train_unet(T.build_parser().parse_args(argv + ["--max-t", "40"]))
@@ -769,7 +771,9 @@ def test_unet_limit_encodes_and_draws_only_the_first_images(data_dir, tmp_path, 
     seen = []
     real_caption = T.train_caption
     monkeypatch.setattr(
-        T, "train_caption", lambda sc, rng, **kw: seen.append(sc) or real_caption(sc, rng, **kw)
+        T.unet,
+        "train_caption",
+        lambda sc, rng, **kw: seen.append(sc) or real_caption(sc, rng, **kw),  # noqa: E501
     )
     argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--limit", "4"]
     argv += ["--steps", "2", "--batch-size", "16", "--clip", str(tmp_path / "clip")]
@@ -792,7 +796,7 @@ def test_vae_factor_4_gives_32x32_latents_and_the_unet_takes_the_32x32_layout(
 
     _tiny_unet_inputs(monkeypatch, tmp_path / "unused-vae", tmp_path / "clip")
     monkeypatch.setattr(
-        T, "VAE_CONFIG", dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+        T.arch, "VAE_CONFIG", dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
     )
     argv = ["vae", "--factor", "4", "--data", str(data_dir), "--heldout", str(data_dir)]
     argv += ["--out", str(tmp_path / "v4"), "--steps", "2", "--batch-size", "2", "--crop", "64"]

@@ -88,10 +88,8 @@ def toy_folder(part: str) -> Path:
 def _toy() -> dict:
     import torch
 
-    from .ranking import ClipRanker
-
     c = load_sd_components(str(toy_folder("pipeline")), torch_dtype=torch.float32)
-    c["ranker"] = ClipRanker.from_pretrained("toy", local_files_only=True)
+    c["ranker"] = "toy"  # its CLIP, loaded by the pipeline (blendedit.ranking.ClipRanker)
     return c
 
 
@@ -287,25 +285,22 @@ def load_clip(spec: str, *, local_files_only: bool | None = None):
 
 def load_pixel_components(spec: str, *, local_files_only: bool | None = None) -> dict:
     """A pixel-space model for Blended Diffusion: ``unet`` (``UNet2DModel``), ``scheduler``
-    and, for built-ins, ``clip`` (a :class:`~blendedit.ranking.ClipRanker`).
+    and, for built-ins, ``clip``: a CLIP spec (``"toy"``) or a ``CLIPModel`` with its
+    ``clip_tokenizer``, which the pipeline wraps in a :class:`~blendedit.ranking.ClipRanker`.
 
     ``spec``: ``toy`` (the shipped 64 px Shapes World model with its CLIP), ``tiny-random``
     (random, for tests), a folder with ``unet/`` and ``scheduler/`` (a ``DDPMPipeline`` folder),
     or a hub id of such a repository.
     """
-    from .ranking import ClipRanker
-
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model: expected a model name, folder or hub id, got {spec!r}")
     if spec == "tiny-random":
         from .tiny import build_tiny_pixel_components
 
-        c = build_tiny_pixel_components()
-        c["clip"] = ClipRanker(c.pop("clip"), c.pop("clip_tokenizer"))
-        return c
+        return build_tiny_pixel_components()
     if spec == "toy":
         c = _pixel_folder(toy_folder("pixel"), "toy", True)
-        c["clip"] = ClipRanker.from_pretrained("toy", local_files_only=True)
+        c["clip"] = "toy"
         return c
     path = Path(spec).expanduser()
     if path.is_dir():

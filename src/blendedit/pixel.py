@@ -37,12 +37,12 @@ from .latent import (
     _as_pil,
     _check_float,
     _check_int,
-    _opt,
     _randn,
     check_generator,
     check_prompt,
 )
-from .ranking import RANK_REGIONS, ClipRanker
+from .options import _opt
+from .ranking import RANK_REGIONS, ClipRanker, builtin_ranker
 
 SAMPLERS = ("ddpm", "ddim")
 ALGORITHMS = (1, 2)
@@ -128,7 +128,7 @@ class BlendedDiffusionPipeline(OnUNet):
                     f"clip: {spec!r} brings no CLIP model; pass clip=<CLIP folder or hub id> "
                     "(CLI: --rank-model)"
                 )
-            clip = c["clip"]
+            clip = builtin_ranker(c["clip"], c.get("clip_tokenizer"))
         return cls(c["unet"], c["scheduler"], clip)
 
     def to(self, device=None, dtype=None) -> BlendedDiffusionPipeline:

@@ -23,6 +23,16 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def builtin_ranker(clip, tokenizer=None) -> ClipRanker:
+    """The ranker a built-in model brings (:mod:`blendedit.models`): a spec such as ``"toy"``,
+    loaded offline, or a ``CLIPModel`` and its ``tokenizer``."""
+    if isinstance(clip, ClipRanker):
+        return clip
+    if isinstance(clip, str):
+        return ClipRanker.from_pretrained(clip, local_files_only=True)
+    return ClipRanker(clip, tokenizer)
+
+
 class ClipRanker:
     """A ``transformers.CLIPModel`` and its tokenizer, scoring images against a prompt."""
 

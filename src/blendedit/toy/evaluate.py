@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from ..io import pil_to_tensor, save_json, tensor_to_pil, write_files_atomically
 from ..models import dtype_kwargs, quiet_transformers
 from ..ranking import _features
+from .common import CLASS_PROMPTS as COMBOS
+from .common import MEASURED
 from .judge import judge, read_objects
-from .train import CLASS_PROMPTS as COMBOS
-from .train import MEASURED
 from .world import Scene, place, random_object, render, sample_background
 
 _POOL = None  # judge_workers(n): a process pool for the judge, which reads ~0.1 s an image
@@ -80,7 +80,7 @@ def clip_zero_shot(folder, n: int = 300, seed: int = 2) -> float:
     single-object renders (colours and shapes cycled, everything else random)."""
     from transformers import AutoTokenizer, CLIPModel
 
-    from .train import clip_pixels, tokenize
+    from .common import clip_pixels, tokenize
 
     model = CLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -111,8 +111,8 @@ def _device_of(model) -> torch.device:
 def vae_psnr(vae, heldout, n: int = 200) -> float:
     """Mean PSNR (dB) of D(E(x)) (posterior mode, as the pipeline encodes) over ``n`` held-out
     128 px scenes. ``vae``: a folder or an ``AutoencoderKL``."""
+    from .common import image_batch
     from .data import SceneData
-    from .train import image_batch
 
     vae = _vae(vae)
     data = SceneData(heldout)
@@ -162,7 +162,7 @@ def denoise_shapes_kept(parts: dict, t: int = 50, n: int = 150, seed: int = 3, d
     UNet from the layout that text-to-image also needs. ``parts``: a pipeline's components
     (:func:`blendedit.models.load_sd_components`); epsilon or v prediction, as its scheduler
     says. ``device``: where the models run (the components are moved there)."""
-    from .train import predict_x0
+    from .common import predict_x0
 
     for k in ("vae", "unet", "text_encoder"):
         if isinstance(parts[k], torch.nn.Module):
