@@ -6,7 +6,7 @@ captions, text encoder and recipe, and measured at three checkpoints.
         --deadline 540            # one prepared run for a lent GPU machine (~9 minutes)
     python benchmarks/grid_pilot.py --smoke --work /tmp/pilot --out /tmp/pilot-out   # CPU check
     python benchmarks/grid_pilot.py --designs b --vae benchmarks/results/grid_pilot/vae4 \
-        --batch-size 1024 --lr 1e-3 --work runs/pilot --out OUT   # the long run of design (b)
+        --batch-size 1024 --lr 1e-3 --noise-on-device --work runs/pilot --out OUT  # (b), long
 
 Steps, each logged with its seconds (the whole run keeps inside ``--deadline``):
 1. render the data: 20,000 scenes of 0-3 objects, 40,000 one-object scenes, 1,000 held out;
@@ -97,6 +97,11 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny data and budgets (a CPU check)")
     p.add_argument(
         "--designs", default="ab", help="which UNets to train: a (16x16), b (32x32) or ab"
+    )
+    p.add_argument(
+        "--noise-on-device",
+        action="store_true",
+        help="the UNets draw their noise on the GPU (`unet --noise-on-device`; the pilot did not)",
     )
     p.add_argument(
         "--vae",
@@ -192,6 +197,7 @@ def main(argv=None) -> int:
         u += ["--batch-size", str(8 if args.smoke else args.batch_size), "--lr", str(args.lr)]
         u += ["--warmup", "200", "--steps", "100000000", "--time-budget", str(unet_seconds)]
         u += ["--snapshots", "3", *common]
+        u += ["--noise-on-device"] if args.noise_on_device else []
         train(u)
         loss = (work / name / "loss.csv").read_text().splitlines()
         report.setdefault("runs", {})[name] = dict(

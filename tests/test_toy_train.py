@@ -838,6 +838,16 @@ def test_time_budget_stops_by_wall_time_and_keeps_snapshots(data_dir, tmp_path, 
     lrs = [float(r.split(",")[2]) for r in (tmp_path / "u" / "loss.csv").read_text().split()[1:]]
     assert len(lrs) == final["step"] and lrs == sorted(lrs, reverse=True)
     assert lrs[-1] < 0.5 * lrs[0] and (tmp_path / "u" / "model").is_dir()
+    # a step longer than a K-th of the budget (here every step: the clock runs fast) passes
+    # several marks at once: each still gets its snapshot
+    argv[argv.index("--snapshots") + 1] = "12"
+    T.train_unet(T.build_parser().parse_args(argv + ["--out", str(tmp_path / "u12")]))
+    steps = [int((tmp_path / "u12" / f"snapshot-{k}" / "STEP").read_text()) for k in range(1, 13)]
+    assert (
+        steps == sorted(steps)
+        and len(set(steps)) < 12
+        and not (tmp_path / "u12" / "snapshot").exists()
+    )
 
 
 def test_band_cache_is_object_band_computed_once(data_dir, tmp_path):
@@ -850,3 +860,80 @@ def test_band_cache_is_object_band_computed_once(data_dir, tmp_path):
     cache.write_bytes(b"")  # a second call reads the cache, it does not compute again
     with pytest.raises(Exception):  # noqa: B017 (torch's error for an empty file)
         T.band_cache(data, cache)
+
+
+def test_caption_ids_are_tokenizes_and_each_caption_is_tokenized_once():
+    tok = build_clip_tokenizer(T.world_words(), None, max_length=T.TEXT_MAX_LENGTH)
+    calls = []
+
+    def counting(texts, **kw):
+        calls.append(list(texts))
+        return tok(texts, **kw)
+
+    ids = T.unet.CaptionIds(counting, "cpu")
+    a = ["a red circle", "", "a blue star on a striped background", "a red circle"]
+    b = ["a red circle", "a green cross", ""]
+    for texts in (a, b):
+        assert torch.equal(ids(texts), T.tokenize(tok, texts))
+    assert calls == [["a red circle", "", "a blue star on a striped background"], ["a green cross"]]
+
+
+def test_noise_on_device_trains_and_draws_on_the_device(data_dir, tmp_path, monkeypatch):
+    sched = T._latent_ddpm()
+    rng = np.random.RandomState(0)
+    noise, t = T._noise_and_steps(rng, (3, 4, 8, 8), sched, "cpu", 50, on_device=True)
+    assert noise.shape == (3, 4, 8, 8) and int(t.max()) < 50 and noise.device.type == "cpu"
+    _tiny_unet_inputs(monkeypatch, tmp_path / "vae", tmp_path / "clip")
+    argv = ["unet", "--data", str(data_dir), "--out", str(tmp_path / "u"), "--steps", "2"]
+    argv += ["--batch-size", "4", "--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "vae")]
+    T.train_unet(T.build_parser().parse_args(argv + ["--noise-on-device"]))
+    rows = (tmp_path / "u" / "loss.csv").read_text().splitlines()
+    assert (tmp_path / "u" / "model").is_dir() and math.isfinite(float(rows[-1].split(",")[1]))
+
+
+def test_assemble_only_vae_unet_ships_a_32x32_pair_and_refuses_a_mismatch(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from blendedit import models
+
+    work = tmp_path / "runs"
+    small = _tiny_unet_inputs(monkeypatch, work / "vae" / "model", work / "clip" / "model")
+    monkeypatch.setattr(
+        T.arch, "VAE_CONFIG", dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+    )
+    torch.manual_seed(0)
+    UNet2DConditionModel(**small).save_pretrained(work / "unet" / "model")
+    AutoencoderKL(**T.vae_config(4)).save_pretrained(work / "vae4" / "model")
+    UNet2DConditionModel(**T._unet_config(False, grid=32)).save_pretrained(work / "u32" / "model")
+    for run in ("vae", "clip", "unet", "vae4", "u32"):
+        (work / run / "card.md").write_text(f"# Shapes World {run}\n")
+    dest = tmp_path / "toy"
+    argv = ["assemble", "--work", str(work), "--vae", "vae", "--clip", "clip", "--vision", ""]
+    T.assemble(
+        T.build_parser().parse_args(argv + ["--unet", "unet", "--pixel", "", "--dest", str(dest)])
+    )
+    before = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    update = [
+        "assemble",
+        "--work",
+        str(work),
+        "--dest",
+        str(dest),
+        "--vae",
+        "vae4",
+        "--unet",
+        "u32",
+    ]
+    with pytest.raises(SystemExit, match="ship a new VAE with the UNet"):
+        T.assemble(T.build_parser().parse_args(update + ["--only", "vae"]))
+    with pytest.raises(SystemExit, match=r"takes 4x32x32 latents, the VAE .* makes 4x16x16"):
+        T.assemble(T.build_parser().parse_args(update + ["--only", "unet"]))
+    assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
+    T.assemble(T.build_parser().parse_args(update + ["--only", "vae", "unet"]))
+    c = models.load_sd_components(str(dest / "pipeline"), torch_dtype=torch.float32)
+    assert T.vae_factor(c["vae"].config) == 4 and c["unet"].config.sample_size == 32
+    assert (dest / "clip" / "model.safetensors").read_bytes() == before[
+        Path("clip/model.safetensors")
+    ]

@@ -12,7 +12,7 @@ import torch
 
 from ...models import quiet_transformers, write_edit_defaults
 from ..common import MEASURED
-from .arch import LATENT_SCHEDULER, SAMPLING_FILE, TEXT_ENCODER, write_preprocessor
+from .arch import LATENT_SCHEDULER, SAMPLING_FILE, TEXT_ENCODER, vae_factor, write_preprocessor
 from .snapshots import snapshot
 
 
@@ -72,10 +72,24 @@ GUIDANCE_MEASURED = (
 )
 
 
-SHIPPED_PARTS = ("unet", "clip", "pixel")  # what `assemble --only` can replace on its own
+SHIPPED_PARTS = ("vae", "unet", "clip", "pixel")  # what `assemble --only` can replace
 
 
 SHIPPED_MB = 60  # the cap on the package's weights
+
+
+def _check_latent_grid(vae: Path, unet: Path) -> None:
+    """The UNet must take the VAE's latents: their channels, and a grid of the VAE's frame
+    (128 px) over its downscale."""
+    v = json.loads((vae / "config.json").read_text())
+    u = json.loads((unet / "config.json").read_text())
+    grid = v["sample_size"] // vae_factor(v)
+    if u["in_channels"] != v["latent_channels"] or u["sample_size"] != grid:
+        raise SystemExit(
+            f"the UNet ({unet}) takes {u['in_channels']}x{u['sample_size']}x{u['sample_size']} "
+            f"latents, the VAE ({vae}) makes {v['latent_channels']}x{grid}x{grid}: train the "
+            "UNet on this VAE (unet --vae), or ship both (--only vae unet)"
+        )
 
 
 def _sampling(unet: Path) -> dict:
@@ -106,7 +120,8 @@ def assemble(args) -> None:
     toy VAE, CLIP text encoder and tokenizer, UNet, DDIM), ``clip/`` (CLIPModel, for ranking
     and guidance) and ``pixel/`` (UNet2DModel + DDPM scheduler), weights in float16.
 
-    With ``--only PART ...`` (``unet``, ``clip``, ``pixel``) the existing ``--dest`` folder is
+    With ``--only PART ...`` (``vae`` with ``unet``, ``unet``, ``clip``, ``pixel``) the existing
+    ``--dest`` folder is
     the source of every other part: only those are replaced, and the named runs' cards are
     added to its MODEL_CARD.md (whose measured figures, now stale, are dropped)."""
     with quiet_transformers():
@@ -122,6 +137,11 @@ def assemble(args) -> None:
     only = set(args.only or ())
     if only - set(SHIPPED_PARTS):
         raise SystemExit(f"--only: parts are {', '.join(SHIPPED_PARTS)}; got {sorted(only)}")
+    if "vae" in only and "unet" not in only:
+        raise SystemExit(
+            "--only vae: a UNet is trained on its VAE's latents; ship a new VAE with the UNet "
+            "trained on it (--only vae unet)"
+        )
     if only and not (dest / "pipeline" / "model_index.json").is_file():
         raise SystemExit(f"--only: {dest} is not an assembled folder (no pipeline/) to update")
 
@@ -130,7 +150,8 @@ def assemble(args) -> None:
 
     # every run is found before anything is written: a wrong name leaves no half-built folder
     if only:  # the parts not named come from the folder being updated
-        vae, text_folder = dest / "pipeline" / "vae", dest / "pipeline" / "text_encoder"
+        vae = folder(args.vae) if "vae" in only else dest / "pipeline" / "vae"
+        text_folder = dest / "pipeline" / "text_encoder"
         tok_folder = dest / "pipeline" / "tokenizer"
         unet = folder(args.unet) if "unet" in only else dest / "pipeline" / "unet"
         clip_folder = folder(args.clip) if "clip" in only else dest / "clip"
@@ -158,6 +179,7 @@ def assemble(args) -> None:
         tok_folder = text_folder
         pixel = folder(args.pixel) if args.pixel else None  # '' ships no pixel model
         runs = [args.vision, args.clip, args.text_encoder, args.vae, args.unet, args.pixel]
+    _check_latent_grid(vae, unet)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
                 + ", ".join(f"{k}={v}" for k, v in ZERO_SNR_SAMPLING.items()),
             )
             s.add_argument(
+                "--noise-on-device",
+                action="store_true",
+                help="draw each batch's noise and timesteps on the training device (faster on a "
+                "GPU for large batches; the draws then differ from a CPU run's)",
+            )
+            s.add_argument(
                 "--max-t",
                 type=int,
                 default=None,

@@ -153,13 +153,16 @@ class Run:
             self.smooth = smooth
             if self.info.step % args.ckpt_every == 0:
                 self.save()
-            if budget and shots and self.info.wall >= (shot + 1) * budget / shots:
-                shot += 1  # `--snapshots K`: the weights at each K-th of the budget, kept
+            passed = min(shots, int(self.info.wall * shots / budget)) if budget and shots else 0
+            if passed > shot:  # `--snapshots K`: the weights at each K-th of the budget, kept
                 self.save()
                 done = snapshot(self.out)
-                keep = self.out / f"snapshot-{shot}"
-                shutil.rmtree(keep, ignore_errors=True)
-                os.replace(done, keep)
+                for k in range(shot + 1, passed + 1):  # a slow step may pass several marks
+                    keep = self.out / f"snapshot-{k}"
+                    shutil.rmtree(keep, ignore_errors=True)
+                    shutil.copytree(done, keep)
+                shutil.rmtree(done)
+                shot = passed
         bar.close()
         self.save()
         self.model.eval()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..common import image_batch, tokenize
+from ..common import TEXT_MAX_LENGTH, image_batch, tokenize
 from ..data import SceneData, train_caption
 from .arch import (
     SAMPLING_FILE,
@@ -63,14 +63,36 @@ class _Concat:
         return len(self.scenes)
 
 
-def _noise_and_steps(rng, shape, scheduler, device, max_t: int | None = None):
+def _noise_and_steps(
+    rng, shape, scheduler, device, max_t: int | None = None, on_device: bool = False
+):
     """A batch's noise and timesteps (below ``max_t``, default all) for a diffusion loss, drawn
     on the CPU from the step's ``rng`` (so a run sees the same draws on any device), then moved
-    to ``device``."""
-    g = torch.Generator().manual_seed(int(rng.randint(2**31)))
-    noise = torch.randn(shape, generator=g)
-    t = torch.randint(0, max_t or scheduler.config.num_train_timesteps, (shape[0],), generator=g)
+    to ``device``; with ``on_device`` drawn there (`unet --noise-on-device`: a GPU draws a large
+    batch's noise far faster than the CPU, but the draws then depend on the device)."""
+    where = device if on_device else "cpu"
+    g = torch.Generator(device=where).manual_seed(int(rng.randint(2**31)))
+    noise = torch.randn(shape, generator=g, device=where)
+    high = max_t or scheduler.config.num_train_timesteps
+    t = torch.randint(0, high, (shape[0],), generator=g, device=where)
     return noise.to(device), t.to(device)
+
+
+class CaptionIds:
+    """Token ids of captions, each distinct caption tokenized once and kept on ``device``: a
+    data set has far fewer distinct captions than a run draws, and tokenizing a large batch
+    afresh every step costs more than a GPU's training step. The ids are tokenize()'s."""
+
+    def __init__(self, tokenizer, device):
+        self.tokenizer, self.device, self.row = tokenizer, device, {}
+        self.table = torch.zeros(0, TEXT_MAX_LENGTH, dtype=torch.long, device=device)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        new = [t for t in dict.fromkeys(texts) if t not in self.row]
+        if new:
+            self.row.update({t: len(self.row) + k for k, t in enumerate(new)})
+            self.table = torch.cat([self.table, tokenize(self.tokenizer, new).to(self.device)])
+        return self.table[torch.tensor([self.row[t] for t in texts], device=self.device)]
 
 
 def _min_snr_weight(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -165,14 +187,16 @@ def train_unet(args) -> None:
     else:
         text.eval()
 
+    caption_ids = CaptionIds(tok, device)
+
     def loss_fn(step):
         rng = _rng(args, step)
         idx = rng.randint(len(data), size=args.batch_size)
         z0 = z_all[torch.from_numpy(idx).to(device)]
         texts = [train_caption(data.scenes[i], rng, name_small=args.name_small) for i in idx]
         with torch.set_grad_enabled(joint):
-            cond = text(tokenize(tok, texts).to(device))[0]
-        noise, t = _noise_and_steps(rng, z0.shape, sched, device, args.max_t)
+            cond = text(caption_ids(texts))[0]
+        noise, t = _noise_and_steps(rng, z0.shape, sched, device, args.max_t, args.noise_on_device)
         zt = sched.add_noise(z0, noise, t)
         pred = model(zt, t, cond).sample
         target = sched.get_velocity(z0, noise, t) if args.zero_snr else noise
