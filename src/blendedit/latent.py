@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import background as B
+from . import conditioning as C
 from . import masks as M
 from .io import load_image, load_mask, mask_to_tensor, pil_to_tensor, tensor_to_mask, tensor_to_pil
 from .options import (  # noqa: F401 (the options' names, where users import them from)
@@ -64,12 +65,15 @@ def blend(z: torch.Tensor, z_bg: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return m * z + (1 - m) * z_bg
 
 
-def guided_eps(unet, z, t, embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + s (eps_c - eps_u). ``embeds`` is [uncond; cond] when
-    guidance is on (2N rows), else cond only (N rows)."""
+def guided_eps(
+    unet, z, t, embeds: torch.Tensor, guidance_scale: float, added: dict | None = None
+) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + s (eps_c - eps_u). ``embeds`` (and SDXL's ``added``
+    conditioning) are [uncond; cond] when guidance is on (2N rows), else cond only (N rows)."""
+    kw = {} if added is None else {"added_cond_kwargs": added}
     if guidance_scale <= 1.0:
-        return unet(z, t, encoder_hidden_states=embeds).sample
-    out = unet(torch.cat([z, z]), t, encoder_hidden_states=embeds).sample
+        return unet(z, t, encoder_hidden_states=embeds, **kw).sample
+    out = unet(torch.cat([z, z]), t, encoder_hidden_states=embeds, **kw).sample
     eps_u, eps_c = out.chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
 
@@ -118,11 +122,23 @@ class BlendedLatentDiffusionPipeline(OnUNet):
     """
 
     def __init__(
-        self, unet, vae, text_encoder, tokenizer, scheduler, ranker: ClipRanker | None = None
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        ranker: ClipRanker | None = None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        force_zeros_for_empty_prompt: bool = False,
     ):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = scheduler
         self.ranker = ranker
+        # SDXL: the second text encoder, and an empty negative prompt as zeros
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE  # from_pretrained: the model's own
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -153,7 +169,17 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             ranker = ClipRanker.from_pretrained(ranker, local_files_only=local_files_only)
         elif ranker is None and "ranker" in c:
             ranker = builtin_ranker(c["ranker"], c.get("ranker_tokenizer"))
-        pipe = cls(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"], ranker)
+        sdxl = {k: c[k] for k in ("text_encoder_2", "tokenizer_2") if k in c}
+        pipe = cls(
+            c["unet"],
+            c["vae"],
+            c["text_encoder"],
+            c["tokenizer"],
+            c["scheduler"],
+            ranker,
+            force_zeros_for_empty_prompt=c.get("force_zeros_for_empty_prompt", False),
+            **sdxl,
+        )
         pipe.set_scheduler(scheduler)
         pipe.default_guidance_scale = c.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
         return pipe
@@ -180,7 +206,9 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             raise ValueError(f"scheduler: expected one of {SCHEDULERS}, got {name!r}")
 
     def to(self, device=None, dtype=None) -> BlendedLatentDiffusionPipeline:
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if m is None:
+                continue
             same = dtype is None or next(m.parameters()).dtype == dtype
             m.to(device=device) if same else m.to(device=device, dtype=dtype)
         if self.ranker is not None:
@@ -194,29 +222,22 @@ class BlendedLatentDiffusionPipeline(OnUNet):
 
     # -- building blocks ------------------------------------------------------------------
 
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str, n: int, cfg: bool):
         """Text embeddings: [uncond x n; cond x n] with guidance, else cond x n.
 
-        Returns (embeds, truncated) where ``truncated`` says the prompt lost tokens."""
-        max_len = min(
-            self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings
+        Returns (embeds, pooled, truncated): ``pooled`` the same rows of SDXL's pooled
+        embedding (None for SD), ``truncated`` whether the prompt lost tokens."""
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        tokenizers = [self.tokenizer, self.tokenizer_2][: len(encoders)]
+        zeros = self.force_zeros_for_empty_prompt
+        return C.encode_prompt(
+            encoders, tokenizers, prompt, negative_prompt, n, cfg, self.device, zeros
         )
-
-        def embed(text: str):
-            ids = self.tokenizer(
-                [text],
-                padding="max_length",
-                max_length=max_len,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            return self.text_encoder(ids)[0]
-
-        full = len(self.tokenizer(prompt).input_ids)
-        cond = embed(prompt).repeat(n, 1, 1)
-        embeds = torch.cat([embed(negative_prompt).repeat(n, 1, 1), cond]) if cfg else cond
-        return embeds, full > max_len
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,6 +337,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         crop_to_mask: Any = _D.crop_to_mask,
         crop_context: float = _D.crop_context,
         rank_region: str = _D.rank_region,
+        micro_conditioning: str = _D.micro_conditioning,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = False,
     ) -> BlendedLatentDiffusionOutput:
@@ -348,6 +370,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             crop_to_mask=crop_to_mask,
             crop_context=crop_context,
             rank_region=rank_region,
+            micro_conditioning=micro_conditioning,
         )
         # 1. Check inputs
         image, mask_full = self.check_inputs(prompt, image, mask, opts, generator, callback)
@@ -374,9 +397,12 @@ class BlendedLatentDiffusionPipeline(OnUNet):
 
         # 3. Encode the prompt
         cfg = opts.guidance_scale > 1.0
-        embeds, truncated = self.encode_prompt(prompt, opts.negative_prompt, n, cfg)
+        embeds, pooled, truncated = self.encode_prompt(prompt, opts.negative_prompt, n, cfg)
         if truncated:
             warnings.append("prompt: longer than the text encoder's limit; truncated")
+        added = C.added_conditioning(  # SDXL's pooled text and micro-conditioning (SD: None)
+            pooled, opts.micro_conditioning, (H, W), box, tuple(x_pad.shape[-2:])
+        )
 
         # 4. Encode the image: z_src = E(x)
         _sync(device)
@@ -406,7 +432,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         steps = len(timesteps)
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
             z_in = self.scheduler.scale_model_input(z, t)
-            eps = guided_eps(self.unet, z_in, t, embeds, opts.guidance_scale)
+            eps = guided_eps(self.unet, z_in, t, embeds, opts.guidance_scale, added)
             z = self.scheduler.step(eps, t, z).prev_sample
             if i + 1 < steps:
                 bg_noise = (

@@ -136,6 +136,12 @@ def load_sd_components(
         tokenizer=pipe.tokenizer,
         scheduler=pipe.scheduler,
     )
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: its second encoder and rules
+        c.update(
+            text_encoder_2=pipe.text_encoder_2,
+            tokenizer_2=pipe.tokenizer_2,
+            force_zeros_for_empty_prompt=bool(pipe.config.force_zeros_for_empty_prompt),
+        )
     path = Path(spec).expanduser()
     if path.is_dir():
         c.update(read_edit_defaults(path))
@@ -179,6 +185,27 @@ def write_edit_defaults(folder: Path, guidance_scale: float, measured: str) -> N
     (Path(folder) / EDIT_DEFAULTS_FILE).write_text(text + "\n")
 
 
+#: model_index.json class names of the families blendedit takes, and their diffusers class
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+
+
+def _family(folder: Path) -> str:
+    """A pipeline folder's family from its model_index.json (SD unless it names SDXL)."""
+    import json
+
+    try:
+        name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        return "sd"
+    return "sdxl" if "XL" in name else "sd"
+
+
+def _pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
 def _load_pipeline(spec: str, kw: dict, local_files_only, config):
     from diffusers import StableDiffusionPipeline
 
@@ -194,8 +221,11 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
                 f"model: folder {spec!r} lacks the component(s) {', '.join(missing)} that its "
                 "model_index.json lists (no subfolder); copy the complete pipeline folder"
             )
+        family = _family(path)
+        if family == "sdxl":  # it has no safety checker to switch off
+            kw = {k: v for k, v in kw.items() if "safety" not in k}
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kw)
+            pipe = _pipeline_class(family).from_pretrained(str(path), local_files_only=True, **kw)
         except Exception as e:  # diffusers raises several types for a broken folder
             raise ModelNotFoundError(f"model: could not load folder {spec!r}: {e}") from e
     elif path.is_file():

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import background as B
 from . import masks as M
+from .conditioning import MICRO_CONDITIONING
 from .ranking import RANK_REGIONS
 
 SCHEDULERS = ("ddim", "dpm++", "euler")
@@ -101,6 +102,13 @@ class LatentEditOptions:
     crop_context: float = _opt(0.5, "context around the mask in the crop box, x the mask's side")
     rank_region: str = _opt(
         "crop", "what CLIP ranking scores: crop (mask box with context), masked, full", RANK_REGIONS
+    )
+    micro_conditioning: str = _opt(
+        "geometry",
+        "SDXL only: the size and crop numbers the UNet is told; geometry: the edit's own "
+        "(original size = the input image's, crop top-left and target size = the edited "
+        "box's), centred: SDXL's text-to-image defaults (the edited region, uncropped)",
+        MICRO_CONDITIONING,
     )
 
 

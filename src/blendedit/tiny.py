@@ -141,6 +141,61 @@ def build_tiny_components(
     )
 
 
+def build_tiny_sdxl_components(*, seed: int = 0, tokenizer_dir: str | Path | None = None) -> dict:
+    """Components of a random SDXL-shaped pipeline (keys as in diffusers'
+    ``StableDiffusionXLPipeline``): two text encoders (the second with a projection, whose pooled
+    output joins the time embedding with the six micro-conditioning numbers), a UNet with
+    ``addition_embed_type="text_time"``; 64 px native, 8x8x4 latents, for tests."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = build_clip_tokenizer(list(WORDS), tokenizer_dir)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    time_dim, pooled = 8, 32
+    unet = UNet2DConditionModel(
+        **dict(
+            _unet_config("tiny", 4, 8),
+            cross_attention_dim=64,  # the two encoders' hidden states side by side (32 + 32)
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + pooled,
+        )
+    )
+    vae = AutoencoderKL(**dict(_vae_config("tiny", 4, 8), force_upcast=True))
+    text_encoder = CLIPTextModel(_text_config("tiny", 4, len(tokenizer), **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config("tiny", 4, len(tokenizer), **ids))
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        m.eval()
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=EulerDiscreteScheduler(
+            **{
+                k: v
+                for k, v in SD_SCHEDULER.items()
+                if k not in ("clip_sample", "set_alpha_to_one")
+            }
+        ),
+    )
+
+
+def save_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
+    """:func:`build_tiny_sdxl_components` saved as a diffusers SDXL pipeline folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed=seed)).save_pretrained(folder)
+    return Path(folder)
+
+
 def tiny_clip(tokenizer) -> CLIPModel:
     """A tiny random ``CLIPModel`` (32 px images, patch 8) for ``tokenizer``'s vocabulary."""
     ids = dict(

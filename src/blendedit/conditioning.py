@@ -1,0 +1,96 @@
+"""Text conditioning of the UNet, per model family.
+
+- Stable Diffusion 1.x/2.x: the text encoder's last hidden states.
+- SDXL: the penultimate hidden states of both text encoders side by side, the second encoder's
+  pooled (projected) embedding, and six micro-conditioning numbers (original size, crop
+  top-left, target size), which reach the UNet as ``added_cond_kwargs``. An empty negative
+  prompt is zeros where the model's ``force_zeros_for_empty_prompt`` says so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MICRO_CONDITIONING = ("geometry", "centred")
+
+
+def _ids(tokenizer, text: str, max_len: int, device) -> torch.Tensor:
+    return tokenizer(
+        [text], padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+def max_length(tokenizer, text_encoder) -> int:
+    return min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+
+
+def encode_sd(text_encoder, tokenizer, text: str, device) -> torch.Tensor:
+    """(1, L, D): Stable Diffusion's text embedding, the last hidden states."""
+    return text_encoder(_ids(tokenizer, text, max_length(tokenizer, text_encoder), device))[0]
+
+
+def encode_sdxl(encoders, tokenizers, text: str, device):
+    """SDXL's text embedding of ``text``: ((1, L, D1 + D2) penultimate hidden states of both
+    encoders side by side, (1, P) the second encoder's pooled projection)."""
+    states, pooled = [], None
+    for enc, tok in zip(encoders, tokenizers):
+        out = enc(_ids(tok, text, max_length(tok, enc), device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        if getattr(out, "text_embeds", None) is not None:  # the encoder with a projection
+            pooled = out.text_embeds
+    return torch.cat(states, dim=-1), pooled
+
+
+def time_ids(original_hw, crop_top_left, target_hw) -> torch.Tensor:
+    """(1, 6) SDXL micro-conditioning: original (h, w), crop (top, left), target (h, w)."""
+    return torch.tensor([[*original_hw, *crop_top_left, *target_hw]], dtype=torch.float32)
+
+
+def edit_time_ids(mode: str, image_hw, box, region_hw) -> torch.Tensor:
+    """The micro-conditioning of an edit. ``geometry`` (default): the edit's real geometry,
+    original size = the input image's (h, w), crop top-left = the edited box's, target size =
+    the box's; ``centred``: SDXL's text-to-image defaults, original = target = the region the
+    UNet sees (``region_hw``), crop (0, 0)."""
+    if mode not in MICRO_CONDITIONING:
+        raise ValueError(f"micro_conditioning: expected one of {MICRO_CONDITIONING}, got {mode!r}")
+    if mode == "centred":
+        return time_ids(region_hw, (0, 0), region_hw)
+    x0, y0, x1, y1 = box
+    return time_ids(image_hw, (y0, x0), (y1 - y0, x1 - x0))
+
+
+def encode_prompt(encoders, tokenizers, prompt, negative_prompt, n, cfg, device, zeros=False):
+    """The UNet's text conditioning for ``n`` samples: (embeds, pooled, truncated), the rows
+    [uncond x n; cond x n] with classifier-free guidance (``cfg``), else cond x n. One encoder:
+    Stable Diffusion (pooled None); two: SDXL, where ``zeros`` (the model's
+    ``force_zeros_for_empty_prompt``) makes an empty negative prompt zeros."""
+    sdxl = len(encoders) == 2
+
+    def embed(text: str):
+        if sdxl:
+            return encode_sdxl(encoders, tokenizers, text, device)
+        return encode_sd(encoders[0], tokenizers[0], text, device), None
+
+    def rows(x):
+        return None if x is None else x.repeat(n, *[1] * (x.dim() - 1))
+
+    truncated = len(tokenizers[0](prompt).input_ids) > max_length(tokenizers[0], encoders[0])
+    cond, pooled = embed(prompt)
+    if not cfg:
+        return rows(cond), rows(pooled), truncated
+    if sdxl and zeros and not negative_prompt:
+        uncond, pooled_u = torch.zeros_like(cond), torch.zeros_like(pooled)
+    else:
+        uncond, pooled_u = embed(negative_prompt)
+    embeds = torch.cat([rows(uncond), rows(cond)])
+    pooled = None if pooled is None else torch.cat([rows(pooled_u), rows(pooled)])
+    return embeds, pooled, truncated
+
+
+def added_conditioning(pooled, mode: str, image_hw, box, region_hw) -> dict | None:
+    """SDXL's ``added_cond_kwargs`` for an edit: the pooled text and, on every row, the
+    micro-conditioning of :func:`edit_time_ids`; None for Stable Diffusion (no pooled text)."""
+    if pooled is None:
+        return None
+    ids = edit_time_ids(mode, image_hw, box, region_hw).to(pooled.device, pooled.dtype)
+    return dict(text_embeds=pooled, time_ids=ids.repeat(len(pooled), 1))
