@@ -140,3 +140,15 @@ def test_cli_edits_with_an_sdxl_folder_and_ranks(sdxl_folder, tmp_path):
     scores = [r["score"] for r in meta["results"]]
     assert scores == sorted(scores, reverse=True)
     assert meta["options"]["micro_conditioning"] == "geometry"
+
+
+def test_float16_keeps_the_vae_in_float32_where_its_config_says_float16_overflows(sdxl_folder):
+    pipe = BlendedLatentDiffusionPipeline.from_pretrained(str(sdxl_folder)).to(dtype=torch.float16)
+    assert pipe.vae.config.force_upcast and pipe.vae.dtype == torch.float32
+    assert pipe.unet.dtype == torch.float16 and pipe.text_encoder_2.dtype == torch.float16
+    image, mask = _inputs()
+    out = pipe(
+        "a red cat", image, mask, num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert np.array_equal(np.asarray(out.images[0])[~mask], np.asarray(image)[~mask])
+    assert out.latents.dtype == torch.float16 and torch.isfinite(out.latents.float()).all()

@@ -206,11 +206,13 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             raise ValueError(f"scheduler: expected one of {SCHEDULERS}, got {name!r}")
 
     def to(self, device=None, dtype=None) -> BlendedLatentDiffusionPipeline:
+        upcast = self.is_sdxl and getattr(self.vae.config, "force_upcast", False)
         for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             if m is None:
                 continue
-            same = dtype is None or next(m.parameters()).dtype == dtype
-            m.to(device=device) if same else m.to(device=device, dtype=dtype)
+            want = torch.float32 if upcast and m is self.vae and dtype == torch.float16 else dtype
+            same = want is None or next(m.parameters()).dtype == want  # SDXL's VAE: float32,
+            m.to(device=device) if same else m.to(device=device, dtype=want)  # float16 overflows
         if self.ranker is not None:
             self.ranker.to(device=device)
         return self

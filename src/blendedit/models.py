@@ -185,10 +185,6 @@ def write_edit_defaults(folder: Path, guidance_scale: float, measured: str) -> N
     (Path(folder) / EDIT_DEFAULTS_FILE).write_text(text + "\n")
 
 
-#: model_index.json class names of the families blendedit takes, and their diffusers class
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
-
-
 def _family(folder: Path) -> str:
     """A pipeline folder's family from its model_index.json (SD unless it names SDXL)."""
     import json

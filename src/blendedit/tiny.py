@@ -90,6 +90,15 @@ def _vae_config(preset: str, width_div: int, sample_size: int) -> dict:
     )
 
 
+def special_ids(tokenizer) -> dict:
+    """The special token ids a text model's config needs from its tokenizer."""
+    return dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def _text_config(preset: str, width_div: int, vocab_size: int, **kw) -> CLIPTextConfig:
     hidden = 32 if preset == "tiny" else 768 // width_div
     return CLIPTextConfig(
@@ -118,11 +127,7 @@ def build_tiny_components(
         sample_size = 8 if preset == "tiny" else 32
     tokenizer = build_clip_tokenizer(list(WORDS), tokenizer_dir)
     vocab = len(tokenizer)
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    ids = special_ids(tokenizer)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**_unet_config(preset, width_div, sample_size))
     vae = AutoencoderKL(**_vae_config(preset, width_div, sample_size))
@@ -150,11 +155,7 @@ def build_tiny_sdxl_components(*, seed: int = 0, tokenizer_dir: str | Path | Non
     from transformers import CLIPTextModelWithProjection
 
     tokenizer = build_clip_tokenizer(list(WORDS), tokenizer_dir)
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    ids = special_ids(tokenizer)
     torch.manual_seed(seed)
     time_dim, pooled = 8, 32
     unet = UNet2DConditionModel(
@@ -198,11 +199,7 @@ def save_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
 
 def tiny_clip(tokenizer) -> CLIPModel:
     """A tiny random ``CLIPModel`` (32 px images, patch 8) for ``tokenizer``'s vocabulary."""
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    ids = special_ids(tokenizer)
     text_cfg = _text_config("tiny", 4, len(tokenizer), **ids)
     return CLIPModel(
         CLIPConfig(

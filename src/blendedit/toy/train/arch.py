@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ...tiny import SD_SCHEDULER
+from ...tiny import SD_SCHEDULER, special_ids
 from ..common import CLASS_PROMPTS, CLIP_IMAGE_SIZE, CLIP_MEAN, CLIP_STD, TEXT_MAX_LENGTH
 from ..world import COLOURS, PATTERN_WORDS, SHAPES
 
@@ -37,11 +37,7 @@ def clip_vision_config(patch_size: int = 8) -> dict:
 def clip_config(tokenizer, patch_size: int = 8):
     from transformers import CLIPConfig
 
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    ids = special_ids(tokenizer)
     return CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
