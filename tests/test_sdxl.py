@@ -152,3 +152,32 @@ def test_float16_keeps_the_vae_in_float32_where_its_config_says_float16_overflow
     )
     assert np.array_equal(np.asarray(out.images[0])[~mask], np.asarray(image)[~mask])
     assert out.latents.dtype == torch.float16 and torch.isfinite(out.latents.float()).all()
+
+
+def test_an_sdxl_hub_id_in_the_cache_loads_as_sdxl_offline(sdxl_folder, tmp_path):
+    """A hub id is read from the Hugging Face cache (as `hf download` leaves it), offline."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "cache" / "models--someone--tiny-sdxl"
+    shutil.copytree(sdxl_folder, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    image, mask = _inputs()
+    image.save(tmp_path / "in.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    args = ["edit", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"), "--prompt"]
+    args += ["a red cat", "--model", "someone/tiny-sdxl", "--steps", "2", "--quiet"]
+    run = subprocess.run(
+        [sys.executable, "-m", "blendedit", *args, "--out", str(tmp_path / "o")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    meta = json.loads((tmp_path / "o" / "in.json").read_text())
+    assert meta["model"] == "someone/tiny-sdxl" and meta["options"]["micro_conditioning"]

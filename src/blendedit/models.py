@@ -196,6 +196,18 @@ def _family(folder: Path) -> str:
     return "sdxl" if "XL" in name else "sd"
 
 
+def _hub_family(repo_id: str, local_files_only) -> str:
+    """A hub repository's family from its model_index.json (from the cache offline); SD when
+    it cannot be read (loading it then says why)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        index = hf_hub_download(repo_id, "model_index.json", local_files_only=local_files_only)
+    except Exception:  # not cached, offline, no such repository: the load reports it
+        return "sd"
+    return _family(Path(index).parent)
+
+
 def _pipeline_class(family: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -241,8 +253,11 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
     elif _looks_like_path(spec):
         raise ModelNotFoundError(f"model: no such file or folder: {spec!r}")
     else:
+        family = _hub_family(spec, local_files_only)
+        if family == "sdxl":
+            kw = {k: v for k, v in kw.items() if "safety" not in k}
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = _pipeline_class(family).from_pretrained(
                 spec, local_files_only=local_files_only, **kw
             )
         except Exception as e:
