@@ -181,3 +181,31 @@ def test_an_sdxl_hub_id_in_the_cache_loads_as_sdxl_offline(sdxl_folder, tmp_path
     assert run.returncode == 0, run.stderr[-2000:]
     meta = json.loads((tmp_path / "o" / "in.json").read_text())
     assert meta["model"] == "someone/tiny-sdxl" and meta["options"]["micro_conditioning"]
+
+
+def test_the_sdxl_shaped_preset_has_sdxls_layout_and_edits():
+    from blendedit.tiny import build_tiny_sdxl_components
+
+    c = build_tiny_sdxl_components("sdxl-shaped", width_div=32, sample_size=8)
+    cfg = c["unet"].config
+    assert list(cfg.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D"] + [
+        "CrossAttnDownBlock2D"
+    ]
+    assert list(cfg.transformer_layers_per_block) == [1, 2, 10]
+    assert cfg.cross_attention_dim == 768 // 32 + 1280 // 32  # both encoders side by side
+    pipe = BlendedLatentDiffusionPipeline(
+        c["unet"],
+        c["vae"],
+        c["text_encoder"],
+        c["tokenizer"],
+        c["scheduler"],
+        text_encoder_2=c["text_encoder_2"],
+        tokenizer_2=c["tokenizer_2"],
+    )
+    image, mask = _inputs(64, 64)
+    out = pipe(
+        "a red cat", image, mask, num_inference_steps=1, generator=torch.Generator().manual_seed(0)
+    )
+    assert np.array_equal(np.asarray(out.images[0])[~mask], np.asarray(image)[~mask])
+    with pytest.raises(ValueError, match="preset"):
+        build_tiny_sdxl_components("huge")

@@ -146,30 +146,69 @@ def build_tiny_components(
     )
 
 
-def build_tiny_sdxl_components(*, seed: int = 0, tokenizer_dir: str | Path | None = None) -> dict:
+def build_tiny_sdxl_components(
+    preset: str = "tiny",
+    *,
+    seed: int = 0,
+    width_div: int = 8,
+    sample_size: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> dict:
     """Components of a random SDXL-shaped pipeline (keys as in diffusers'
     ``StableDiffusionXLPipeline``): two text encoders (the second with a projection, whose pooled
     output joins the time embedding with the six micro-conditioning numbers), a UNet with
-    ``addition_embed_type="text_time"``; 64 px native, 8x8x4 latents, for tests."""
+    ``addition_embed_type="text_time"``. ``tiny``: 64 px native, 8x8x4 latents, for tests;
+    ``sdxl-shaped``: SDXL's block layout (no attention at the top level, 1, 2 and 10 transformer
+    layers below) with channels divided by ``width_div``, for speed benchmarks."""
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTextModelWithProjection
 
     tokenizer = build_clip_tokenizer(list(WORDS), tokenizer_dir)
     ids = special_ids(tokenizer)
     torch.manual_seed(seed)
-    time_dim, pooled = 8, 32
+    if preset == "tiny":
+        sample_size = sample_size or 8
+        hidden, hidden_2, time_dim = 32, 32, 8
+        layout = _unet_config("tiny", 4, sample_size)
+    elif preset == "sdxl-shaped":
+        sample_size = sample_size or 32
+        hidden, hidden_2, time_dim = 768 // width_div, 1280 // width_div, 256 // width_div
+        ch = [c // width_div for c in (320, 640, 1280)]
+        layout = dict(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=ch,
+            norm_num_groups=_groups(ch),
+            attention_head_dim=(5, 10, 20),  # heads, as SDXL's config names them
+            transformer_layers_per_block=(1, 2, 10),
+            use_linear_projection=True,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        )
+    else:
+        raise ValueError(f"preset: expected 'tiny' or 'sdxl-shaped', got {preset!r}")
     unet = UNet2DConditionModel(
         **dict(
-            _unet_config("tiny", 4, 8),
-            cross_attention_dim=64,  # the two encoders' hidden states side by side (32 + 32)
+            layout,
+            cross_attention_dim=hidden + hidden_2,  # both encoders' states side by side
             addition_embed_type="text_time",
             addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=6 * time_dim + pooled,
+            projection_class_embeddings_input_dim=6 * time_dim + hidden_2,
         )
     )
-    vae = AutoencoderKL(**dict(_vae_config("tiny", 4, 8), force_upcast=True))
-    text_encoder = CLIPTextModel(_text_config("tiny", 4, len(tokenizer), **ids))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config("tiny", 4, len(tokenizer), **ids))
+    vae_preset = "tiny" if preset == "tiny" else "sd-shaped"
+    vae = AutoencoderKL(**dict(_vae_config(vae_preset, width_div, sample_size), force_upcast=True))
+    base = _text_config("tiny" if preset == "tiny" else "sd-shaped", 1, len(tokenizer), **ids)
+
+    def text_config(h: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            **dict(base.to_dict(), hidden_size=h, intermediate_size=4 * h, projection_dim=h)
+        )
+
+    text_encoder = CLIPTextModel(text_config(hidden))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden_2))
     for m in (unet, vae, text_encoder, text_encoder_2):
         m.eval()
     return dict(
