@@ -120,7 +120,8 @@ def load_sd_components(
     ``spec``: a built-in name (``toy``: the shipped Shapes World model; ``tiny-random``), a
     local diffusers folder (with ``model_index.json``), a single ``.safetensors``/``.ckpt``
     file (``config``: the diffusers folder or hub id describing its architecture, needed
-    offline), or a hub id (SD 1.x/2.x).
+    offline), or a hub id (SD 1.x/2.x, SDXL; the family from its ``model_index.json``). SDXL
+    adds ``text_encoder_2``, ``tokenizer_2`` and ``force_zeros_for_empty_prompt``.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model: expected a model name, folder, file or hub id, got {spec!r}")
@@ -208,10 +209,17 @@ def _hub_family(repo_id: str, local_files_only) -> str:
     return _family(Path(index).parent)
 
 
-def _pipeline_class(family: str):
+def _from_pretrained(family: str, source: str, kw: dict, local_files_only):
+    """The family's diffusers pipeline from a folder or hub id (SDXL has no safety checker to
+    switch off)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    if family == "sdxl":
+        kw = {k: v for k, v in kw.items() if "safety" not in k}
+        return StableDiffusionXLPipeline.from_pretrained(
+            source, local_files_only=local_files_only, **kw
+        )
+    return StableDiffusionPipeline.from_pretrained(source, local_files_only=local_files_only, **kw)
 
 
 def _load_pipeline(spec: str, kw: dict, local_files_only, config):
@@ -229,11 +237,8 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
                 f"model: folder {spec!r} lacks the component(s) {', '.join(missing)} that its "
                 "model_index.json lists (no subfolder); copy the complete pipeline folder"
             )
-        family = _family(path)
-        if family == "sdxl":  # it has no safety checker to switch off
-            kw = {k: v for k, v in kw.items() if "safety" not in k}
         try:
-            pipe = _pipeline_class(family).from_pretrained(str(path), local_files_only=True, **kw)
+            pipe = _from_pretrained(_family(path), str(path), kw, True)
         except Exception as e:  # diffusers raises several types for a broken folder
             raise ModelNotFoundError(f"model: could not load folder {spec!r}: {e}") from e
     elif path.is_file():
@@ -253,13 +258,8 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
     elif _looks_like_path(spec):
         raise ModelNotFoundError(f"model: no such file or folder: {spec!r}")
     else:
-        family = _hub_family(spec, local_files_only)
-        if family == "sdxl":
-            kw = {k: v for k, v in kw.items() if "safety" not in k}
         try:
-            pipe = _pipeline_class(family).from_pretrained(
-                spec, local_files_only=local_files_only, **kw
-            )
+            pipe = _from_pretrained(_hub_family(spec, local_files_only), spec, kw, local_files_only)
         except Exception as e:
             builtin = ", ".join(sorted(BUILTIN_MODELS))
             raise ModelNotFoundError(
