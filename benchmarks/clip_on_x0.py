@@ -8,7 +8,9 @@ t = 250, 500 and 750 of 1000 (the same noise for every t), with colour, shape an
 accuracy; and, beside it, whether the pixel judge still reads the true object in x̂0 (upsampled
 to 128 px), which says how much shape x̂0 holds at all.
 
-    python benchmarks/clip_on_x0.py [--n 300] [--out benchmarks/results/clip_on_x0]
+    python benchmarks/clip_on_x0.py [--n 300] [--clip FOLDER] [--out benchmarks/results/clip_on_x0]
+
+``--clip``: another CLIP in place of the shipped one (e.g. a `train-toy guide-clip` run's model/).
 """
 
 from __future__ import annotations
@@ -79,10 +81,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--clip", default=None, help="CLIP folder (default: the shipped one)")
     p.add_argument("--out", default="benchmarks/results/clip_on_x0")
     args = p.parse_args(argv)
     t0 = time.time()
-    pipe = BlendedDiffusionPipeline.from_pretrained("toy")
+    pipe = BlendedDiffusionPipeline.from_pretrained("toy", clip=args.clip)
     size = pipe.native_size
     x, labels = renders(args.n, args.seed, size)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(args.seed))
@@ -103,12 +106,18 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(n=args.n, seed=args.seed, size=size, seconds=round(time.time() - t0, 1))
+    meta = dict(
+        n=args.n, seed=args.seed, size=size, clip=args.clip, seconds=round(time.time() - t0, 1)
+    )
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     lines = [
-        "# The guidance CLIP on the pixel model's x̂0 (issue 31, before)",
+        "# The guidance CLIP on the pixel model's x̂0 (issue 31)",
         "",
-        f"`python benchmarks/clip_on_x0.py --n {args.n}`: the shipped CLIP's zero-shot choice "
+        f"`python benchmarks/clip_on_x0.py --n {args.n}"
+        + (f" --clip {args.clip}" if args.clip else "")
+        + "`: the "
+        + (f"CLIP {args.clip}'s" if args.clip else "shipped CLIP's")
+        + " zero-shot choice "
         f"among the 30 'a {{colour}} {{shape}}' prompts on {args.n} one-object {size} px "
         "renders (colours and shapes cycled), clean (t = 0) and as the shipped pixel model's "
         "x̂0 from step t of 1000 (one step, the same noise at every t); and whether the pixel "

@@ -585,9 +585,7 @@ def model_folder_missing_component(c):
 
 @case
 def model_bad_defaults_file(c):
-    folder, q = c.d / "sd", c.pipe
-    parts = dict(unet=q.unet, vae=q.vae, text_encoder=q.text_encoder, tokenizer=q.tokenizer)
-    save_sd_folder(folder, **parts, scheduler=q.scheduler)
+    folder = _sd_folder(c)
     (folder / "blendedit.json").write_text('{"guidance_scale": "strong"}')
     return _model_case(c, str(folder))
 
@@ -601,6 +599,44 @@ def model_not_a_checkpoint(c):
 def model_corrupt_safetensors(c):
     rng = np.random.RandomState(1)
     return _model_case(c, str(c.write("model.safetensors", rng.bytes(4096))))
+
+
+def _sd_folder(c) -> Path:
+    folder, q = c.d / "sd", c.pipe
+    parts = dict(unet=q.unet, vae=q.vae, text_encoder=q.text_encoder, tokenizer=q.tokenizer)
+    save_sd_folder(folder, **parts, scheduler=q.scheduler)
+    return folder
+
+
+@case
+def model_sdxl_file_sd_config(c):
+    from blendedit.ldm_format import save_single_file
+    from blendedit.tiny import build_tiny_sdxl_components
+
+    f = save_single_file(build_tiny_sdxl_components(), c.d / "xl.safetensors")
+    sd = _sd_folder(c)
+    lib = lambda: BlendedLatentDiffusionPipeline.from_pretrained(str(f), config=str(sd))  # noqa: E731
+    return Case(c.argv(c.image(), c.mask(), "--config", str(sd), model=str(f)), lib)
+
+
+@case
+def refiner_not_sdxl(c):
+    from blendedit.tiny import save_tiny_sdxl
+
+    base, sd = save_tiny_sdxl(c.d / "xl"), _sd_folder(c)
+    lib = lambda: BlendedLatentDiffusionPipeline.from_pretrained(str(base), refiner=str(sd))  # noqa: E731
+    return Case(c.argv(c.image(), c.mask(), "--refiner", str(sd), model=str(base)), lib)
+
+
+@case
+def vae_other_latent_size(c):
+    from diffusers import AutoencoderKL
+
+    cfg = {k: v for k, v in c.pipe.vae.config.items() if not k.startswith("_")}
+    AutoencoderKL(**dict(cfg, latent_channels=8)).save_pretrained(c.d / "vae8")
+    vae = str(c.d / "vae8")
+    lib = lambda: BlendedLatentDiffusionPipeline.from_pretrained("tiny-random", vae=vae)  # noqa: E731
+    return Case(c.argv(c.image(), c.mask(), "--vae", vae), lib)
 
 
 class _RunsCode:

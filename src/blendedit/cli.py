@@ -272,6 +272,16 @@ def _add_common(
         "giving its architecture (needed offline)",
     )
     p.add_argument(
+        "--vae",
+        help="latent method: another VAE (AutoencoderKL folder or hub id) in place of the "
+        "model's, e.g. an fp16-safe SDXL VAE; its latents must be the model's",
+    )
+    p.add_argument(
+        "--refiner",
+        help="latent method, SDXL: a refiner (diffusers folder or hub id) whose UNet runs the "
+        "last --refiner-fraction of the steps",
+    )
+    p.add_argument(
         "--scheduler", default="ddim", choices=SCHEDULERS, help="sampler (default: ddim)"
     )
     p.add_argument(
@@ -503,6 +513,8 @@ def model_spec(args) -> ModelSpec:
         model=args.model,
         method=args.method,
         config=args.config,
+        vae=args.vae,
+        refiner=args.refiner,
         scheduler=args.scheduler,
         rank_model=args.rank_model,
         device=args.device,

@@ -59,12 +59,15 @@ def edit_time_ids(mode: str, image_hw, box, region_hw) -> torch.Tensor:
     return time_ids(image_hw, (y0, x0), (y1 - y0, x1 - x0))
 
 
-def encode_prompt(encoders, tokenizers, prompt, negative_prompt, n, cfg, device, zeros=False):
+def encode_prompt(
+    encoders, tokenizers, prompt, negative_prompt, n, cfg, device, zeros=False, sdxl=None
+):
     """The UNet's text conditioning for ``n`` samples: (embeds, pooled, truncated), the rows
     [uncond x n; cond x n] with classifier-free guidance (``cfg``), else cond x n. One encoder:
     Stable Diffusion (pooled None); two: SDXL, where ``zeros`` (the model's
-    ``force_zeros_for_empty_prompt``) makes an empty negative prompt zeros."""
-    sdxl = len(encoders) == 2
+    ``force_zeros_for_empty_prompt``) makes an empty negative prompt zeros. ``sdxl=True`` with
+    one encoder: the SDXL refiner (its second encoder only)."""
+    sdxl = len(encoders) == 2 if sdxl is None else sdxl
 
     def embed(text: str):
         if sdxl:
@@ -87,10 +90,53 @@ def encode_prompt(encoders, tokenizers, prompt, negative_prompt, n, cfg, device,
     return embeds, pooled, truncated
 
 
-def added_conditioning(pooled, mode: str, image_hw, box, region_hw) -> dict | None:
+#: The SDXL refiner's aesthetic score for the prompt's rows and the negative ones (its
+#: training's and diffusers' defaults).
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
+
+
+def added_conditioning(
+    pooled, mode: str, image_hw, box, region_hw, aesthetic: bool = False, cfg: bool = False
+) -> dict | None:
     """SDXL's ``added_cond_kwargs`` for an edit: the pooled text and, on every row, the
-    micro-conditioning of :func:`edit_time_ids`; None for Stable Diffusion (no pooled text)."""
+    micro-conditioning of :func:`edit_time_ids`; None for Stable Diffusion (no pooled text).
+    ``aesthetic`` (the refiner): five numbers, original size, crop top-left and an aesthetic
+    score in place of the target size, the negative score on the unconditional rows (``cfg``:
+    the first half)."""
     if pooled is None:
         return None
     ids = edit_time_ids(mode, image_hw, box, region_hw).to(pooled.device, pooled.dtype)
-    return dict(text_embeds=pooled, time_ids=ids.repeat(len(pooled), 1))
+    ids = ids.repeat(len(pooled), 1)
+    if aesthetic:
+        score = torch.full((len(pooled), 1), AESTHETIC_SCORE).to(ids)
+        if cfg:
+            score[: len(pooled) // 2] = NEGATIVE_AESTHETIC_SCORE
+        ids = torch.cat([ids[:, :4], score], dim=1)
+    return dict(text_embeds=pooled, time_ids=ids)
+
+
+def refiner_conditioning(refiner: dict, prompt: str, opts, n: int, cfg: bool, geometry):
+    """(unet, embeds, added_cond_kwargs) of an SDXL refiner (``models.load_refiner``'s parts)
+    for an edit: its own text encoders (the refiner has only SDXL's second), the same
+    micro-conditioning ``geometry`` (mode, image (h, w), box, region (h, w)) and, where the
+    refiner was trained with one, an aesthetic score in place of the target size."""
+    pairs = [
+        (refiner[e], refiner[t])
+        for e, t in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+        if refiner[e] is not None
+    ]
+    device = next(refiner["unet"].parameters()).device
+    with torch.no_grad():
+        embeds, pooled, _ = encode_prompt(
+            [e for e, _ in pairs],
+            [t for _, t in pairs],
+            prompt,
+            opts.negative_prompt,
+            n,
+            cfg,
+            device,
+            refiner["force_zeros"],
+            sdxl=True,
+        )
+    added = added_conditioning(pooled, *geometry, aesthetic=refiner["aesthetic"], cfg=cfg)
+    return refiner["unet"], embeds, added

@@ -6,13 +6,11 @@ Notation follows the paper and DESIGN.md: ``x`` image, ``m`` mask (1 = edit), ``
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -21,7 +19,8 @@ from tqdm.auto import tqdm
 from . import background as B
 from . import conditioning as C
 from . import masks as M
-from .io import load_image, load_mask, mask_to_tensor, pil_to_tensor, tensor_to_mask, tensor_to_pil
+from .checks import _as_mask, _as_pil, _check_float, _check_int, check_generator, check_prompt
+from .io import mask_to_tensor, pil_to_tensor, tensor_to_mask, tensor_to_pil
 from .options import (  # noqa: F401 (the options' names, where users import them from)
     _D,
     BACKGROUND_NOISE_MODES,
@@ -140,6 +139,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE  # from_pretrained: the model's own
+        self.refiner: dict | None = None  # SDXL: models.load_refiner's parts
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # -- construction ---------------------------------------------------------------------
@@ -154,17 +154,24 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         torch_dtype=None,
         local_files_only: bool | None = None,
         config: str | None = None,
+        vae: str | None = None,
+        refiner: str | None = None,
     ) -> BlendedLatentDiffusionPipeline:
         """Load from a built-in name, a diffusers folder, a single checkpoint file or a hub id.
 
         ``ranker``: a CLIP folder/hub id or a :class:`ClipRanker` for best-first ranking; built-in
-        models bring their own. See :func:`blendedit.models.load_sd_components`.
+        models bring their own. ``vae``: another VAE (an ``AutoencoderKL`` folder or hub id, e.g.
+        an fp16-safe one for SDXL) in place of the model's. ``refiner``: an SDXL refiner (folder
+        or hub id) whose UNet runs the last ``refiner_fraction`` of the steps. See
+        :func:`blendedit.models.load_sd_components`.
         """
-        from .models import load_sd_components
+        from .models import load_refiner, load_sd_components, load_vae
 
         c = load_sd_components(
             spec, torch_dtype=torch_dtype, local_files_only=local_files_only, config=config
         )
+        if vae is not None:
+            c["vae"] = load_vae(vae, c["unet"], c["vae"], torch_dtype, local_files_only)
         if isinstance(ranker, str):
             ranker = ClipRanker.from_pretrained(ranker, local_files_only=local_files_only)
         elif ranker is None and "ranker" in c:
@@ -180,6 +187,11 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             force_zeros_for_empty_prompt=c.get("force_zeros_for_empty_prompt", False),
             **sdxl,
         )
+        if refiner is not None:
+            sdxl_base = "text_encoder_2" in c
+            pipe.refiner = load_refiner(
+                refiner, c["unet"], sdxl_base, torch_dtype, local_files_only
+            )
         pipe.set_scheduler(scheduler)
         pipe.default_guidance_scale = c.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
         return pipe
@@ -207,7 +219,12 @@ class BlendedLatentDiffusionPipeline(OnUNet):
 
     def to(self, device=None, dtype=None) -> BlendedLatentDiffusionPipeline:
         upcast = self.is_sdxl and getattr(self.vae.config, "force_upcast", False)
-        for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+        extra = (
+            [self.refiner[k] for k in ("unet", "text_encoder", "text_encoder_2")]
+            if (self.refiner)
+            else []
+        )
+        for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, *extra):
             if m is None:
                 continue
             want = torch.float32 if upcast and m is self.vae and dtype == torch.float16 else dtype
@@ -277,6 +294,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         _check_int("feather", opts.feather, 0, 1024)
         _check_float("guidance_scale", self.guidance_or_default(opts.guidance_scale), 0.0, 1000.0)
         _check_float("crop_context", opts.crop_context, 0.0, 100.0)
+        _check_float("refiner_fraction", opts.refiner_fraction, 0.0, 1.0)
         _check_float("strength", opts.strength, 0.0, 1.0, low_open=True)
         if int(opts.num_inference_steps * opts.strength) < 1:
             raise ValueError(
@@ -340,6 +358,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         crop_context: float = _D.crop_context,
         rank_region: str = _D.rank_region,
         micro_conditioning: str = _D.micro_conditioning,
+        refiner_fraction: float = _D.refiner_fraction,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = False,
     ) -> BlendedLatentDiffusionOutput:
@@ -373,6 +392,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             crop_context=crop_context,
             rank_region=rank_region,
             micro_conditioning=micro_conditioning,
+            refiner_fraction=refiner_fraction,
         )
         # 1. Check inputs
         image, mask_full = self.check_inputs(prompt, image, mask, opts, generator, callback)
@@ -402,9 +422,11 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         embeds, pooled, truncated = self.encode_prompt(prompt, opts.negative_prompt, n, cfg)
         if truncated:
             warnings.append("prompt: longer than the text encoder's limit; truncated")
-        added = C.added_conditioning(  # SDXL's pooled text and micro-conditioning (SD: None)
-            pooled, opts.micro_conditioning, (H, W), box, tuple(x_pad.shape[-2:])
-        )
+        geometry = (opts.micro_conditioning, (H, W), box, tuple(x_pad.shape[-2:]))
+        added = C.added_conditioning(pooled, *geometry)  # SDXL's pooled text, micro-cond.
+        models = [(self.unet, embeds, added)]  # the last steps on the refiner's, if any
+        if self.refiner is not None:
+            models.append(C.refiner_conditioning(self.refiner, prompt, opts, n, cfg, geometry))
 
         # 4. Encode the image: z_src = E(x)
         _sync(device)
@@ -432,9 +454,11 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         # 7. Denoise, blending after every step with the background at the same noise level
         t0 = time.perf_counter()
         steps = len(timesteps)
+        switch = steps - round(steps * refiner_fraction) if self.refiner else steps
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
             z_in = self.scheduler.scale_model_input(z, t)
-            eps = guided_eps(self.unet, z_in, t, embeds, opts.guidance_scale, added)
+            unet, emb, add = models[int(i >= switch)]
+            eps = guided_eps(unet, z_in, t, emb, opts.guidance_scale, add)
             z = self.scheduler.step(eps, t, z).prev_sample
             if i + 1 < steps:
                 bg_noise = (
@@ -613,80 +637,3 @@ def _reordered(info, order):
     if info is not None:
         info.losses = [info.losses[k] for k in order]
     return info
-
-
-# --- argument checks ---------------------------------------------------------------------------
-
-
-def check_prompt(prompt) -> None:
-    """A prompt is a string with something in it."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
-    if not prompt.strip():
-        raise ValueError(
-            "prompt: is empty; say what the masked region should show (e.g. 'a red ball')"
-        )
-
-
-def check_generator(generator, n: int, what: str) -> None:
-    """``generator``: None, one ``torch.Generator``, or a list of ``n`` (``what`` names n)."""
-    if isinstance(generator, list):
-        if len(generator) != n or not all(isinstance(g, torch.Generator) for g in generator):
-            raise ValueError(
-                f"generator: a list must hold {what} torch.Generator objects, got "
-                f"{len(generator)} items"
-            )
-    elif generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
-
-
-def _check_int(name: str, v, lo: int, hi: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
-        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}")
-
-
-def _check_float(name: str, v, lo: float, hi: float, low_open: bool = False) -> None:
-    ok = isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)
-    ok = ok and math.isfinite(v) and (lo < v if low_open else lo <= v) and v <= hi
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name}: expected a number in {bracket}{lo}, {hi}], got {v!r}")
-
-
-def _as_pil(image, name: str) -> Image.Image:
-    if isinstance(image, torch.Tensor):
-        t = image.detach().float().cpu()
-        if t.ndim == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.ndim != 3 or t.shape[0] != 3:
-            raise ValueError(
-                f"{name}: tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}"
-            )
-        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
-            raise ValueError(f"{name}: tensor values must be finite and in [0, 1]")
-        return tensor_to_pil(t[None])[0]
-    return load_image(image)
-
-
-def _as_mask(mask, image: Image.Image) -> torch.Tensor:
-    """Mask as (1, 1, H, W) float in [0, 1]; same size as the image; not empty."""
-    if isinstance(mask, torch.Tensor):
-        t = mask.detach().float().cpu()
-        while t.ndim > 2 and t.shape[0] == 1:
-            t = t[0]
-        if t.ndim != 2:
-            raise ValueError(
-                f"mask: tensor must be (H, W) or (1, 1, H, W), got {tuple(mask.shape)}"
-            )
-        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
-            raise ValueError("mask: tensor values must be finite and in [0, 1]")
-        if (t.shape[1], t.shape[0]) != image.size:
-            raise ValueError(
-                f"mask: size {t.shape[1]}x{t.shape[0]} differs from the image's "
-                f"{image.width}x{image.height}"
-            )
-        if not (t > 0).any():
-            raise ValueError("mask: the mask is empty (no pixel to edit)")
-        return t[None, None]
-    m = load_mask(mask, image=image, threshold=None)
-    return mask_to_tensor(m)

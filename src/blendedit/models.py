@@ -149,6 +149,97 @@ def load_sd_components(
     return c
 
 
+def load_vae(spec: str, unet, own_vae, torch_dtype=None, local_files_only=None):
+    """An ``AutoencoderKL`` from a folder (the VAE's own, or a pipeline folder with ``vae/``)
+    or hub id, to replace ``own_vae``; a :class:`ModelNotFoundError` when it cannot be loaded
+    or when its latents are not the ones ``unet`` takes (channels, or downscale factor)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(spec).expanduser()
+    sub = "vae" if path.is_dir() and (path / "vae" / "config.json").is_file() else None
+    if _looks_like_path(spec) and not path.is_dir():
+        raise ModelNotFoundError(f"vae: no such folder: {spec!r}")
+    try:
+        with quiet_transformers():
+            vae = AutoencoderKL.from_pretrained(
+                str(path) if path.is_dir() else spec,
+                subfolder=sub,
+                local_files_only=True if path.is_dir() else local_files_only,
+                **dtype_kwargs(torch_dtype),
+            )
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"vae: cannot load {spec!r} as an AutoencoderKL folder or hub id "
+            f"({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
+    got, want = vae.config.latent_channels, unet.config.in_channels
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    own = 2 ** (len(own_vae.config.block_out_channels) - 1)
+    if got != want or factor != own:
+        raise ModelNotFoundError(
+            f"vae: {spec!r} makes {got}-channel latents at 1/{factor} of the image, but the "
+            f"model's UNet takes {want}-channel latents at 1/{own}: pass a VAE of this model's "
+            "family (for SDXL, e.g. an fp16-fixed SDXL VAE)"
+        )
+    return vae
+
+
+def load_refiner(spec: str, base_unet, base_is_sdxl: bool, torch_dtype=None, local_files_only=None):
+    """An SDXL refiner's parts (``unet``, its text encoders and tokenizers, ``aesthetic``,
+    ``force_zeros``) from a diffusers folder or hub id; a :class:`ModelNotFoundError` for
+    anything that is not an SDXL refiner or base taking ``base_unet``'s latents, or a base
+    model that is not SDXL."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    if not base_is_sdxl:
+        raise ModelNotFoundError(
+            "refiner: a refiner follows an SDXL base model, and --model is a Stable Diffusion "
+            "1.x/2.x one; drop --refiner or pass an SDXL --model"
+        )
+    path = Path(spec).expanduser()
+    if _looks_like_path(spec) and not path.is_dir():
+        raise ModelNotFoundError(f"refiner: no such folder: {spec!r} (a diffusers folder)")
+    family = _family(path) if path.is_dir() else _hub_family(spec, local_files_only, None)
+    if family == "sd":
+        raise ModelNotFoundError(
+            f"refiner: {spec!r} is {FAMILY_NAMES['sd']} pipeline, not an SDXL refiner "
+            "(e.g. stabilityai/stable-diffusion-xl-refiner-1.0)"
+        )
+    try:
+        with quiet_transformers():
+            pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                str(path) if path.is_dir() else spec,
+                local_files_only=True if path.is_dir() else local_files_only,
+                **dtype_kwargs(torch_dtype),
+            )
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"refiner: cannot load {spec!r} as an SDXL refiner folder or hub id "
+            f"({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
+    unet = pipe.unet
+    if getattr(unet.config, "addition_embed_type", None) != "text_time" or (
+        pipe.text_encoder_2 is None
+    ):
+        raise ModelNotFoundError(
+            f"refiner: {spec!r} is not an SDXL refiner (its UNet takes no SDXL conditioning)"
+        )
+    if unet.config.in_channels != base_unet.config.in_channels:
+        raise ModelNotFoundError(
+            f"refiner: {spec!r} takes {unet.config.in_channels}-channel latents, the base model "
+            f"{base_unet.config.in_channels}"
+        )
+    return dict(
+        unet=unet,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer if pipe.text_encoder is not None else None,
+        text_encoder_2=pipe.text_encoder_2,
+        tokenizer_2=pipe.tokenizer_2,
+        aesthetic=bool(pipe.config.requires_aesthetics_score),
+        force_zeros=bool(pipe.config.force_zeros_for_empty_prompt),
+    )
+
+
 #: A file beside ``model_index.json`` with the edit defaults measured best for that model.
 EDIT_DEFAULTS_FILE = "blendedit.json"
 
@@ -197,7 +288,7 @@ def _family(folder: Path) -> str:
     return "sdxl" if "XL" in name else "sd"
 
 
-def _hub_family(repo_id: str, local_files_only) -> str:
+def _hub_family(repo_id: str, local_files_only, default: str | None = "sd") -> str | None:
     """A hub repository's family from its model_index.json (from the cache offline); SD when
     it cannot be read (loading it then says why)."""
     from huggingface_hub import hf_hub_download
@@ -205,7 +296,7 @@ def _hub_family(repo_id: str, local_files_only) -> str:
     try:
         index = hf_hub_download(repo_id, "model_index.json", local_files_only=local_files_only)
     except Exception:  # not cached, offline, no such repository: the load reports it
-        return "sd"
+        return default
     return _family(Path(index).parent)
 
 
@@ -222,8 +313,51 @@ def _from_pretrained(family: str, source: str, kw: dict, local_files_only):
     return StableDiffusionPipeline.from_pretrained(source, local_files_only=local_files_only, **kw)
 
 
+FAMILY_NAMES = {"sd": "a Stable Diffusion 1.x/2.x", "sdxl": "an SDXL"}  # with the article
+
+
+def _checkpoint_family(path: Path) -> str | None:
+    """A ``.safetensors`` checkpoint's family from its tensor names (SDXL's text encoders sit
+    under ``conditioner.embedders``, SD's under ``cond_stage_model``); None when the names do
+    not say (other formats are not opened here)."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # not a safetensors file: loading it says so
+        return None
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.") for k in keys):
+        return "sd"
+    return None
+
+
+def _single_file_family(path: Path, config, local_files_only) -> str:
+    """The family of a single-file checkpoint, from its names and its ``config``; a
+    :class:`ModelNotFoundError` when the two disagree (an SDXL file with an SD config)."""
+    found = _checkpoint_family(path)
+    wanted = None
+    if config:
+        cfg = Path(config).expanduser()
+        if cfg.is_dir():
+            wanted = _family(cfg)
+        elif not _looks_like_path(config):
+            wanted = _hub_family(config, local_files_only, default=None)
+    if found and wanted and found != wanted:
+        raise ModelNotFoundError(
+            f"model: {str(path)!r} is {FAMILY_NAMES[found]} checkpoint but --config "
+            f"{config!r} describes {FAMILY_NAMES[wanted]} pipeline; pass the config "
+            "(diffusers folder or hub id) of the model it was saved from"
+        )
+    return found or wanted or "sd"
+
+
 def _load_pipeline(spec: str, kw: dict, local_files_only, config):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -246,9 +380,14 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
             raise ModelNotFoundError(
                 f"model: {spec!r} is not a checkpoint (expected one of {SINGLE_FILE_SUFFIXES})"
             )
+        family = _single_file_family(path, config, local_files_only)
+        cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+        if family == "sdxl":
+            kw = {k: v for k, v in kw.items() if "safety" not in k}
         try:  # diffusers loads .ckpt with torch.load(weights_only=True): no pickle code runs
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=config, local_files_only=local_files_only, **kw
+            local = bool(config) and Path(config).expanduser().is_dir()  # no hub look-up
+            pipe = cls.from_single_file(
+                str(path), config=config, local_files_only=local or local_files_only, **kw
             )
         except Exception as e:
             raise ModelNotFoundError(

@@ -103,6 +103,11 @@ class LatentEditOptions:
     rank_region: str = _opt(
         "crop", "what CLIP ranking scores: crop (mask box with context), masked, full", RANK_REGIONS
     )
+    refiner_fraction: float = _opt(
+        0.2,
+        "with an SDXL refiner: the share of the steps, the last ones, that run on the "
+        "refiner's UNet (blended the same way)",
+    )
     micro_conditioning: str = _opt(
         "geometry",
         "SDXL only: the size and crop numbers the UNet is told; geometry: the edit's own "

@@ -30,17 +30,9 @@ from tqdm.auto import tqdm
 from . import background as B
 from . import guidance as G
 from . import masks as M
+from .checks import _as_mask, _as_pil, _check_float, _check_int, check_generator, check_prompt
 from .io import pil_to_tensor, tensor_to_mask, tensor_to_pil
-from .latent import (
-    OnUNet,
-    _as_mask,
-    _as_pil,
-    _check_float,
-    _check_int,
-    _randn,
-    check_generator,
-    check_prompt,
-)
+from .latent import OnUNet, _randn
 from .options import _opt
 from .ranking import RANK_REGIONS, ClipRanker, builtin_ranker
 

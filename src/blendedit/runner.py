@@ -22,12 +22,14 @@ DEFAULT_RANK_MODEL = "openai/clip-vit-base-patch32"
 
 @dataclass
 class ModelSpec:
-    """Which model to load and where: the CLI's --model, --method, --config, --scheduler,
-    --rank-model, --device and --dtype."""
+    """Which model to load and where: the CLI's --model, --method, --config, --vae, --refiner,
+    --scheduler, --rank-model, --device and --dtype."""
 
     model: str = DEFAULT_MODEL
     method: str = "latent"  # latent (Blended Latent Diffusion) or pixel (Blended Diffusion)
     config: str | None = None
+    vae: str | None = None  # another VAE for the latent method
+    refiner: str | None = None  # an SDXL refiner for the latent method
     scheduler: str = "ddim"
     rank_model: str = "auto"  # auto, none, or a CLIP folder / hub id
     device: str = "auto"
@@ -159,6 +161,8 @@ def load_pipeline(spec: ModelSpec, num_images: int = 1) -> LoadedModel:
         spec.model,
         scheduler=spec.scheduler,
         config=spec.config,
+        vae=spec.vae,
+        refiner=spec.refiner,
         ranker=None if rank_model == "none" or default_ranker else rank_model,
     )
     notes = []

@@ -168,7 +168,7 @@ def build_tiny_sdxl_components(
     torch.manual_seed(seed)
     if preset == "tiny":
         sample_size = sample_size or 8
-        hidden, hidden_2, time_dim = 32, 32, 8
+        hidden, hidden_2, time_dim = 32, 48, 8  # distinct widths, as SDXL's 768 and 1280
         layout = _unet_config("tiny", 4, sample_size)
     elif preset == "sdxl-shaped":
         sample_size = sample_size or 32
@@ -233,6 +233,37 @@ def save_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
     from diffusers import StableDiffusionXLPipeline
 
     StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed=seed)).save_pretrained(folder)
+    return Path(folder)
+
+
+def save_tiny_sdxl_refiner(folder: str | Path, *, seed: int = 1) -> Path:
+    """A tiny random SDXL refiner folder for :func:`save_tiny_sdxl`'s model, laid out as SDXL's
+    refiner: only the second text encoder (its states alone condition the UNet), and five
+    micro-conditioning numbers (original size, crop top-left, aesthetic score)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    c = build_tiny_sdxl_components(seed=seed)
+    hidden_2 = c["text_encoder_2"].config.hidden_size
+    time_dim = c["unet"].config.addition_time_embed_dim
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        **dict(
+            {k: v for k, v in c["unet"].config.items() if not k.startswith("_")},
+            cross_attention_dim=hidden_2,
+            projection_class_embeddings_input_dim=5 * time_dim + hidden_2,
+        )
+    ).eval()
+    StableDiffusionXLImg2ImgPipeline(
+        vae=c["vae"],
+        text_encoder=None,
+        text_encoder_2=c["text_encoder_2"],
+        tokenizer=None,
+        tokenizer_2=c["tokenizer_2"],
+        unet=unet,
+        scheduler=c["scheduler"],
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    ).save_pretrained(folder)
     return Path(folder)
 
 

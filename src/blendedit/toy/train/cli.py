@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from ...models import quiet_transformers
+from ...models import TOY_DIR, quiet_transformers
 from ..data import build_dataset
 from .arch import UNET_CONFIG, VAE_FACTORS, ZERO_SNR_SAMPLING
 from .assemble import SHIPPED_PARTS, assemble
 from .clip import train_clip, train_vision
+from .guide_clip import train_guide_clip
 from .pixel import train_pixel
 from .snapshots import snapshot
 from .unet import train_unet
@@ -25,7 +26,9 @@ DEFAULTS = {  # per model: steps, batch size, lr, warm-up
     "vae": dict(steps=6000, batch_size=16, lr=3e-4, warmup=200),
     "unet": dict(steps=3000, batch_size=32, lr=4e-4, warmup=200),
     "pixel": dict(steps=3000, batch_size=16, lr=3e-4, warmup=200),
+    "guide-clip": dict(steps=2000, batch_size=128, lr=2e-4, warmup=100),
 }
+HELP = {"guide-clip": "tune a CLIP's vision tower to read the pixel model's x̂0 (for guidance)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--objects", type=int, default=None, help="objects per scene (default: 0 to 3 at random)"
     )
     for name, dflt in DEFAULTS.items():
-        s = sub.add_parser(name, help=f"train the {name} model")
-        if name != "unet":  # the UNet's takes several
+        s = sub.add_parser(name, help=HELP.get(name, f"train the {name} model"))
+        if name not in ("unet", "guide-clip"):  # the UNet's takes several; guide-clip renders
             s.add_argument("--data", default="runs/toy/data")
         s.add_argument("--heldout", default="runs/toy/heldout")
         s.add_argument("--out", default=f"runs/toy/{name}")
@@ -93,6 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
                 "--freeze-text",
                 action="store_true",
                 help="do not train the text encoder (its hidden states condition the UNet)",
+            )
+        if name == "guide-clip":
+            s.add_argument(
+                "--init-from",
+                default=str(TOY_DIR / "clip"),
+                help="CLIP folder (or a clip run) to tune; its text tower stays as it is "
+                "(default: the shipped CLIP)",
+            )
+            s.add_argument(
+                "--pixel",
+                default="toy",
+                help="pixel model whose x̂0 the CLIP learns to read (folder or built-in name)",
+            )
+            s.add_argument("--bank", type=int, default=6000, help="x̂0 images to compute")
+            s.add_argument("--t-max", type=int, default=800, help="noise up to this step of 1000")
+            s.add_argument("--clean-share", type=float, default=0.15, help="share of clean renders")
+            s.add_argument(
+                "--mask-prob",
+                type=float,
+                default=0.7,
+                help="share of draws masked as an edit (the background zeroed, as guidance does)",
             )
         if name == "vae":
             s.add_argument(
@@ -336,6 +360,7 @@ def main(argv=None) -> int:
             "vae": train_vae,
             "unet": train_unet,
             "pixel": train_pixel,
+            "guide-clip": train_guide_clip,
         }
         trainers[args.what](args)
     return 0

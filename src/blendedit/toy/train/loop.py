@@ -230,7 +230,9 @@ def write_card(
         f"- optimizer: AdamW lr {args.lr} (warm-up {args.warmup} steps, cosine to 10%), "
         f"weight decay 0.01, grad-norm clip 1"
         + (f", EMA {args.ema}" if run.ema is not None else ""),
-        f"- data: {', '.join(_data_folders(args.data))} (Shapes World v1, seed {args.seed})",
+        f"- data: {', '.join(_data_folders(args.data))} (Shapes World v1, seed {args.seed})"
+        if getattr(args, "data", None)
+        else f"- data: rendered by the run (Shapes World v1, seed {args.seed})",
         f"- wall time: {run.info.wall / 60:.1f} min of training on {hw}, torch {torch.__version__}",
         "- final metrics: "
         + (
