@@ -326,3 +326,14 @@ def test_sdxl_sizes_and_every_background(sdxl):
     assert zoom.zoomed and np.array_equal(
         np.asarray(zoom.images[0])[~mask], np.asarray(image)[~mask]
     )
+
+
+def test_bench_runs_on_an_sdxl_folder(sdxl_folder, tmp_path):
+    from blendedit.models import TOY_DIR
+
+    args = ["bench", "--model", str(sdxl_folder), "--rank-model", str(TOY_DIR / "clip")]
+    args += ["--tasks", "2", "--steps", "2", "--samples", "1", "--methods", "ours", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "| ours |" in text and str(sdxl_folder) in json.dumps(rows)

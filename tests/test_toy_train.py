@@ -937,3 +937,29 @@ def test_assemble_only_vae_unet_ships_a_32x32_pair_and_refuses_a_mismatch(tmp_pa
     assert (dest / "clip" / "model.safetensors").read_bytes() == before[
         Path("clip/model.safetensors")
     ]
+
+
+def test_guide_clip_tunes_the_vision_tower_on_x0_and_keeps_the_text_tower(tmp_path):
+    """`train-toy guide-clip`: a bank of the pixel model's x̂0 (cached, reused for the same
+    recipe), the vision tower trained, the text tower (the prompts' embeddings) untouched."""
+    from safetensors.torch import load_file
+
+    from blendedit.models import TOY_DIR
+    from blendedit.toy.train import main as train_main
+    from blendedit.toy.train.guide_clip import BANK_FILE, edit_like_masks
+
+    out = tmp_path / "g"
+    argv = ["guide-clip", "--out", str(out), "--bank", "8", "--steps", "2", "--batch-size", "4"]
+    assert train_main(argv + ["--warmup", "1", "--log-every", "1"]) == 0
+    bank = torch.load(out / BANK_FILE, weights_only=True)
+    assert bank["images"].shape == (8, 3, 64, 64) and bank["images"].dtype == torch.uint8
+    assert len(set(bank["steps"].tolist())) == 1  # one step per batch of 32
+    before = load_file(TOY_DIR / "clip" / "model.safetensors")
+    after = load_file(out / "model" / "model.safetensors")
+    text = [k for k in before if k.startswith(("text_model.", "text_projection"))]
+    vision = [k for k in before if k.startswith("vision_model.encoder")]
+    assert text and all(torch.equal(before[k].float(), after[k].float()) for k in text)
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in vision)
+    masks = edit_like_masks(bank["objects"], 64, np.random.RandomState(0))
+    for m, (cx, cy, _) in zip(masks, bank["objects"].tolist()):  # each mask holds its object
+        assert m[0, int(cy * 64), int(cx * 64)] == 1 and 0.05 < float(m.mean()) < 0.5
