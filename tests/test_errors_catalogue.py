@@ -639,6 +639,19 @@ def vae_other_latent_size(c):
     return Case(c.argv(c.image(), c.mask(), "--vae", vae), lib)
 
 
+@case
+def model_sd3_single_file(c):
+    from safetensors.torch import save_file
+
+    from blendedit.tiny import save_tiny_sd3
+
+    f = c.d / "sd3.safetensors"
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2)}, f)
+    sd3 = save_tiny_sd3(c.d / "sd3")
+    lib = lambda: BlendedLatentDiffusionPipeline.from_pretrained(str(f), config=str(sd3))  # noqa: E731
+    return Case(c.argv(c.image(), c.mask(), "--config", str(sd3), model=str(f)), lib)
+
+
 class _RunsCode:
     """Unpickling this runs a command: a plain pickle load would create the marker file."""
 

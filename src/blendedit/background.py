@@ -38,6 +38,12 @@ DECODER_LAYERS = ("all", "last", "head")
 DECODER_LR = {"all": 1e-4, "last": 1e-3, "head": 3e-3}
 
 
+def unscale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """The VAE's own latents from the denoiser's: z / scaling_factor + shift_factor (SD3's and
+    Flux's VAEs have a shift; SD's none)."""
+    return z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 def paste(
     edit: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, feather: int
 ) -> torch.Tensor:
@@ -309,7 +315,6 @@ def decoder_finetune(
     cropped = box != (0, 0, latents.shape[-1], latents.shape[-2])
     device = latents.device
     prefix, base, up = _split_decoder(vae, layers)
-    scale = vae.config.scaling_factor
     x = (source[..., px[1] : px[3], px[0] : px[2]] * 2 - 1).to(device, torch.float32)
     m = mask[..., px[1] : px[3], px[0] : px[2]].to(device, torch.float32)
     out = source.expand(latents.shape[0], -1, -1, -1).clone().float()
@@ -318,7 +323,7 @@ def decoder_finetune(
         target = (edit[k : k + 1, :, px[1] : px[3], px[0] : px[2]] * 2 - 1).to(device).float()
         dec = copy.deepcopy(base).float().train(False)  # the loaded VAE is never touched
         # the frozen layers run once, on the whole frame (identity for layers='all')
-        z = prefix((latents[k : k + 1] / scale).to(device, torch.float32))
+        z = prefix(unscale_latents(vae, latents[k : k + 1]).to(device, torch.float32))
         if cropped:  # normalize the crop by the whole frame's statistics, then crop
             fix_group_norms(dec, z)
             z = z[..., ly0 * up : ly1 * up, lx0 * up : lx1 * up]

@@ -90,6 +90,44 @@ def encode_prompt(
     return embeds, pooled, truncated
 
 
+#: SD3's T5 sequence length (diffusers' default max_sequence_length)
+T5_MAX_LENGTH = 256
+
+
+def encode_sd3(encoders, tokenizers, text: str, device, joint_dim: int):
+    """SD3's text embedding of ``text``: ((1, 77 + L, joint_dim): the two CLIPs' penultimate
+    states side by side, zero-padded to T5's width, followed by T5's last states (zeros for
+    77 tokens when the model has no T5), (1, P1 + P2): both CLIPs' pooled projections)."""
+    states, pooled = [], []
+    for enc, tok in zip(encoders[:2], tokenizers[:2]):
+        out = enc(_ids(tok, text, max_length(tok, enc), device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled.append(out.text_embeds)
+    clip = torch.cat(states, dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, joint_dim - clip.shape[-1]))
+    t5, t5_tok = encoders[2], tokenizers[2]
+    if t5 is None:
+        t5_states = torch.zeros(1, 77, joint_dim, device=device, dtype=clip.dtype)
+    else:
+        t5_states = t5(_ids(t5_tok, text, T5_MAX_LENGTH, device))[0].to(clip.dtype)
+    return torch.cat([clip, t5_states], dim=1), torch.cat(pooled, dim=-1)
+
+
+def encode_prompt_sd3(encoders, tokenizers, prompt, negative_prompt, n, cfg, device, joint_dim):
+    """SD3's conditioning for ``n`` samples, as :func:`encode_prompt` returns it."""
+
+    def rows(x):
+        return x.repeat(n, *[1] * (x.dim() - 1))
+
+    truncated = len(tokenizers[0](prompt).input_ids) > max_length(tokenizers[0], encoders[0])
+    cond, pooled = encode_sd3(encoders, tokenizers, prompt, device, joint_dim)
+    if not cfg:
+        return rows(cond), rows(pooled), truncated
+    uncond, pooled_u = encode_sd3(encoders, tokenizers, negative_prompt, device, joint_dim)
+    embeds = torch.cat([rows(uncond), rows(cond)])
+    return embeds, torch.cat([rows(pooled_u), rows(pooled)]), truncated
+
+
 #: The SDXL refiner's aesthetic score for the prompt's rows and the negative ones (its
 #: training's and diffusers' defaults).
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5

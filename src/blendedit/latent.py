@@ -67,12 +67,22 @@ def blend(z: torch.Tensor, z_bg: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def guided_eps(
     unet, z, t, embeds: torch.Tensor, guidance_scale: float, added: dict | None = None
 ) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + s (eps_c - eps_u). ``embeds`` (and SDXL's ``added``
-    conditioning) are [uncond; cond] when guidance is on (2N rows), else cond only (N rows)."""
-    kw = {} if added is None else {"added_cond_kwargs": added}
+    """Classifier-free guidance: eps_u + s (eps_c - eps_u). ``embeds`` (and the ``added``
+    conditioning: SDXL's ``added_cond_kwargs``, or ``{"pooled_projections": ...}`` for SD3's
+    transformer, which predicts a velocity) are [uncond; cond] when guidance is on (2N rows),
+    else cond only (N rows)."""
+    flow = added is not None and "pooled_projections" in added  # SD3: velocity, keyword inputs
+    kw = dict(added) if flow else {} if added is None else {"added_cond_kwargs": added}
+
+    def run(x):
+        if flow:
+            t_rows = t.expand(len(x))
+            return unet(hidden_states=x, timestep=t_rows, encoder_hidden_states=embeds, **kw).sample
+        return unet(x, t, encoder_hidden_states=embeds, **kw).sample
+
     if guidance_scale <= 1.0:
-        return unet(z, t, encoder_hidden_states=embeds, **kw).sample
-    out = unet(torch.cat([z, z]), t, encoder_hidden_states=embeds, **kw).sample
+        return run(z)
+    out = run(torch.cat([z, z]))
     eps_u, eps_c = out.chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
 
@@ -131,6 +141,9 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         text_encoder_2=None,
         tokenizer_2=None,
         force_zeros_for_empty_prompt: bool = False,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        family: str | None = None,
     ):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = scheduler
@@ -138,6 +151,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         # SDXL: the second text encoder, and an empty negative prompt as zeros
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3  # SD3's T5 (optional)
+        self.family = family or ("sdxl" if text_encoder_2 is not None else "sd")
         self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE  # from_pretrained: the model's own
         self.refiner: dict | None = None  # SDXL: models.load_refiner's parts
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -176,7 +191,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             ranker = ClipRanker.from_pretrained(ranker, local_files_only=local_files_only)
         elif ranker is None and "ranker" in c:
             ranker = builtin_ranker(c["ranker"], c.get("ranker_tokenizer"))
-        sdxl = {k: c[k] for k in ("text_encoder_2", "tokenizer_2") if k in c}
+        keys = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "family")
+        sdxl = {k: c[k] for k in keys if k in c}
         pipe = cls(
             c["unet"],
             c["vae"],
@@ -205,6 +221,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         """Swap the sampler, keeping the model's noise schedule: ddim, dpm++ or euler."""
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+        if self.is_flow:  # flow-matching models keep their own (Euler) sampler
+            return
         cfg = self.scheduler.config
         if name == "ddim":
             self.scheduler = DDIMScheduler.from_config(cfg)
@@ -224,7 +242,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             if (self.refiner)
             else []
         )
-        for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, *extra):
+        mods = (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        for m in (*mods, *extra):
             if m is None:
                 continue
             want = torch.float32 if upcast and m is self.vae and dtype == torch.float16 else dtype
@@ -243,7 +262,12 @@ class BlendedLatentDiffusionPipeline(OnUNet):
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.family == "sdxl"
+
+    @property
+    def is_flow(self) -> bool:
+        """A rectified-flow model (SD3): velocity prediction, z_t = (1 - sigma) z + sigma noise."""
+        return self.family == "sd3"
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str, n: int, cfg: bool):
@@ -251,6 +275,13 @@ class BlendedLatentDiffusionPipeline(OnUNet):
 
         Returns (embeds, pooled, truncated): ``pooled`` the same rows of SDXL's pooled
         embedding (None for SD), ``truncated`` whether the prompt lost tokens."""
+        if self.family == "sd3":
+            encoders = [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
+            tokenizers = [self.tokenizer, self.tokenizer_2, self.tokenizer_3]
+            joint = self.unet.config.joint_attention_dim
+            return C.encode_prompt_sd3(
+                encoders, tokenizers, prompt, negative_prompt, n, cfg, self.device, joint
+            )
         encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
         tokenizers = [self.tokenizer, self.tokenizer_2][: len(encoders)]
         zeros = self.force_zeros_for_empty_prompt
@@ -262,23 +293,42 @@ class BlendedLatentDiffusionPipeline(OnUNet):
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """z_src = E(x): posterior mean x scaling factor. ``x`` (1, 3, H, W) in [0, 1]."""
         x = (2 * x - 1).to(self.device, self.vae.dtype)
-        return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3: (E(x) - shift) * s
+        return (self.vae.encode(x).latent_dist.mode() - shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """D(z) in [0, 1]; (N, 4, h, w) -> (N, 3, 8h, 8w), float32."""
-        x = self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        x = self.vae.decode(B.unscale_latents(self.vae, z.to(self.vae.dtype))).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
-    def timesteps_for(self, num_inference_steps: int, strength: float) -> torch.Tensor:
-        """The last ``strength`` of the schedule (as diffusers' img2img), begin index set."""
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+    def timesteps_for(
+        self, num_inference_steps: int, strength: float, latent_hw=None
+    ) -> torch.Tensor:
+        """The last ``strength`` of the schedule (as diffusers' img2img), begin index set. A
+        flow-matching schedule with resolution-dependent shifting takes its shift from the
+        number of 2x2 latent patches (``latent_hw``)."""
+        kw, cfg = {}, self.scheduler.config
+        if getattr(cfg, "use_dynamic_shifting", False) and latent_hw is not None:
+            seq = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+            span = cfg.max_image_seq_len - cfg.base_image_seq_len
+            slope = (cfg.max_shift - cfg.base_shift) / span
+            kw["mu"] = cfg.base_shift + slope * (seq - cfg.base_image_seq_len)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device, **kw)
         n_run = min(int(num_inference_steps * strength), num_inference_steps)
         t_start = num_inference_steps - n_run
         order = getattr(self.scheduler, "order", 1)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(t_start * order)
         return self.scheduler.timesteps[t_start * order :]
+
+    def noised(self, z, noise, timesteps, k: int) -> torch.Tensor:
+        """``z`` at the noise level of ``timesteps[k]``: the scheduler's forward process, and
+        for a flow-matching model at its exact sigma, (1 - sigma) z + sigma noise."""
+        if self.is_flow:
+            sigma = self.scheduler.sigmas[self.scheduler.begin_index + k].to(z.device, z.dtype)
+            return (1 - sigma) * z + sigma * noise
+        return self.scheduler.add_noise(z, noise, timesteps[k : k + 1])
 
     # -- input checking ------------------------------------------------------------------
 
@@ -423,7 +473,11 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         if truncated:
             warnings.append("prompt: longer than the text encoder's limit; truncated")
         geometry = (opts.micro_conditioning, (H, W), box, tuple(x_pad.shape[-2:]))
-        added = C.added_conditioning(pooled, *geometry)  # SDXL's pooled text, micro-cond.
+        added = (  # SDXL's pooled text and micro-conditioning, SD3's pooled text (SD: None)
+            {"pooled_projections": pooled}
+            if self.is_flow
+            else C.added_conditioning(pooled, *geometry)
+        )
         models = [(self.unet, embeds, added)]  # the last steps on the refiner's, if any
         if self.refiner is not None:
             models.append(C.refiner_conditioning(self.refiner, prompt, opts, n, cfg, geometry))
@@ -447,16 +501,16 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         schedule = [s.to(device, dtype) for s in M.shrink_schedule(m_lat, shrink_iterations)]
 
         # 6. Timesteps and the start: z = q(z_src, t_start)
-        timesteps = self.timesteps_for(num_inference_steps, strength)
+        timesteps = self.timesteps_for(num_inference_steps, strength, z_src.shape[-2:])
         noise = _randn((n, *z_src.shape[1:]), generator, device, dtype)  # (N, 4, h, w)
-        z = self.scheduler.add_noise(z_src.expand(n, -1, -1, -1), noise, timesteps[:1])
+        z = self.noised(z_src.expand(n, -1, -1, -1), noise, timesteps, 0)
 
         # 7. Denoise, blending after every step with the background at the same noise level
         t0 = time.perf_counter()
         steps = len(timesteps)
         switch = steps - round(steps * refiner_fraction) if self.refiner else steps
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
-            z_in = self.scheduler.scale_model_input(z, t)
+            z_in = z if self.is_flow else self.scheduler.scale_model_input(z, t)
             unet, emb, add = models[int(i >= switch)]
             eps = guided_eps(unet, z_in, t, emb, opts.guidance_scale, add)
             z = self.scheduler.step(eps, t, z).prev_sample
@@ -466,7 +520,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
                     if background_noise == "fixed"
                     else _randn(noise.shape, generator, device, dtype)
                 )
-                z_bg = self.scheduler.add_noise(z_src, bg_noise, timesteps[i + 1 : i + 2])
+                z_bg = self.noised(z_src, bg_noise, timesteps, i + 1)
             else:
                 z_bg = z_src  # clean background after the last step
             z = blend(z, z_bg, schedule[M.schedule_index(i, steps, len(schedule))])

@@ -131,13 +131,21 @@ def load_sd_components(
     with quiet_transformers():
         pipe = _load_pipeline(spec, kw, local_files_only, config)
     c = dict(
-        unet=pipe.unet,
+        unet=getattr(pipe, "unet", None) or pipe.transformer,  # SD3: the transformer denoises
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
         scheduler=pipe.scheduler,
     )
-    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: its second encoder and rules
+    if hasattr(pipe, "transformer"):  # SD3: three encoders (T5 optional), flow matching
+        c.update(
+            family="sd3",
+            text_encoder_2=pipe.text_encoder_2,
+            tokenizer_2=pipe.tokenizer_2,
+            text_encoder_3=pipe.text_encoder_3,
+            tokenizer_3=pipe.tokenizer_3,
+        )
+    elif getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: its second encoder, rules
         c.update(
             text_encoder_2=pipe.text_encoder_2,
             tokenizer_2=pipe.tokenizer_2,
@@ -278,14 +286,36 @@ def write_edit_defaults(folder: Path, guidance_scale: float, measured: str) -> N
 
 
 def _family(folder: Path) -> str:
-    """A pipeline folder's family from its model_index.json (SD unless it names SDXL)."""
+    """A pipeline folder's family from its model_index.json (SD unless it names SDXL or SD3)."""
+    name = _index(folder).get("_class_name", "")
+    return "sd3" if "StableDiffusion3" in name else "sdxl" if "XL" in name else "sd"
+
+
+def _index(folder: Path) -> dict:
+    """A pipeline folder's model_index.json ({} when it cannot be read)."""
     import json
 
     try:
-        name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+        return json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
-        return "sd"
-    return "sdxl" if "XL" in name else "sd"
+        return {}
+
+
+def _absent(folder: Path | None) -> dict:
+    """``{name: None}`` for the components a folder's index leaves out ([null, null]: SD3
+    without T5), which diffusers must be told to load without."""
+    index = _index(folder) if folder is not None else {}
+    return {k: None for k, v in index.items() if isinstance(v, list) and v[:1] == [None]}
+
+
+def _cached_folder(repo_id: str) -> Path | None:
+    """The cached snapshot folder holding a hub repository's model_index.json, if any."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "model_index.json", local_files_only=True)).parent
+    except Exception:
+        return None
 
 
 def _hub_family(repo_id: str, local_files_only, default: str | None = "sd") -> str | None:
@@ -303,8 +333,19 @@ def _hub_family(repo_id: str, local_files_only, default: str | None = "sd") -> s
 def _from_pretrained(family: str, source: str, kw: dict, local_files_only):
     """The family's diffusers pipeline from a folder or hub id (SDXL has no safety checker to
     switch off)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
+    if family == "sd3":
+        kw = {k: v for k, v in kw.items() if "safety" not in k}
+        folder = Path(source) if Path(source).is_dir() else _cached_folder(source)
+        kw.update({k: None for k in _absent(folder) if k.endswith("_3")})
+        return StableDiffusion3Pipeline.from_pretrained(
+            source, local_files_only=local_files_only, **kw
+        )
     if family == "sdxl":
         kw = {k: v for k, v in kw.items() if "safety" not in k}
         return StableDiffusionXLPipeline.from_pretrained(
@@ -313,7 +354,11 @@ def _from_pretrained(family: str, source: str, kw: dict, local_files_only):
     return StableDiffusionPipeline.from_pretrained(source, local_files_only=local_files_only, **kw)
 
 
-FAMILY_NAMES = {"sd": "a Stable Diffusion 1.x/2.x", "sdxl": "an SDXL"}  # with the article
+FAMILY_NAMES = {  # with the article
+    "sd": "a Stable Diffusion 1.x/2.x",
+    "sdxl": "an SDXL",
+    "sd3": "a Stable Diffusion 3",
+}
 
 
 def _checkpoint_family(path: Path) -> str | None:
@@ -381,6 +426,11 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
                 f"model: {spec!r} is not a checkpoint (expected one of {SINGLE_FILE_SUFFIXES})"
             )
         family = _single_file_family(path, config, local_files_only)
+        if family == "sd3":
+            raise ModelNotFoundError(
+                f"model: single-file Stable Diffusion 3 checkpoints are not taken yet ({spec!r}); "
+                "pass the diffusers folder or hub id"
+            )
         cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
         if family == "sdxl":
             kw = {k: v for k, v in kw.items() if "safety" not in k}

@@ -178,6 +178,15 @@ def load_pipeline(spec: ModelSpec, num_images: int = 1) -> LoadedModel:
     return LoadedModel(pipe, spec, rank_model, device, dtype, notes)
 
 
+def _sampler_used(loaded: LoadedModel, method: str, opts) -> str:
+    """The sampler an edit ran with, for its sidecar: a flow-matching model keeps its own."""
+    if method != "latent":
+        return opts.sampler
+    if getattr(loaded.pipe, "is_flow", False):
+        return "flow-match euler (the model's own)"
+    return loaded.spec.scheduler
+
+
 def _default_ranker():
     """The default ranking CLIP, or None and a one-line warning when it cannot be loaded (not
     cached offline, say): the samples are then returned unranked."""
@@ -304,7 +313,7 @@ def run_edit(
         prompt=req.prompt,
         model=loaded.spec.model,
         method=method,
-        scheduler=loaded.spec.scheduler if method == "latent" else opts.sampler,
+        scheduler=_sampler_used(loaded, method, opts),
         rank_model=loaded.rank_model,
         ranked=getattr(loaded.pipe, "ranker", None) is not None,
         device=loaded.device,

@@ -267,6 +267,63 @@ def save_tiny_sdxl_refiner(folder: str | Path, *, seed: int = 1) -> Path:
     return Path(folder)
 
 
+def build_tiny_sd3_components(*, seed: int = 0) -> dict:
+    """Components of a tiny random Stable Diffusion 3 pipeline (keys as in diffusers'
+    ``StableDiffusion3Pipeline``): two CLIP text encoders with projections (32 and 48 wide,
+    pooled side by side), no T5 (SD3 runs without it: zeros in its place), an
+    ``SD3Transformer2DModel`` on 8x8x16 latents (patch 2), a 16-channel VAE with a shift factor
+    and the flow-matching Euler scheduler with SD3's shift of 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = build_clip_tokenizer(list(WORDS), None)
+    base = _text_config("tiny", 1, len(tokenizer), **special_ids(tokenizer))
+    torch.manual_seed(seed)
+    encoders = [
+        CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                **dict(base.to_dict(), hidden_size=h, intermediate_size=2 * h, projection_dim=h)
+            )
+        ).eval()
+        for h in (32, 48)
+    ]
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=96,  # T5's width; the CLIP states (80) are zero-padded to it
+        caption_projection_dim=32,
+        pooled_projection_dim=80,
+        pos_embed_max_size=16,
+    ).eval()
+    vae_cfg = dict(_vae_config("tiny", 1, 8), latent_channels=16)
+    vae_cfg.update(scaling_factor=1.5305, shift_factor=0.0609)
+    vae = AutoencoderKL(**vae_cfg, use_quant_conv=False, use_post_quant_conv=False).eval()
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=tokenizer,
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def save_tiny_sd3(folder: str | Path, *, seed: int = 0) -> Path:
+    """:func:`build_tiny_sd3_components` saved as a diffusers SD3 pipeline folder."""
+    from diffusers import StableDiffusion3Pipeline
+
+    StableDiffusion3Pipeline(**build_tiny_sd3_components(seed=seed)).save_pretrained(folder)
+    return Path(folder)
+
+
 def tiny_clip(tokenizer) -> CLIPModel:
     """A tiny random ``CLIPModel`` (32 px images, patch 8) for ``tokenizer``'s vocabulary."""
     ids = special_ids(tokenizer)

@@ -1,0 +1,152 @@
+"""Stable Diffusion 3 on the latent path (issue 30, in part): a tiny random SD3 folder (no T5)
+built offline; the blend at the flow-matching sampler's exact sigma."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blendedit import BlendedLatentDiffusionPipeline
+from blendedit.cli import main
+from blendedit.tiny import save_tiny_sd3
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    return save_tiny_sd3(tmp_path_factory.mktemp("sd3") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def sd3(sd3_folder):
+    return BlendedLatentDiffusionPipeline.from_pretrained(str(sd3_folder))
+
+
+def _inputs(size=64):
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((rng.rand(size, size, 3) * 255).astype(np.uint8))
+    mask = np.zeros((size, size), bool)
+    mask[16:48, 16:40] = True
+    return image, mask
+
+
+def test_the_folder_is_detected_as_a_flow_model_with_a_shifted_16_channel_vae(sd3):
+    assert sd3.family == "sd3" and sd3.is_flow and sd3.text_encoder_3 is None
+    assert type(sd3.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert sd3.vae.config.latent_channels == 16 and sd3.vae.config.shift_factor
+    x = torch.rand(1, 3, 64, 64)
+    raw = sd3.vae.encode(2 * x - 1).latent_dist.mode()
+    z = sd3.encode_image(x)  # z = (E(x) - shift) * scale
+    cfg = sd3.vae.config
+    assert torch.allclose(z, (raw - cfg.shift_factor) * cfg.scaling_factor, atol=1e-5)
+
+
+def test_paste_keeps_every_pixel_and_latent_outside_and_seeds_reproduce(sd3):
+    image, mask = _inputs()
+
+    def run():
+        return sd3(
+            "a red cat",
+            image,
+            mask,
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            num_images_per_prompt=2,
+            generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+        )
+
+    a, b = run(), run()
+    src = np.asarray(image)
+    for img_a, img_b in zip(a.images, b.images):
+        assert np.array_equal(np.asarray(img_a), np.asarray(img_b))
+        assert np.array_equal(np.asarray(img_a)[~mask], src[~mask])
+    keep = a.latent_mask[0, 0] == 0
+    assert torch.equal(a.latents[:, :, keep], a.source_latents.expand(2, -1, -1, -1)[:, :, keep])
+    assert not torch.equal(
+        a.latents[:, :, ~keep], a.source_latents.expand(2, -1, -1, -1)[:, :, ~keep]
+    )
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_the_background_sits_at_the_samplers_sigma_after_every_step(sd3, strength):
+    """After step i the sampler is at sigma_{i+1}; outside the mask the latents are exactly
+    (1 - sigma) z_src + sigma noise at that sigma, and the clean source after the last step."""
+    image, mask = _inputs()
+    seen = []
+
+    def callback(i, t, z):
+        k = sd3.scheduler.step_index  # the sampler's own position after this step
+        seen.append((i, float(sd3.scheduler.sigmas[k]), z.clone()))
+
+    out = sd3(
+        "a red cat",
+        image,
+        mask,
+        num_inference_steps=6,
+        strength=strength,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(3),
+        callback=callback,
+    )
+    z_src = out.source_latents
+    noise = torch.randn(z_src.shape, generator=torch.Generator().manual_seed(3))
+    keep = out.latent_mask[0, 0] == 0
+    assert len(seen) == round(6 * strength)
+    sigmas = []
+    for i, sigma, z in seen:
+        want = z_src if i == len(seen) - 1 else (1 - sigma) * z_src + sigma * noise
+        assert torch.allclose(z[..., keep], want[..., keep], atol=1e-6), i
+        sigmas.append(sigma)
+    assert sigmas == sorted(sigmas, reverse=True) and sigmas[-1] == 0.0
+    if strength == 0.5:  # the last half of the shifted schedule: it starts below sigma 1
+        assert sd3.scheduler.sigmas[sd3.scheduler.begin_index] < 1
+
+
+def test_a_resolution_dependent_shift_grows_with_the_latent_grid(sd3):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = BlendedLatentDiffusionPipeline.__new__(BlendedLatentDiffusionPipeline)
+    pipe.__dict__.update(sd3.__dict__)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    mids = []
+    for side in (16, 64, 128):
+        pipe.timesteps_for(10, 1.0, (side, side))
+        mids.append(float(pipe.scheduler.sigmas[5]))
+    assert mids[0] < mids[1] < mids[2]  # more patches: more of the schedule at high noise
+
+
+def test_cli_edits_with_an_sd3_folder(sd3_folder, tmp_path):
+    image, mask = _inputs()
+    image.save(tmp_path / "in.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    args = ["edit", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"), "--prompt"]
+    args += ["a red cat", "--model", str(sd3_folder), "--steps", "3", "--seed", "4", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    meta = json.loads((tmp_path / "a" / "in.json").read_text())
+    assert meta["model"] == str(sd3_folder) and meta["scheduler"].startswith("flow-match")
+    a = np.asarray(Image.open(tmp_path / "a" / "in-01-seed4.png"))
+    b = np.asarray(Image.open(tmp_path / "b" / "in-01-seed4.png"))
+    assert np.array_equal(a, b) and np.array_equal(a[~mask], np.asarray(image)[~mask])
+
+
+def test_reconstruct_and_the_decoder_background_work_on_sd3(sd3_folder, sd3, tmp_path):
+    image, mask = _inputs()
+    image.save(tmp_path / "in.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    args = ["edit", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"), "--prompt"]
+    args += ["a red cat", "--model", str(sd3_folder), "--steps", "2", "--seed", "4", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    again = ["reconstruct", str(tmp_path / "a" / "in.json"), "--background", "poisson", "--quiet"]
+    assert main(again) == 0
+    out = sd3(
+        "a red cat",
+        image,
+        mask,
+        num_inference_steps=2,
+        background="decoder",
+        decoder_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.reconstruction is not None and out.images[0].size == image.size
