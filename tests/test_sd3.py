@@ -150,3 +150,26 @@ def test_reconstruct_and_the_decoder_background_work_on_sd3(sd3_folder, sd3, tmp
         generator=torch.Generator().manual_seed(0),
     )
     assert out.reconstruction is not None and out.images[0].size == image.size
+
+
+def test_t5_conditions_sd3_when_the_folder_has_it_and_is_optional(tmp_path):
+    from blendedit.tokenizer import build_t5_like_tokenizer
+
+    tok = build_t5_like_tokenizer(["a", "red", "blue", "cat"])
+    assert tok("a red cat").input_ids != tok("a blue cat").input_ids  # distinct ids, </s> last
+    assert tok("a red cat").input_ids[-1] == tok.eos_token_id
+    pipe = BlendedLatentDiffusionPipeline.from_pretrained(
+        str(save_tiny_sd3(tmp_path / "p", t5=True))
+    )
+    assert type(pipe.text_encoder_3).__name__ == "T5EncoderModel"
+    red, pooled, _ = pipe.encode_prompt("a red cat", "", 1, True)
+    blue, _, _ = pipe.encode_prompt("a blue cat", "", 1, False)
+    assert red.shape == (2, 77 + 256, 96) and pooled.shape == (2, 32 + 48)
+    assert not torch.equal(red[1:, 77:], blue[:, 77:])  # T5's states follow the CLIPs'
+    pipe.text_encoder_3 = None  # without T5 (as diffusers' text_encoder_3=None): zeros
+    no_t5, _, _ = pipe.encode_prompt("a red cat", "", 1, False)
+    assert no_t5.shape == (1, 77 + 77, 96) and not no_t5[:, 77:].any()
+    assert torch.equal(no_t5[:, :77], red[1:, :77])
+    image, mask = _inputs()
+    out = pipe("a red cat", image, mask, num_inference_steps=2, generator=torch.Generator())
+    assert np.array_equal(np.asarray(out.images[0])[~mask], np.asarray(image)[~mask])

@@ -267,10 +267,11 @@ def save_tiny_sdxl_refiner(folder: str | Path, *, seed: int = 1) -> Path:
     return Path(folder)
 
 
-def build_tiny_sd3_components(*, seed: int = 0) -> dict:
+def build_tiny_sd3_components(*, seed: int = 0, t5: bool = False) -> dict:
     """Components of a tiny random Stable Diffusion 3 pipeline (keys as in diffusers'
     ``StableDiffusion3Pipeline``): two CLIP text encoders with projections (32 and 48 wide,
-    pooled side by side), no T5 (SD3 runs without it: zeros in its place), an
+    pooled side by side), with ``t5`` a tiny T5 encoder (96 wide) and a word-level tokenizer
+    built offline, else none (SD3 runs without it: zeros in its place), an
     ``SD3Transformer2DModel`` on 8x8x16 latents (patch 2), a 16-channel VAE with a shift factor
     and the flow-matching Euler scheduler with SD3's shift of 3."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -300,6 +301,24 @@ def build_tiny_sd3_components(*, seed: int = 0) -> dict:
         pooled_projection_dim=80,
         pos_embed_max_size=16,
     ).eval()
+    text_encoder_3 = tokenizer_3 = None
+    if t5:
+        from transformers import T5Config, T5EncoderModel
+
+        from .tokenizer import build_t5_like_tokenizer
+
+        tokenizer_3 = build_t5_like_tokenizer(list(WORDS))
+        cfg = T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=96,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+        text_encoder_3 = T5EncoderModel(cfg).eval()
     vae_cfg = dict(_vae_config("tiny", 1, 8), latent_channels=16)
     vae_cfg.update(scaling_factor=1.5305, shift_factor=0.0609)
     vae = AutoencoderKL(**vae_cfg, use_quant_conv=False, use_post_quant_conv=False).eval()
@@ -310,17 +329,18 @@ def build_tiny_sd3_components(*, seed: int = 0) -> dict:
         tokenizer=tokenizer,
         text_encoder_2=encoders[1],
         tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
 
 
-def save_tiny_sd3(folder: str | Path, *, seed: int = 0) -> Path:
+def save_tiny_sd3(folder: str | Path, *, seed: int = 0, t5: bool = False) -> Path:
     """:func:`build_tiny_sd3_components` saved as a diffusers SD3 pipeline folder."""
     from diffusers import StableDiffusion3Pipeline
 
-    StableDiffusion3Pipeline(**build_tiny_sd3_components(seed=seed)).save_pretrained(folder)
+    c = build_tiny_sd3_components(seed=seed, t5=t5)
+    StableDiffusion3Pipeline(**c).save_pretrained(folder)
     return Path(folder)
 
 

@@ -87,3 +87,27 @@ def build_clip_tokenizer(words: list[str], folder: str | Path | None, max_length
     tok = CLIPTokenizer(vocab=str(vocab_path), merges=str(merges_path), model_max_length=max_length)
     tok.save_pretrained(str(folder))
     return tok
+
+
+def build_t5_like_tokenizer(words: list[str], max_length: int = 256):
+    """A T5-style tokenizer (``PreTrainedTokenizerFast``) for tiny test models, built offline
+    with the ``tokenizers`` library: one id per listed word (lower-cased, split on whitespace
+    and punctuation), ``<unk>`` for anything else, ``</s>`` appended, ``<pad>`` = 0 as T5's."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words) - set(specials)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
