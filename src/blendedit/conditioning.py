@@ -128,6 +128,35 @@ def encode_prompt_sd3(encoders, tokenizers, prompt, negative_prompt, n, cfg, dev
     return embeds, torch.cat([rows(pooled_u), rows(pooled)]), truncated
 
 
+#: Flux's T5 sequence length (diffusers' FluxPipeline's default max_sequence_length)
+FLUX_T5_LENGTH = 512
+
+
+def encode_prompt_flux(clip, clip_tok, t5, t5_tok, prompt, negative_prompt, n, cfg, device):
+    """Flux's conditioning for ``n`` samples, as :func:`encode_prompt` returns it: T5's last
+    states (the sequence the transformer attends to) and CLIP's pooled output (not projected);
+    [uncond; cond] rows only with ``cfg`` (models that are not guidance-distilled)."""
+
+    def embed(text: str):
+        pooled = clip(_ids(clip_tok, text, max_length(clip_tok, clip), device)).pooler_output
+        states = t5(_ids(t5_tok, text, FLUX_T5_LENGTH, device))[0]
+        return states.to(pooled.dtype), pooled
+
+    def rows(x):
+        return x.repeat(n, *[1] * (x.dim() - 1))
+
+    truncated = len(clip_tok(prompt).input_ids) > max_length(clip_tok, clip)
+    cond, pooled = embed(prompt)
+    if not cfg:
+        return rows(cond), rows(pooled), truncated
+    uncond, pooled_u = embed(negative_prompt)
+    return (
+        torch.cat([rows(uncond), rows(cond)]),
+        torch.cat([rows(pooled_u), rows(pooled)]),
+        truncated,
+    )
+
+
 #: The SDXL refiner's aesthetic score for the prompt's rows and the negative ones (its
 #: training's and diffusers' defaults).
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5

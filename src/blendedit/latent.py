@@ -20,6 +20,7 @@ from . import background as B
 from . import conditioning as C
 from . import masks as M
 from .checks import _as_mask, _as_pil, _check_float, _check_int, check_generator, check_prompt
+from .denoisers import guided_eps, is_guidance_distilled
 from .io import mask_to_tensor, pil_to_tensor, tensor_to_mask, tensor_to_pil
 from .options import (  # noqa: F401 (the options' names, where users import them from)
     _D,
@@ -62,29 +63,6 @@ class BlendedLatentDiffusionOutput:
 def blend(z: torch.Tensor, z_bg: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Latent blend (Blended Latent Diffusion, Alg. 1, line 7): m * z + (1 - m) * z_bg."""
     return m * z + (1 - m) * z_bg
-
-
-def guided_eps(
-    unet, z, t, embeds: torch.Tensor, guidance_scale: float, added: dict | None = None
-) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + s (eps_c - eps_u). ``embeds`` (and the ``added``
-    conditioning: SDXL's ``added_cond_kwargs``, or ``{"pooled_projections": ...}`` for SD3's
-    transformer, which predicts a velocity) are [uncond; cond] when guidance is on (2N rows),
-    else cond only (N rows)."""
-    flow = added is not None and "pooled_projections" in added  # SD3: velocity, keyword inputs
-    kw = dict(added) if flow else {} if added is None else {"added_cond_kwargs": added}
-
-    def run(x):
-        if flow:
-            t_rows = t.expand(len(x))
-            return unet(hidden_states=x, timestep=t_rows, encoder_hidden_states=embeds, **kw).sample
-        return unet(x, t, encoder_hidden_states=embeds, **kw).sample
-
-    if guidance_scale <= 1.0:
-        return run(z)
-    out = run(torch.cat([z, z]))
-    eps_u, eps_c = out.chunk(2)
-    return eps_u + guidance_scale * (eps_c - eps_u)
 
 
 def _randn(shape, generator: Generator, device, dtype) -> torch.Tensor:
@@ -256,7 +234,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
     @property
     def native_size(self) -> int:
         """The pixel size the UNet was trained at (512 for SD 1.x)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        size = getattr(self.unet.config, "sample_size", None) or 128  # Flux: 1024 px
+        return int(size) * self.vae_scale_factor
 
     # -- building blocks ------------------------------------------------------------------
 
@@ -267,7 +246,18 @@ class BlendedLatentDiffusionPipeline(OnUNet):
     @property
     def is_flow(self) -> bool:
         """A rectified-flow model (SD3): velocity prediction, z_t = (1 - sigma) z + sigma noise."""
-        return self.family == "sd3"
+        return self.family in ("sd3", "flux")
+
+    @property
+    def distilled_guidance(self) -> bool:
+        """Flux dev: the guidance scale is the model's input, no classifier-free guidance."""
+        return self.family == "flux" and is_guidance_distilled(self.unet)
+
+    @property
+    def pad_multiple(self) -> int:
+        """What the edited region's sides are padded to: the VAE's factor, and twice it for
+        Flux (its latents go in 2x2 patches)."""
+        return self.vae_scale_factor * (2 if self.family == "flux" else 1)
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str, n: int, cfg: bool):
@@ -275,6 +265,18 @@ class BlendedLatentDiffusionPipeline(OnUNet):
 
         Returns (embeds, pooled, truncated): ``pooled`` the same rows of SDXL's pooled
         embedding (None for SD), ``truncated`` whether the prompt lost tokens."""
+        if self.family == "flux":
+            return C.encode_prompt_flux(
+                self.text_encoder,
+                self.tokenizer,
+                self.text_encoder_2,
+                self.tokenizer_2,
+                prompt,
+                negative_prompt,
+                n,
+                cfg,
+                self.device,
+            )
         if self.family == "sd3":
             encoders = [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
             tokenizers = [self.tokenizer, self.tokenizer_2, self.tokenizer_3]
@@ -314,6 +316,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             span = cfg.max_image_seq_len - cfg.base_image_seq_len
             slope = (cfg.max_shift - cfg.base_shift) / span
             kw["mu"] = cfg.base_shift + slope * (seq - cfg.base_image_seq_len)
+        if self.family == "flux":  # as FluxPipeline: sigmas 1 ... 1/n before the shift
+            kw["sigmas"] = [1 - k / num_inference_steps for k in range(num_inference_steps)]
         self.scheduler.set_timesteps(num_inference_steps, device=self.device, **kw)
         n_run = min(int(num_inference_steps * strength), num_inference_steps)
         t_start = num_inference_steps - n_run
@@ -468,13 +472,13 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         x_pad, m_pad, (h, w) = self._region(x_full, mask_full, box, zoom)
 
         # 3. Encode the prompt
-        cfg = opts.guidance_scale > 1.0
+        cfg = opts.guidance_scale > 1.0 and not self.distilled_guidance
         embeds, pooled, truncated = self.encode_prompt(prompt, opts.negative_prompt, n, cfg)
         if truncated:
             warnings.append("prompt: longer than the text encoder's limit; truncated")
         geometry = (opts.micro_conditioning, (H, W), box, tuple(x_pad.shape[-2:]))
         added = (  # SDXL's pooled text and micro-conditioning, SD3's pooled text (SD: None)
-            {"pooled_projections": pooled}
+            {"kind": self.family, "pooled_projections": pooled}
             if self.is_flow
             else C.added_conditioning(pooled, *geometry)
         )
@@ -555,7 +559,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
     def zoom_size(self, box) -> tuple[int, int]:
         """(h, w) that ``box`` is resized to by ``crop_to_mask="zoom"``: its longer side the
         native size, the other in proportion, both multiples of the VAE's factor."""
-        f, n = self.vae_scale_factor, self.native_size
+        f, n = self.pad_multiple, self.native_size
         bh, bw = box[3] - box[1], box[2] - box[0]
         return tuple(max(f, round(s * n / max(bh, bw) / f) * f) for s in (bh, bw))
 
@@ -571,8 +575,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             # into latent cells the mask does not reach)
             mode = "nearest-exact" if size[0] >= m.shape[-2] else "area"
             return _resize(x, size), F.interpolate(m, size, mode=mode), size
-        x_pad, hw = M.pad_to_multiple(x, self.vae_scale_factor, "reflect")
-        m_pad, _ = M.pad_to_multiple(m, self.vae_scale_factor, "constant")
+        x_pad, hw = M.pad_to_multiple(x, self.pad_multiple, "reflect")
+        m_pad, _ = M.pad_to_multiple(m, self.pad_multiple, "constant")
         return x_pad, m_pad, hw
 
     def _finish(self, z, x_full, box, x_pad, m_pad, hw, mask_full, prompt, opts, timings, zoom):

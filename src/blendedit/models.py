@@ -137,7 +137,14 @@ def load_sd_components(
         tokenizer=pipe.tokenizer,
         scheduler=pipe.scheduler,
     )
-    if hasattr(pipe, "transformer"):  # SD3: three encoders (T5 optional), flow matching
+    if hasattr(pipe, "transformer") and not hasattr(pipe, "text_encoder_3"):  # Flux
+        c.update(
+            family="flux",
+            text_encoder_2=pipe.text_encoder_2,
+            tokenizer_2=pipe.tokenizer_2,
+            guidance_scale=FLUX_GUIDANCE_SCALE,
+        )
+    elif hasattr(pipe, "transformer"):  # SD3: three encoders (T5 optional), flow matching
         c.update(
             family="sd3",
             text_encoder_2=pipe.text_encoder_2,
@@ -288,6 +295,8 @@ def write_edit_defaults(folder: Path, guidance_scale: float, measured: str) -> N
 def _family(folder: Path) -> str:
     """A pipeline folder's family from its model_index.json (SD unless it names SDXL or SD3)."""
     name = _index(folder).get("_class_name", "")
+    if name.startswith("Flux"):
+        return "flux"
     return "sd3" if "StableDiffusion3" in name else "sdxl" if "XL" in name else "sd"
 
 
@@ -339,6 +348,11 @@ def _from_pretrained(family: str, source: str, kw: dict, local_files_only):
         StableDiffusionXLPipeline,
     )
 
+    if family == "flux":
+        from diffusers import FluxPipeline
+
+        kw = {k: v for k, v in kw.items() if "safety" not in k}
+        return FluxPipeline.from_pretrained(source, local_files_only=local_files_only, **kw)
     if family == "sd3":
         kw = {k: v for k, v in kw.items() if "safety" not in k}
         folder = Path(source) if Path(source).is_dir() else _cached_folder(source)
@@ -358,7 +372,11 @@ FAMILY_NAMES = {  # with the article
     "sd": "a Stable Diffusion 1.x/2.x",
     "sdxl": "an SDXL",
     "sd3": "a Stable Diffusion 3",
+    "flux": "a Flux",
 }
+#: Flux's default guidance (diffusers' FluxPipeline's; the guidance-distilled models take it as
+#: an input, not as classifier-free guidance).
+FLUX_GUIDANCE_SCALE = 3.5
 
 
 def _checkpoint_family(path: Path) -> str | None:
@@ -426,10 +444,10 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
                 f"model: {spec!r} is not a checkpoint (expected one of {SINGLE_FILE_SUFFIXES})"
             )
         family = _single_file_family(path, config, local_files_only)
-        if family == "sd3":
+        if family in ("sd3", "flux"):
             raise ModelNotFoundError(
-                f"model: single-file Stable Diffusion 3 checkpoints are not taken yet ({spec!r}); "
-                "pass the diffusers folder or hub id"
+                f"model: single-file {FAMILY_NAMES[family][2:]} checkpoints are not taken yet "
+                f"({spec!r}); pass the diffusers folder or hub id"
             )
         cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
         if family == "sdxl":

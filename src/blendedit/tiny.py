@@ -344,6 +344,62 @@ def save_tiny_sd3(folder: str | Path, *, seed: int = 0, t5: bool = False) -> Pat
     return Path(folder)
 
 
+def build_tiny_flux_components(*, seed: int = 0, guidance_embeds: bool = True) -> dict:
+    """Components of a tiny random Flux pipeline (keys as in diffusers' ``FluxPipeline``): a
+    CLIP text encoder (its pooled output, 32 wide), a tiny T5 encoder (96 wide) with a
+    word-level tokenizer built offline, a ``FluxTransformer2DModel`` (one double and one single
+    block; latents in 2x2 patches of 16 channels) that takes the guidance scale as an input
+    (``guidance_embeds``, as FLUX.1-dev; False: as schnell), a 16-channel VAE with a shift
+    factor, and the flow-matching Euler scheduler with resolution-dependent shifting."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    sd3 = build_tiny_sd3_components(seed=seed, t5=True)
+    tokenizer = sd3["tokenizer"]
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(_text_config("tiny", 1, len(tokenizer), **special_ids(tokenizer))).eval()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=96,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    vae_cfg = dict(_vae_config("tiny", 1, 8), latent_channels=16)
+    vae_cfg.update(scaling_factor=0.3611, shift_factor=0.1159)
+    vae = AutoencoderKL(**vae_cfg, use_quant_conv=False, use_post_quant_conv=False).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=sd3["text_encoder_3"],
+        tokenizer_2=sd3["tokenizer_3"],
+        scheduler=scheduler,
+    )
+
+
+def save_tiny_flux(folder: str | Path, *, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """:func:`build_tiny_flux_components` saved as a diffusers Flux pipeline folder."""
+    from diffusers import FluxPipeline
+
+    c = build_tiny_flux_components(seed=seed, guidance_embeds=guidance_embeds)
+    FluxPipeline(**c).save_pretrained(folder)
+    return Path(folder)
+
+
 def tiny_clip(tokenizer) -> CLIPModel:
     """A tiny random ``CLIPModel`` (32 px images, patch 8) for ``tokenizer``'s vocabulary."""
     ids = special_ids(tokenizer)

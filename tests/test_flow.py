@@ -1,5 +1,6 @@
-"""Stable Diffusion 3 on the latent path (issue 30, in part): a tiny random SD3 folder (no T5)
-built offline; the blend at the flow-matching sampler's exact sigma."""
+"""Flow-matching models on the latent path (issue 30): tiny random Stable Diffusion 3 (no T5,
+and with one) and Flux (guidance-distilled, and not) folders built offline; the blend at the
+flow-matching sampler's exact sigma."""
 
 import json
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from blendedit import BlendedLatentDiffusionPipeline
 from blendedit.cli import main
-from blendedit.tiny import save_tiny_sd3
+from blendedit.tiny import save_tiny_flux, save_tiny_sd3
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,21 @@ def sd3_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd3(sd3_folder):
     return BlendedLatentDiffusionPipeline.from_pretrained(str(sd3_folder))
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    return save_tiny_flux(tmp_path_factory.mktemp("flux") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def flux(flux_folder):
+    return BlendedLatentDiffusionPipeline.from_pretrained(str(flux_folder))
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def flow(request):
+    return request.getfixturevalue(request.param)
 
 
 def _inputs(size=64):
@@ -42,11 +58,11 @@ def test_the_folder_is_detected_as_a_flow_model_with_a_shifted_16_channel_vae(sd
     assert torch.allclose(z, (raw - cfg.shift_factor) * cfg.scaling_factor, atol=1e-5)
 
 
-def test_paste_keeps_every_pixel_and_latent_outside_and_seeds_reproduce(sd3):
+def test_paste_keeps_every_pixel_and_latent_outside_and_seeds_reproduce(flow):
     image, mask = _inputs()
 
     def run():
-        return sd3(
+        return flow(
             "a red cat",
             image,
             mask,
@@ -69,17 +85,17 @@ def test_paste_keeps_every_pixel_and_latent_outside_and_seeds_reproduce(sd3):
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5])
-def test_the_background_sits_at_the_samplers_sigma_after_every_step(sd3, strength):
+def test_the_background_sits_at_the_samplers_sigma_after_every_step(flow, strength):
     """After step i the sampler is at sigma_{i+1}; outside the mask the latents are exactly
     (1 - sigma) z_src + sigma noise at that sigma, and the clean source after the last step."""
     image, mask = _inputs()
     seen = []
 
     def callback(i, t, z):
-        k = sd3.scheduler.step_index  # the sampler's own position after this step
-        seen.append((i, float(sd3.scheduler.sigmas[k]), z.clone()))
+        k = flow.scheduler.step_index  # the sampler's own position after this step
+        seen.append((i, float(flow.scheduler.sigmas[k]), z.clone()))
 
-    out = sd3(
+    out = flow(
         "a red cat",
         image,
         mask,
@@ -100,7 +116,7 @@ def test_the_background_sits_at_the_samplers_sigma_after_every_step(sd3, strengt
         sigmas.append(sigma)
     assert sigmas == sorted(sigmas, reverse=True) and sigmas[-1] == 0.0
     if strength == 0.5:  # the last half of the shifted schedule: it starts below sigma 1
-        assert sd3.scheduler.sigmas[sd3.scheduler.begin_index] < 1
+        assert flow.scheduler.sigmas[flow.scheduler.begin_index] < 1
 
 
 def test_a_resolution_dependent_shift_grows_with_the_latent_grid(sd3):
@@ -173,3 +189,75 @@ def test_t5_conditions_sd3_when_the_folder_has_it_and_is_optional(tmp_path):
     image, mask = _inputs()
     out = pipe("a red cat", image, mask, num_inference_steps=2, generator=torch.Generator())
     assert np.array_equal(np.asarray(out.images[0])[~mask], np.asarray(image)[~mask])
+
+
+def test_flux_is_detected_with_its_guidance_input_and_packs_as_diffusers_does(flux):
+    from diffusers import FluxPipeline
+
+    from blendedit.denoisers import image_ids, pack, unpack
+
+    assert flux.family == "flux" and flux.is_flow and flux.distilled_guidance
+    assert flux.default_guidance_scale == 3.5 and flux.pad_multiple == 16
+    z = torch.randn(2, 16, 6, 8)
+    assert torch.equal(pack(z), FluxPipeline._pack_latents(z, 2, 16, 6, 8))
+    assert torch.equal(unpack(pack(z), 6, 8), z)
+    ref = FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32)
+    assert torch.equal(image_ids(6, 8, "cpu", torch.float32), ref)
+
+
+def test_flux_takes_the_guidance_scale_as_input_not_as_two_passes(flux, monkeypatch):
+    image, mask = _inputs(56)  # 56 px: padded to 64 (a multiple of 16 for 2x2 patches)
+    calls, real = [], flux.unet.forward
+
+    def forward(*a, **kw):
+        calls.append((kw["hidden_states"].shape, kw["guidance"], kw["img_ids"].shape))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(flux.unet, "forward", forward)
+    out = flux("a red cat", image, mask[:56, :56], num_inference_steps=2, guidance_scale=4.0)
+    assert len(calls) == 2  # one pass per step: no classifier-free guidance rows
+    shape, guidance, ids = calls[0]
+    assert shape == (1, 16, 64) and ids == (16, 3) and guidance.tolist() == [4.0]
+    assert np.array_equal(
+        np.asarray(out.images[0])[~mask[:56, :56]], np.asarray(image)[~mask[:56, :56]]
+    )
+
+
+def test_flux_without_guidance_embedding_uses_classifier_free_guidance(tmp_path):
+    pipe = BlendedLatentDiffusionPipeline.from_pretrained(
+        str(save_tiny_flux(tmp_path / "schnell", guidance_embeds=False))
+    )
+    assert not pipe.distilled_guidance
+    embeds, pooled, _ = pipe.encode_prompt("a red cat", "", 1, True)
+    assert embeds.shape == (2, 512, 96) and pooled.shape == (2, 32)
+    image, mask = _inputs()
+    a = pipe(
+        "a red cat",
+        image,
+        mask,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    b = pipe(
+        "a red cat",
+        image,
+        mask,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert not np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+
+
+def test_cli_edits_with_a_flux_folder(flux_folder, tmp_path):
+    image, mask = _inputs()
+    image.save(tmp_path / "in.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    args = ["edit", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"), "--prompt"]
+    args += ["a red cat", "--model", str(flux_folder), "--steps", "2", "--seed", "4", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    meta = json.loads((tmp_path / "a" / "in.json").read_text())
+    assert meta["options"]["guidance_scale"] == 3.5  # the model's own default
+    a = np.asarray(Image.open(tmp_path / "a" / "in-01-seed4.png"))
+    assert np.array_equal(a[~mask], np.asarray(image)[~mask])

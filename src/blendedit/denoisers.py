@@ -1,0 +1,87 @@
+"""One call for every family's denoiser, with classifier-free guidance.
+
+- Stable Diffusion / SDXL: ``UNet2DConditionModel(z, t, encoder_hidden_states, ...)``
+  predicts the noise (or v).
+- SD3: ``SD3Transformer2DModel`` takes keyword inputs, a timestep per row and the pooled text,
+  and predicts a velocity.
+- Flux: ``FluxTransformer2DModel`` takes the latents packed in 2x2 patches (a sequence of
+  (h/2)(w/2) tokens of 4 x channels), position ids for the image and text tokens, the timestep
+  as a fraction (t / 1000) and, when guidance-distilled, the guidance scale as an input instead
+  of classifier-free guidance. The pipeline keeps latents unpacked (so the mask blends them cell
+  by cell, as packing the mask the same way would); only this call packs and unpacks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, (h/2)(w/2), 4C): Flux's 2x2 patches, row-major."""
+    b, c, h, w = z.shape
+    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack` for an (h, w) latent grid."""
+    b, _, d = x.shape
+    x = x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """((h/2)(w/2), 3) Flux position ids of the packed latents: (0, row, column)."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.view(-1, 3).to(device, dtype)
+
+
+def is_guidance_distilled(model) -> bool:
+    """A Flux transformer that takes the guidance scale as an input (FLUX.1-dev)."""
+    return bool(getattr(model.config, "guidance_embeds", False))
+
+
+def _call(model, x, t, embeds, added: dict | None, guidance_scale: float) -> torch.Tensor:
+    added = added or {}
+    kind = added.get("kind")
+    if kind == "flux":
+        b, _, h, w = x.shape
+        g = None
+        if is_guidance_distilled(model):
+            g = torch.full((b,), guidance_scale, device=x.device, dtype=x.dtype)
+        out = model(
+            hidden_states=pack(x),
+            timestep=(t / 1000).expand(b).to(x.dtype),
+            guidance=g,
+            pooled_projections=added["pooled_projections"],
+            encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype),
+            img_ids=image_ids(h, w, x.device, x.dtype),
+        ).sample
+        return unpack(out, h, w)
+    if kind == "sd3":
+        return model(
+            hidden_states=x,
+            timestep=t.expand(len(x)),
+            encoder_hidden_states=embeds,
+            pooled_projections=added["pooled_projections"],
+        ).sample
+    kw = {"added_cond_kwargs": added} if added else {}
+    return model(x, t, encoder_hidden_states=embeds, **kw).sample
+
+
+def guided_eps(
+    unet, z, t, embeds: torch.Tensor, guidance_scale: float, added: dict | None = None
+) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + s (eps_c - eps_u). ``embeds`` and the ``added``
+    conditioning (SDXL's ``added_cond_kwargs``; ``{"kind": "sd3" | "flux",
+    "pooled_projections": ...}`` for the flow transformers) are [uncond; cond] when guidance is
+    on (2N rows), else cond only (N rows). A guidance-distilled Flux model runs once, with the
+    scale as its input."""
+    if guidance_scale <= 1.0 or len(embeds) == len(z):  # no CFG rows (Flux dev: distilled)
+        return _call(unet, z, t, embeds, added, guidance_scale)
+    out = _call(unet, torch.cat([z, z]), t, embeds, added, guidance_scale)
+    eps_u, eps_c = out.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
