@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -30,12 +32,19 @@ def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, d // 4, h, w)
 
 
+@functools.lru_cache(maxsize=8)  # built once per grid, not at every step
 def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     """((h/2)(w/2), 3) Flux position ids of the packed latents: (0, row, column)."""
     ids = torch.zeros(h // 2, w // 2, 3)
     ids[..., 1] = torch.arange(h // 2)[:, None]
     ids[..., 2] = torch.arange(w // 2)[None, :]
     return ids.view(-1, 3).to(device, dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _text_ids(n: int, device, dtype) -> torch.Tensor:
+    """(n, 3) Flux position ids of the text tokens: all zeros."""
+    return torch.zeros(n, 3, device=device, dtype=dtype)
 
 
 def is_guidance_distilled(model) -> bool:
@@ -57,7 +66,7 @@ def _call(model, x, t, embeds, added: dict | None, guidance_scale: float) -> tor
             guidance=g,
             pooled_projections=added["pooled_projections"],
             encoder_hidden_states=embeds,
-            txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype),
+            txt_ids=_text_ids(embeds.shape[1], x.device, x.dtype),
             img_ids=image_ids(h, w, x.device, x.dtype),
         ).sample
         return unpack(out, h, w)

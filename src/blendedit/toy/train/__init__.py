@@ -6,6 +6,7 @@
     python -m blendedit.toy.train unet   --data runs/toy/data --clip runs/toy/clip \
                                          --vae runs/toy/vae --out runs/toy/unet
     python -m blendedit.toy.train pixel  --data runs/toy/data --out runs/toy/pixel
+    python -m blendedit.toy.train guide-clip --out runs/toy/guide-clip   # CLIP on the pixel x̂0
     python -m blendedit.toy.train assemble --work runs/toy --dest src/blendedit/assets/toy
 
 (also ``blendedit train-toy ...``). Every run writes to its ``--out`` folder: ``checkpoint.pt``
@@ -16,8 +17,9 @@ finished run. The data stream is a function of (seed, step), so a resumed run se
 uninterrupted one would have.
 
 Modules: ``arch`` (configs), ``loop`` (the shared training loop), ``clip``, ``vae``, ``unet``,
-``pixel`` (one per model), ``snapshots``, ``assemble`` (the shipped folder) and ``cli``; what the
-evaluation shares with them is in :mod:`blendedit.toy.common`.
+``pixel`` (one per model), ``guide_clip`` (Blended Diffusion's guidance CLIP), ``snapshots``,
+``assemble`` (the shipped folder) and ``cli``; what the evaluation shares with them is in
+:mod:`blendedit.toy.common`.
 """
 
 import time  # noqa: F401 (tests pause the clock through it)
