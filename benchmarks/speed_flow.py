@@ -38,6 +38,21 @@ with quiet_transformers():
     )
 
 
+def ours_for(c: dict, family: str) -> BlendedLatentDiffusionPipeline:
+    """Our pipeline on diffusers' components ``c`` (its own copy of the scheduler)."""
+    names = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    sched = c["scheduler"]
+    return BlendedLatentDiffusionPipeline(
+        c["transformer"],
+        c["vae"],
+        c["text_encoder"],
+        c["tokenizer"],
+        type(sched).from_config(sched.config),
+        family=family,
+        **{k: c[k] for k in names if k in c},
+    )
+
+
 def sd3_pipelines(layers: int, heads: int, size: int):
     c = build_tiny_sd3_components(t5=True)
     torch.manual_seed(0)
@@ -54,21 +69,7 @@ def sd3_pipelines(layers: int, heads: int, size: int):
         pooled_projection_dim=80,
         pos_embed_max_size=size // 8,
     ).eval()
-    theirs = StableDiffusion3InpaintPipeline(**c)
-    sched = c.pop("scheduler")
-    ours = BlendedLatentDiffusionPipeline(
-        c["transformer"],
-        c["vae"],
-        c["text_encoder"],
-        c["tokenizer"],
-        type(sched).from_config(sched.config),
-        text_encoder_2=c["text_encoder_2"],
-        tokenizer_2=c["tokenizer_2"],
-        text_encoder_3=c["text_encoder_3"],
-        tokenizer_3=c["tokenizer_3"],
-        family="sd3",
-    )
-    return ours, theirs, c["transformer"]
+    return ours_for(c, "sd3"), StableDiffusion3InpaintPipeline(**c), c["transformer"]
 
 
 def flux_pipelines(layers: int, heads: int, size: int):
@@ -86,19 +87,7 @@ def flux_pipelines(layers: int, heads: int, size: int):
         guidance_embeds=True,
         axes_dims_rope=(8, 12, 12),
     ).eval()
-    theirs = FluxInpaintPipeline(**c)
-    sched = c.pop("scheduler")
-    ours = BlendedLatentDiffusionPipeline(
-        c["transformer"],
-        c["vae"],
-        c["text_encoder"],
-        c["tokenizer"],
-        type(sched).from_config(sched.config),
-        text_encoder_2=c["text_encoder_2"],
-        tokenizer_2=c["tokenizer_2"],
-        family="flux",
-    )
-    return ours, theirs, c["transformer"]
+    return ours_for(c, "flux"), FluxInpaintPipeline(**c), c["transformer"]
 
 
 def pair(ours, theirs, image, mask, common: dict, size: dict) -> dict:

@@ -61,3 +61,22 @@ def save_sd_folder(folder, *, unet, vae, text_encoder, tokenizer, scheduler) -> 
         feature_extractor=None,
         requires_safety_checker=False,
     ).save_pretrained(folder)
+
+
+def edit_twice_and_check_paste(pipe, image, mask, **kw):
+    """Edit twice with the same per-sample generators (seeds 1 and 2): the images are equal
+    run to run, and every pixel outside ``mask`` (a bool array) is the input's. Returns the
+    first run's output."""
+    import numpy as np
+    import torch
+
+    def run():
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        return pipe("a red cat", image, mask, num_images_per_prompt=2, generator=gens, **kw)
+
+    a, b = run(), run()
+    src = np.asarray(image)
+    for img_a, img_b in zip(a.images, b.images):
+        assert np.array_equal(np.asarray(img_a), np.asarray(img_b))
+        assert np.array_equal(np.asarray(img_a)[~mask], src[~mask])
+    return a

@@ -164,6 +164,27 @@ def load_sd_components(
     return c
 
 
+def _load_part(cls, flag: str, what: str, spec: str, torch_dtype, local_files_only, **kw):
+    """``cls.from_pretrained`` of a local folder (offline) or hub id for the option ``flag``
+    (``vae``, ``refiner``); a :class:`ModelNotFoundError` naming ``what`` was expected."""
+    path = Path(spec).expanduser()
+    if _looks_like_path(spec) and not path.is_dir():
+        raise ModelNotFoundError(f"{flag}: no such folder: {spec!r}")
+    try:
+        with quiet_transformers():
+            return cls.from_pretrained(
+                str(path) if path.is_dir() else spec,
+                local_files_only=True if path.is_dir() else local_files_only,
+                **dtype_kwargs(torch_dtype),
+                **kw,
+            )
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"{flag}: cannot load {spec!r} as {what} folder or hub id "
+            f"({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
+
+
 def load_vae(spec: str, unet, own_vae, torch_dtype=None, local_files_only=None):
     """An ``AutoencoderKL`` from a folder (the VAE's own, or a pipeline folder with ``vae/``)
     or hub id, to replace ``own_vae``; a :class:`ModelNotFoundError` when it cannot be loaded
@@ -172,21 +193,9 @@ def load_vae(spec: str, unet, own_vae, torch_dtype=None, local_files_only=None):
 
     path = Path(spec).expanduser()
     sub = "vae" if path.is_dir() and (path / "vae" / "config.json").is_file() else None
-    if _looks_like_path(spec) and not path.is_dir():
-        raise ModelNotFoundError(f"vae: no such folder: {spec!r}")
-    try:
-        with quiet_transformers():
-            vae = AutoencoderKL.from_pretrained(
-                str(path) if path.is_dir() else spec,
-                subfolder=sub,
-                local_files_only=True if path.is_dir() else local_files_only,
-                **dtype_kwargs(torch_dtype),
-            )
-    except Exception as e:
-        raise ModelNotFoundError(
-            f"vae: cannot load {spec!r} as an AutoencoderKL folder or hub id "
-            f"({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from e
+    vae = _load_part(
+        AutoencoderKL, "vae", "an AutoencoderKL", spec, torch_dtype, local_files_only, subfolder=sub
+    )
     got, want = vae.config.latent_channels, unet.config.in_channels
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     own = 2 ** (len(own_vae.config.block_out_channels) - 1)
@@ -213,25 +222,21 @@ def load_refiner(spec: str, base_unet, base_is_sdxl: bool, torch_dtype=None, loc
         )
     path = Path(spec).expanduser()
     if _looks_like_path(spec) and not path.is_dir():
-        raise ModelNotFoundError(f"refiner: no such folder: {spec!r} (a diffusers folder)")
+        raise ModelNotFoundError(f"refiner: no such folder: {spec!r}")
     family = _family(path) if path.is_dir() else _hub_family(spec, local_files_only, None)
     if family == "sd":
         raise ModelNotFoundError(
             f"refiner: {spec!r} is {FAMILY_NAMES['sd']} pipeline, not an SDXL refiner "
             "(e.g. stabilityai/stable-diffusion-xl-refiner-1.0)"
         )
-    try:
-        with quiet_transformers():
-            pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-                str(path) if path.is_dir() else spec,
-                local_files_only=True if path.is_dir() else local_files_only,
-                **dtype_kwargs(torch_dtype),
-            )
-    except Exception as e:
-        raise ModelNotFoundError(
-            f"refiner: cannot load {spec!r} as an SDXL refiner folder or hub id "
-            f"({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from e
+    pipe = _load_part(
+        StableDiffusionXLImg2ImgPipeline,
+        "refiner",
+        "an SDXL refiner",
+        spec,
+        torch_dtype,
+        local_files_only,
+    )
     unet = pipe.unet
     if getattr(unet.config, "addition_embed_type", None) != "text_time" or (
         pipe.text_encoder_2 is None

@@ -105,11 +105,7 @@ def train_clip(args) -> None:
 
     if not run.train(loss_fn):
         return
-    model.load_state_dict(run.final_state())
-    folder = out / "model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    write_preprocessor(folder)
+    folder = save_clip_run(run, model, tok)
     from ..evaluate import clip_zero_shot
 
     acc = clip_zero_shot(folder, n=300)
@@ -146,6 +142,17 @@ def train_clip(args) -> None:
             else ""
         ),
     )
+
+
+def save_clip_run(run: Run, model, tok) -> Path:
+    """A finished CLIP run's weights (the final state) and tokenizer, as a CLIP folder in the
+    run's ``model/``, with the image preprocessor the shipped CLIP has."""
+    model.load_state_dict(run.final_state())
+    folder = run.out / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_preprocessor(folder)
+    return folder
 
 
 def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:

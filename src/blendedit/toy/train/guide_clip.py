@@ -114,7 +114,7 @@ def train_guide_clip(args) -> None:
     from ... import BlendedDiffusionPipeline
     from ... import guidance as G
     from ..common import tokenize
-    from .arch import write_preprocessor
+    from .clip import save_clip_run
     from .loop import _model_dir
 
     out = Path(args.out)
@@ -150,11 +150,7 @@ def train_guide_clip(args) -> None:
 
     if not run.train(loss_fn):
         return
-    model.load_state_dict(run.final_state())
-    folder = out / "model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    write_preprocessor(folder)
+    save_clip_run(run, model, tok)
     write_card(
         out,
         "Shapes World guidance CLIP (x̂0)",
