@@ -639,17 +639,74 @@ def vae_other_latent_size(c):
     return Case(c.argv(c.image(), c.mask(), "--vae", vae), lib)
 
 
-@case
-def model_sd3_single_file(c):
+def _flow_file(c, family: str, **kw) -> Path:
+    """A tiny SD3 or Flux transformer saved under its original names, as these releases ship."""
     from safetensors.torch import save_file
 
+    from blendedit.ldm_format import transformer_to_original
+    from blendedit.tiny import build_tiny_flux_components, build_tiny_sd3_components
+
+    build = build_tiny_sd3_components if family == "sd3" else build_tiny_flux_components
+    state = build(**kw)["transformer"].state_dict()
+    f = c.d / f"{family}.safetensors"
+    save_file(transformer_to_original(family, state), str(f))
+    return f
+
+
+def _file_with_config(c, f: Path, config: Path) -> Case:
+    lib = lambda: BlendedLatentDiffusionPipeline.from_pretrained(str(f), config=str(config))  # noqa: E731
+    return Case(c.argv(c.image(), c.mask(), "--config", str(config), model=str(f)), lib)
+
+
+@case
+def model_flow_file_without_config(c):
+    return _model_case(c, str(_flow_file(c, "sd3")))
+
+
+@case
+def model_flux_file_other_config(c):
+    from blendedit.tiny import save_tiny_flux
+
+    schnell = _flow_file(c, "flux", guidance_embeds=False)
+    return _file_with_config(c, schnell, save_tiny_flux(c.d / "flux-dev"))
+
+
+@case
+def model_flux_file_sd3_config(c):
     from blendedit.tiny import save_tiny_sd3
 
-    f = c.d / "sd3.safetensors"
-    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2)}, f)
-    sd3 = save_tiny_sd3(c.d / "sd3")
-    lib = lambda: BlendedLatentDiffusionPipeline.from_pretrained(str(f), config=str(sd3))  # noqa: E731
-    return Case(c.argv(c.image(), c.mask(), "--config", str(sd3), model=str(f)), lib)
+    return _file_with_config(c, _flow_file(c, "flux"), save_tiny_sd3(c.d / "sd3"))
+
+
+def _flow_model_case(c, family: str, flags: list[str], **lib_kw) -> Case:
+    from blendedit.tiny import save_tiny_flux, save_tiny_sd3
+
+    folder = str((save_tiny_sd3 if family == "sd3" else save_tiny_flux)(c.d / family))
+    img, m = c.image(), c.mask()
+    load = {k: lib_kw.pop(k) for k in ("scheduler", "refiner") if k in lib_kw}
+
+    def lib():
+        pipe = BlendedLatentDiffusionPipeline.from_pretrained(folder, **load)
+        pipe("a red circle", load_image(img), load_mask(m), num_inference_steps=2, **lib_kw)
+
+    return Case(c.argv(img, m, *flags, model=folder), lib)
+
+
+@case
+def refiner_flow_model(c):
+    sd = str(_sd_folder(c))
+    return _flow_model_case(c, "sd3", ["--refiner", sd], refiner=sd)
+
+
+@case
+def scheduler_flow_model(c):
+    return _flow_model_case(c, "flux", ["--scheduler", "euler"], scheduler="euler")
+
+
+@case
+def negative_prompt_distilled_flux(c):
+    flags = ["--negative-prompt", "blurry"]
+    return _flow_model_case(c, "flux", flags, negative_prompt="blurry")
 
 
 class _RunsCode:

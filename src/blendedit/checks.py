@@ -23,6 +23,30 @@ def check_prompt(prompt) -> None:
         )
 
 
+def check_negative_prompt(negative_prompt, distilled: bool) -> None:
+    """A negative prompt is a string; a guidance-distilled model (FLUX.1-dev: the guidance
+    scale is its input) makes no unconditional pass for one to replace, so none is taken."""
+    if not isinstance(negative_prompt, str):
+        raise ValueError(f"negative_prompt: expected a string, got {negative_prompt!r}")
+    if distilled and negative_prompt.strip():
+        raise ValueError(
+            "negative_prompt: this Flux model is guidance-distilled (it takes the guidance scale "
+            "as an input and runs one pass per step), so a negative prompt would have no effect; "
+            "leave it out"
+        )
+
+
+def check_flow_scheduler(name: str, family: str) -> None:
+    """Flow-matching models (SD3, Flux) sample with their own flow-matching Euler sampler;
+    only the default name is taken for them."""
+    if name != "ddim":
+        raise ValueError(
+            f"scheduler: {name!r} is a sampler for Stable Diffusion 1.x/2.x and SDXL; this "
+            f"{family.upper()} model samples with its own flow-matching Euler sampler (leave "
+            "--scheduler out)"
+        )
+
+
 def check_generator(generator, n: int, what: str) -> None:
     """``generator``: None, one ``torch.Generator``, or a list of ``n`` (``what`` names n)."""
     if isinstance(generator, list):

@@ -268,8 +268,8 @@ def _add_common(
     )
     p.add_argument(
         "--config",
-        help="for a single-file --model: diffusers folder or hub id "
-        "giving its architecture (needed offline)",
+        help="for a single-file --model: diffusers folder or hub id giving its architecture "
+        "(SD, SDXL: needed offline; SD3, Flux: always, for the VAE, text encoders, scheduler)",
     )
     p.add_argument(
         "--vae",
@@ -282,7 +282,10 @@ def _add_common(
         "last --refiner-fraction of the steps",
     )
     p.add_argument(
-        "--scheduler", default="ddim", choices=SCHEDULERS, help="sampler (default: ddim)"
+        "--scheduler",
+        default="ddim",
+        choices=SCHEDULERS,
+        help="sampler of SD and SDXL models; SD3 and Flux keep their own (default: ddim)",
     )
     p.add_argument(
         "--rank-model",
@@ -435,7 +438,7 @@ def _reconstruct(args) -> int:
     check_output_folder(out)
     spec = ModelSpec(
         model=args.model or meta.get("model", DEFAULT_MODEL),
-        scheduler=meta.get("scheduler", "ddim"),
+        scheduler=_recorded_sampler(meta.get("scheduler")),
         rank_model=_recorded_ranker(meta.get("rank_model")),
         device=args.device,
         dtype=args.dtype,
@@ -450,6 +453,12 @@ def _reconstruct(args) -> int:
     if not args.quiet:
         print(f"reconstruct: {json.dumps(sidecar['timings'])}", file=sys.stderr)
     return 0
+
+
+def _recorded_sampler(name) -> str:
+    """The ``--scheduler`` a sidecar's sampler names (a flow model's own sampler, recorded by
+    name, is what the default gives it)."""
+    return name if name in SCHEDULERS else "ddim"
 
 
 def _recorded_ranker(rank_model: str | None) -> str:

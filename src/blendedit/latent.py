@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import background as B
+from . import checks
 from . import conditioning as C
 from . import masks as M
 from .checks import _as_mask, _as_pil, _check_float, _check_int, check_generator, check_prompt
@@ -182,10 +183,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             **sdxl,
         )
         if refiner is not None:
-            sdxl_base = "text_encoder_2" in c
-            pipe.refiner = load_refiner(
-                refiner, c["unet"], sdxl_base, torch_dtype, local_files_only
-            )
+            family = pipe.family
+            pipe.refiner = load_refiner(refiner, c["unet"], family, torch_dtype, local_files_only)
         pipe.set_scheduler(scheduler)
         pipe.default_guidance_scale = c.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
         return pipe
@@ -200,7 +199,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
         if self.is_flow:  # flow-matching models keep their own (Euler) sampler
-            return
+            return checks.check_flow_scheduler(name, self.family)
         cfg = self.scheduler.config
         if name == "ddim":
             self.scheduler = DDIMScheduler.from_config(cfg)
@@ -339,8 +338,7 @@ class BlendedLatentDiffusionPipeline(OnUNet):
     def check_inputs(self, prompt, image, mask, opts: LatentEditOptions, generator, callback):
         """Validate every argument once; returns (PIL image, float mask (1, 1, H, W))."""
         check_prompt(prompt)
-        if not isinstance(opts.negative_prompt, str):
-            raise ValueError(f"negative_prompt: expected a string, got {opts.negative_prompt!r}")
+        checks.check_negative_prompt(opts.negative_prompt, self.distilled_guidance)
         _check_int("num_inference_steps", opts.num_inference_steps, 1, 10_000)
         _check_int("num_images_per_prompt", opts.num_images_per_prompt, 1, 1024)
         if opts.shrink_iterations != "auto":

@@ -216,3 +216,215 @@ def save_single_file(components: dict, path: str | Path) -> Path:
     path = Path(path)
     save_file(to_ldm_state_dict(components), str(path))
     return path
+
+
+# --- transformers of the flow-matching families (SD3's MMDiT, Flux) ---------------------------
+# The original names, as Stability's and Black Forest Labs' releases ship them: SD3 under
+# ``model.diffusion_model.`` (``joint_blocks.i.x_block`` / ``.context_block``, fused ``attn.qkv``),
+# Flux bare or under the same prefix (``double_blocks.i``, ``single_blocks.i`` whose ``linear1``
+# fuses q, k, v and the MLP's input). An entry maps diffusers module names (several: fused in
+# this order along dim 0) to one original name; its kind says which parameters it has: ``lin``
+# weight and bias, ``w`` a norm's weight, ``scale`` a norm's weight named ``scale``, ``t`` one
+# tensor, ``swap`` a linear layer whose output halves are (scale, shift) in diffusers and
+# (shift, scale) in the original. Both directions read the same tables, so they are exact
+# inverses; the fused tensors are split at the sizes of the model they are loaded into.
+
+_PARAMS = {
+    "lin": (("weight", "weight"), ("bias", "bias")),
+    "swap": (("weight", "weight"), ("bias", "bias")),
+    "w": (("weight", "weight"),),
+    "scale": (("weight", "scale"),),
+    "t": (("", ""),),
+}
+_PREFIX = "model.diffusion_model."
+_IO = ("in_layer", "out_layer")  # Flux's embedding MLPs
+
+
+def _emb(diffusers: str, original: str, layers=("mlp.0", "mlp.2")) -> list:
+    """A two-layer embedding MLP (diffusers' ``linear_1``, ``linear_2``)."""
+    return [
+        ((f"time_text_embed.{diffusers}.linear_{n}",), f"{original}.{layer}", "lin")
+        for n, layer in zip((1, 2), layers)
+    ]
+
+
+def _qkv(d: str, names=("to_q", "to_k", "to_v")) -> tuple:
+    return tuple(f"{d}{n}" for n in names)
+
+
+def _sd3_entries(n_blocks: int, pre_only) -> list:
+    """SD3's table; ``pre_only(i)``: block i is the last, context-only one (no context output
+    projection or MLP; its context modulation is (scale, shift) like the final layer's)."""
+    e = [
+        (("pos_embed.pos_embed",), "pos_embed", "t"),
+        (("pos_embed.proj",), "x_embedder.proj", "lin"),
+        (("context_embedder",), "context_embedder", "lin"),
+        (("proj_out",), "final_layer.linear", "lin"),
+        (("norm_out.linear",), "final_layer.adaLN_modulation.1", "swap"),
+        *_emb("timestep_embedder", "t_embedder"),
+        *_emb("text_embedder", "y_embedder"),
+    ]
+    for i in range(n_blocks):
+        d, x, c = (
+            f"transformer_blocks.{i}.",
+            f"joint_blocks.{i}.x_block.",
+            f"joint_blocks.{i}.context_block.",
+        )
+        e += [
+            (_qkv(d + "attn."), x + "attn.qkv", "lin"),
+            (_qkv(d + "attn.", ("add_q_proj", "add_k_proj", "add_v_proj")), c + "attn.qkv", "lin"),
+            ((d + "attn.norm_q",), x + "attn.ln_q", "w"),
+            ((d + "attn.norm_k",), x + "attn.ln_k", "w"),
+            ((d + "attn.norm_added_q",), c + "attn.ln_q", "w"),
+            ((d + "attn.norm_added_k",), c + "attn.ln_k", "w"),
+            ((d + "attn.to_out.0",), x + "attn.proj", "lin"),
+            ((d + "attn.to_add_out",), c + "attn.proj", "lin"),
+            (_qkv(d + "attn2."), x + "attn2.qkv", "lin"),
+            ((d + "attn2.norm_q",), x + "attn2.ln_q", "w"),
+            ((d + "attn2.norm_k",), x + "attn2.ln_k", "w"),
+            ((d + "attn2.to_out.0",), x + "attn2.proj", "lin"),
+            ((d + "norm1.linear",), x + "adaLN_modulation.1", "lin"),
+            (
+                (d + "norm1_context.linear",),
+                c + "adaLN_modulation.1",
+                "swap" if pre_only(i) else "lin",
+            ),
+            ((d + "ff.net.0.proj",), x + "mlp.fc1", "lin"),
+            ((d + "ff.net.2",), x + "mlp.fc2", "lin"),
+            ((d + "ff_context.net.0.proj",), c + "mlp.fc1", "lin"),
+            ((d + "ff_context.net.2",), c + "mlp.fc2", "lin"),
+        ]
+    return e
+
+
+def _flux_entries(n_double: int, n_single: int) -> list:
+    e = [
+        (("context_embedder",), "txt_in", "lin"),
+        (("x_embedder",), "img_in", "lin"),
+        (("proj_out",), "final_layer.linear", "lin"),
+        (("norm_out.linear",), "final_layer.adaLN_modulation.1", "swap"),
+        *_emb("timestep_embedder", "time_in", _IO),
+        *_emb("text_embedder", "vector_in", _IO),
+        *_emb("guidance_embedder", "guidance_in", _IO),
+    ]
+    for i in range(n_double):
+        d, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        e += [
+            ((d + "norm1.linear",), o + "img_mod.lin", "lin"),
+            ((d + "norm1_context.linear",), o + "txt_mod.lin", "lin"),
+            (_qkv(d + "attn."), o + "img_attn.qkv", "lin"),
+            (
+                _qkv(d + "attn.", ("add_q_proj", "add_k_proj", "add_v_proj")),
+                o + "txt_attn.qkv",
+                "lin",
+            ),
+            ((d + "attn.norm_q",), o + "img_attn.norm.query_norm", "scale"),
+            ((d + "attn.norm_k",), o + "img_attn.norm.key_norm", "scale"),
+            ((d + "attn.norm_added_q",), o + "txt_attn.norm.query_norm", "scale"),
+            ((d + "attn.norm_added_k",), o + "txt_attn.norm.key_norm", "scale"),
+            ((d + "attn.to_out.0",), o + "img_attn.proj", "lin"),
+            ((d + "attn.to_add_out",), o + "txt_attn.proj", "lin"),
+            ((d + "ff.net.0.proj",), o + "img_mlp.0", "lin"),
+            ((d + "ff.net.2",), o + "img_mlp.2", "lin"),
+            ((d + "ff_context.net.0.proj",), o + "txt_mlp.0", "lin"),
+            ((d + "ff_context.net.2",), o + "txt_mlp.2", "lin"),
+        ]
+    for i in range(n_single):
+        d, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        e += [
+            ((d + "norm.linear",), o + "modulation.lin", "lin"),
+            ((*_qkv(d + "attn."), d + "proj_mlp"), o + "linear1", "lin"),
+            ((d + "attn.norm_q",), o + "norm.query_norm", "scale"),
+            ((d + "attn.norm_k",), o + "norm.key_norm", "scale"),
+            ((d + "proj_out",), o + "linear2", "lin"),
+        ]
+    return e
+
+
+def _count(keys, head: str) -> int:
+    """How many blocks ``head.i.`` the names hold."""
+    idx = [int(k[len(head) + 1 :].split(".")[0]) for k in keys if k.startswith(head + ".")]
+    return max(idx) + 1 if idx else 0
+
+
+def _entries(family: str, state: dict, original: bool) -> list:
+    """The family's table for a state dict in the original (``original``) or diffusers layout."""
+    if family == "sd3":
+        head = "joint_blocks" if original else "transformer_blocks"
+        if original:
+            pre = lambda i: f"joint_blocks.{i}.context_block.attn.proj.weight" not in state  # noqa: E731
+        else:
+            pre = lambda i: f"transformer_blocks.{i}.attn.to_add_out.weight" not in state  # noqa: E731
+        return _sd3_entries(_count(state, head), pre)
+    if original:
+        return _flux_entries(_count(state, "double_blocks"), _count(state, "single_blocks"))
+    return _flux_entries(
+        _count(state, "transformer_blocks"), _count(state, "single_transformer_blocks")
+    )
+
+
+def _join(name: str, param: str) -> str:
+    return f"{name}.{param}" if param else name
+
+
+def _swap(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a])
+
+
+def _convert(entries, state: dict, to_original: bool, shapes: dict | None = None) -> dict:
+    """Rename ``state`` by ``entries`` (diffusers -> original, or back, splitting fused tensors
+    at ``shapes``' sizes); a ValueError names any tensor the table does not place."""
+    out, used = {}, set()
+    for names, orig, kind in entries:
+        for p, q in _PARAMS[kind]:
+            dkeys, okey = [_join(n, p) for n in names], _join(orig, q)
+            if to_original:
+                if not all(k in state for k in dkeys):
+                    continue
+                t = torch.cat([state[k] for k in dkeys])
+                out[okey], used = (_swap(t) if kind == "swap" else t), used | set(dkeys)
+            elif okey in state:
+                t, used = state[okey], used | {okey}
+                t = _swap(t) if kind == "swap" else t
+                if len(dkeys) == 1:
+                    out[dkeys[0]] = t
+                    continue
+                sizes = [shapes[k][0] if k in shapes else -1 for k in dkeys]
+                if -1 in sizes or sum(sizes) != t.shape[0]:
+                    raise ValueError(f"{okey} has {t.shape[0]} rows, the model's {dkeys} {sizes}")
+                out.update(zip(dkeys, torch.split(t, sizes)))
+    left = sorted(set(state) - used)
+    if left:
+        raise ValueError(f"{len(left)} tensor(s) of no known place, e.g. {left[:3]}")
+    return out
+
+
+def transformer_to_original(family: str, state: dict) -> dict:
+    """A diffusers ``SD3Transformer2DModel`` (``family`` "sd3") or ``FluxTransformer2DModel``
+    ("flux") state dict under its original names (SD3's with the ``model.diffusion_model.``
+    prefix its releases carry, Flux's bare, as Black Forest Labs ship it)."""
+    out = _convert(_entries(family, state, original=False), state, True)
+    prefix = _PREFIX if family == "sd3" else ""
+    return {prefix + k: v.detach().contiguous() for k, v in out.items()}
+
+
+def transformer_from_original(family: str, state: dict, shapes: dict) -> dict:
+    """The inverse of :func:`transformer_to_original`, for a model whose parameter shapes are
+    ``shapes`` (name -> shape; they say where fused tensors split). Only the transformer's
+    tensors are read: those under ``model.diffusion_model.`` when the file has that prefix
+    (files that also hold a VAE or text encoders), else all of them."""
+    if any(k.startswith(_PREFIX) for k in state):
+        state = {k[len(_PREFIX) :]: v for k, v in state.items() if k.startswith(_PREFIX)}
+    return _convert(_entries(family, state, original=True), state, False, shapes)
+
+
+def original_family(keys) -> str | None:
+    """ "sd3" or "flux" when tensor names are an original-format transformer's, else None."""
+    for k in keys:
+        k = k[len(_PREFIX) :] if k.startswith(_PREFIX) else k
+        if k.startswith("joint_blocks."):
+            return "sd3"
+        if k.startswith("double_blocks."):
+            return "flux"
+    return None

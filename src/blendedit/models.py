@@ -208,25 +208,25 @@ def load_vae(spec: str, unet, own_vae, torch_dtype=None, local_files_only=None):
     return vae
 
 
-def load_refiner(spec: str, base_unet, base_is_sdxl: bool, torch_dtype=None, local_files_only=None):
+def load_refiner(spec: str, base_unet, base_family: str, torch_dtype=None, local_files_only=None):
     """An SDXL refiner's parts (``unet``, its text encoders and tokenizers, ``aesthetic``,
     ``force_zeros``) from a diffusers folder or hub id; a :class:`ModelNotFoundError` for
     anything that is not an SDXL refiner or base taking ``base_unet``'s latents, or a base
-    model that is not SDXL."""
+    model (of ``base_family``) that is not SDXL."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    if not base_is_sdxl:
+    if base_family != "sdxl":
         raise ModelNotFoundError(
-            "refiner: a refiner follows an SDXL base model, and --model is a Stable Diffusion "
-            "1.x/2.x one; drop --refiner or pass an SDXL --model"
+            f"refiner: a refiner follows an SDXL base model, and --model is "
+            f"{FAMILY_NAMES[base_family]} model; drop --refiner or pass an SDXL --model"
         )
     path = Path(spec).expanduser()
     if _looks_like_path(spec) and not path.is_dir():
         raise ModelNotFoundError(f"refiner: no such folder: {spec!r}")
     family = _family(path) if path.is_dir() else _hub_family(spec, local_files_only, None)
-    if family == "sd":
+    if family not in ("sdxl", None):
         raise ModelNotFoundError(
-            f"refiner: {spec!r} is {FAMILY_NAMES['sd']} pipeline, not an SDXL refiner "
+            f"refiner: {spec!r} is {FAMILY_NAMES[family]} pipeline, not an SDXL refiner "
             "(e.g. stabilityai/stable-diffusion-xl-refiner-1.0)"
         )
     pipe = _load_part(
@@ -386,11 +386,14 @@ FLUX_GUIDANCE_SCALE = 3.5
 
 def _checkpoint_family(path: Path) -> str | None:
     """A ``.safetensors`` checkpoint's family from its tensor names (SDXL's text encoders sit
-    under ``conditioner.embedders``, SD's under ``cond_stage_model``); None when the names do
-    not say (other formats are not opened here)."""
+    under ``conditioner.embedders``, SD's under ``cond_stage_model``, SD3's transformer has
+    ``joint_blocks``, Flux's ``double_blocks``); None when the names do not say (other formats
+    are not opened here)."""
     if path.suffix.lower() != ".safetensors":
         return None
     from safetensors import safe_open
+
+    from .ldm_format import original_family
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -401,7 +404,7 @@ def _checkpoint_family(path: Path) -> str | None:
         return "sdxl"
     if any(k.startswith("cond_stage_model.") for k in keys):
         return "sd"
-    return None
+    return original_family(keys)
 
 
 def _single_file_family(path: Path, config, local_files_only) -> str:
@@ -422,6 +425,60 @@ def _single_file_family(path: Path, config, local_files_only) -> str:
             "(diffusers folder or hub id) of the model it was saved from"
         )
     return found or wanted or "sd"
+
+
+#: Where the rest of a single SD3 / Flux file's pipeline comes from (its --config), e.g.
+FLOW_CONFIG_EXAMPLES = {
+    "sd3": "stabilityai/stable-diffusion-3.5-medium",
+    "flux": "black-forest-labs/FLUX.1-dev",
+}
+
+
+def _flow_pipeline_from_file(family: str, path: Path, config, kw: dict, local_files_only):
+    """A single SD3 or Flux ``.safetensors`` file: the transformer under its original names
+    (read by :func:`blendedit.ldm_format.transformer_from_original`, whatever its width), and
+    the VAE, text encoders, tokenizers and scheduler from ``config`` (the model's diffusers
+    folder or hub id), as these files are used: Flux's hold the transformer alone."""
+    import torch
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    from .ldm_format import transformer_from_original
+
+    name, spec = FAMILY_NAMES[family][2:], str(path)
+    if not config:
+        raise ModelNotFoundError(
+            f"model: {spec!r} is a single {name} checkpoint, which holds the transformer; pass "
+            "--config <the model's diffusers folder or hub id> (e.g. "
+            f"{FLOW_CONFIG_EXAMPLES[family]}) for its VAE, text encoders and scheduler"
+        )
+    cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+    local = Path(config).expanduser().is_dir() or local_files_only
+    try:
+        cfg = cls.load_config(config, subfolder="transformer", local_files_only=local)
+        with torch.device("meta"):  # no memory, no random init: the file's tensors go in
+            model = cls.from_config(cfg)
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"model: --config {config!r} gives no {name} transformer config "
+            f"({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    try:
+        state = transformer_from_original(family, load_file(spec), shapes)
+        model.load_state_dict(state, strict=True, assign=True)
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()
+        raise ModelNotFoundError(
+            f"model: the transformer in {spec!r} does not fit the one --config {config!r} "
+            f"describes ({' '.join(first[:2])}); pass the config of the model the file was "
+            "saved from"
+        ) from e
+    model = model.to(kw.get("dtype") or kw.get("torch_dtype") or torch.float32).eval()
+    try:
+        return _from_pretrained(family, str(config), dict(kw, transformer=model), local)
+    except Exception as e:
+        raise ModelNotFoundError(f"model: could not load --config {config!r}: {e}") from e
 
 
 def _load_pipeline(spec: str, kw: dict, local_files_only, config):
@@ -450,10 +507,7 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
             )
         family = _single_file_family(path, config, local_files_only)
         if family in ("sd3", "flux"):
-            raise ModelNotFoundError(
-                f"model: single-file {FAMILY_NAMES[family][2:]} checkpoints are not taken yet "
-                f"({spec!r}); pass the diffusers folder or hub id"
-            )
+            return _flow_pipeline_from_file(family, path, config, kw, local_files_only)
         cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
         if family == "sdxl":
             kw = {k: v for k, v in kw.items() if "safety" not in k}
