@@ -80,3 +80,24 @@ def edit_twice_and_check_paste(pipe, image, mask, **kw):
         assert np.array_equal(np.asarray(img_a), np.asarray(img_b))
         assert np.array_equal(np.asarray(img_a)[~mask], src[~mask])
     return a
+
+
+BASELINES = ["diffusers inpaint", "text-to-image + paste", "SDEdit + paste"]
+
+
+def check_bench_with_baselines(folder, tmp_path):
+    """``blendedit bench`` on a model folder runs ours and diffusers' inpainting, text-to-image
+    and SDEdit pipelines of the model's family (one task, two steps: SDEdit runs one), and
+    reports each."""
+    import json
+
+    from blendedit.cli import main
+    from blendedit.models import TOY_DIR
+
+    args = ["bench", "--model", str(folder), "--rank-model", str(TOY_DIR / "clip"), "--quiet"]
+    args += ["--tasks", "1", "--steps", "2", "--samples", "1", "--methods", "ours", *BASELINES]
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert all(f"| {m} |" in text for m in ["ours", *BASELINES])
+    assert str(folder) in json.dumps(rows)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import edit_twice_and_check_paste
+from conftest import check_bench_with_baselines, edit_twice_and_check_paste
 from PIL import Image
 
 from blendedit import BlendedLatentDiffusionPipeline
@@ -287,3 +287,8 @@ def test_a_single_original_format_file_edits_as_its_folder(family, request, tmp_
     a = np.asarray(Image.open(tmp_path / "a" / "in-01-seed4.png"))
     b = np.asarray(Image.open(tmp_path / "b" / "in-01-seed4.png"))
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_bench_runs_with_diffusers_baselines_of_the_family(family, request, tmp_path):
+    check_bench_with_baselines(request.getfixturevalue(f"{family}_folder"), tmp_path)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import edit_twice_and_check_paste
+from conftest import check_bench_with_baselines, edit_twice_and_check_paste
 from PIL import Image
 
 from blendedit import BlendedLatentDiffusionPipeline
@@ -318,12 +318,5 @@ def test_sdxl_sizes_and_every_background(sdxl):
     )
 
 
-def test_bench_runs_on_an_sdxl_folder(sdxl_folder, tmp_path):
-    from blendedit.models import TOY_DIR
-
-    args = ["bench", "--model", str(sdxl_folder), "--rank-model", str(TOY_DIR / "clip")]
-    args += ["--tasks", "2", "--steps", "2", "--samples", "1", "--methods", "ours", "--quiet"]
-    assert main(args + ["--out", str(tmp_path / "b")]) == 0
-    rows = json.loads((tmp_path / "b" / "results.json").read_text())
-    text = (tmp_path / "b" / "report.md").read_text()
-    assert "| ours |" in text and str(sdxl_folder) in json.dumps(rows)
+def test_bench_runs_on_an_sdxl_folder_with_diffusers_sdxl_baselines(sdxl_folder, tmp_path):
+    check_bench_with_baselines(sdxl_folder, tmp_path)

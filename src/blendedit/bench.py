@@ -174,19 +174,46 @@ class BenchConfig:
     label: str = ""  # a line for the report: what model this is, where it stands
 
 
+#: diffusers' (inpainting, text-to-image, image-to-image) pipeline classes of each family
+BASELINE_CLASSES = {
+    "sd": (
+        "StableDiffusionInpaintPipeline",
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+    ),
+    "sdxl": tuple(f"StableDiffusionXL{k}Pipeline" for k in ("Inpaint", "", "Img2Img")),
+    "sd3": tuple(f"StableDiffusion3{k}Pipeline" for k in ("Inpaint", "", "Img2Img")),
+    "flux": tuple(f"Flux{k}Pipeline" for k in ("Inpaint", "", "Img2Img")),
+}
+
+
+def diffusers_baselines(p) -> tuple:
+    """diffusers' inpainting, text-to-image and image-to-image pipelines of ``p``'s family
+    (SD, SDXL, SD3, Flux), built over ``p``'s own components and sampler."""
+    import diffusers
+
+    parts = dict(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer)
+    parts.update(scheduler=p.scheduler)
+    if p.family in ("sd3", "flux"):
+        parts.update(transformer=p.unet, text_encoder_2=p.text_encoder_2)
+        parts.update(tokenizer_2=p.tokenizer_2)
+        if p.family == "sd3":
+            parts.update(text_encoder_3=p.text_encoder_3, tokenizer_3=p.tokenizer_3)
+    elif p.family == "sdxl":
+        parts.update(unet=p.unet, text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2)
+        parts.update(force_zeros_for_empty_prompt=p.force_zeros_for_empty_prompt)
+    else:
+        parts.update(unet=p.unet, safety_checker=None, feature_extractor=None)
+        parts.update(requires_safety_checker=False)
+    return tuple(getattr(diffusers, name)(**parts) for name in BASELINE_CLASSES[p.family])
+
+
 class Runner:
     """Every method over one set of loaded components."""
 
     def __init__(self, cfg: BenchConfig):
         from .latent import BlendedLatentDiffusionPipeline
         from .models import BUILTIN_MODELS, quiet_transformers
-
-        with quiet_transformers():
-            from diffusers import (
-                StableDiffusionImg2ImgPipeline,
-                StableDiffusionInpaintPipeline,
-                StableDiffusionPipeline,
-            )
 
         self.cfg = cfg
         self.ours = BlendedLatentDiffusionPipeline.from_pretrained(cfg.model, ranker=cfg.clip)
@@ -195,12 +222,8 @@ class Runner:
         if self.ours.ranker is None:
             raise ValueError("clip: a model that is not built in needs a CLIP (--rank-model)")
         p = self.ours
-        shared = dict(unet=p.unet, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer)
-        off = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         with quiet_transformers():
-            self.inpaint = StableDiffusionInpaintPipeline(scheduler=p.scheduler, **shared, **off)
-            self.t2i = StableDiffusionPipeline(scheduler=p.scheduler, **shared, **off)
-            self.img2img = StableDiffusionImg2ImgPipeline(scheduler=p.scheduler, **shared, **off)
+            self.inpaint, self.t2i, self.img2img = diffusers_baselines(p)
         for q in (self.inpaint, self.t2i, self.img2img):
             q.set_progress_bar_config(disable=True)
         self.pixel = None

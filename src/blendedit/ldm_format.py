@@ -1,9 +1,11 @@
-"""Diffusers components -> one original-format ("LDM") checkpoint, the single ``.safetensors``
-file that Stable Diffusion and SDXL releases ship and ``from_single_file`` reads.
+"""Diffusers components <-> the original formats: one ("LDM") checkpoint, the single
+``.safetensors`` file that Stable Diffusion and SDXL releases ship and ``from_single_file``
+reads; and the transformers of SD3 and Flux under their original names (both ways, below).
 
 The tests save the tiny random models this way to check that a single file loads and edits as
-its folder does; ``blendedit`` itself only reads such files. The layout (the public format of
-the original repositories):
+its folder does; SD and SDXL files are read by diffusers, SD3 and Flux transformers by
+:func:`transformer_from_original`. The LDM layout (the public format of the original
+repositories):
 
 - UNet under ``model.diffusion_model.``: ``input_blocks.N`` (conv_in, then per down block its
   resnets ``.0`` with attentions ``.1``, then its downsampler ``.0.op``), ``middle_block.0/1/2``,
