@@ -292,3 +292,38 @@ def test_a_single_original_format_file_edits_as_its_folder(family, request, tmp_
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_bench_runs_with_diffusers_baselines_of_the_family(family, request, tmp_path):
     check_bench_with_baselines(request.getfixturevalue(f"{family}_folder"), tmp_path)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_batch_and_the_web_uis_handler_edit_with_the_family(family, request, tmp_path):
+    """The batch runner and the web UI's request handler take these folders unchanged: every
+    row done, every pixel outside each mask kept."""
+    from blendedit.batch import run_batch
+    from blendedit.runner import EditRequest, LoadedModel, ModelSpec
+    from blendedit.toy.tasks import write_manifest
+    from blendedit.webui import EditSession, run_request
+
+    folder, pipe = request.getfixturevalue(f"{family}_folder"), request.getfixturevalue(family)
+    spec = ModelSpec(model=str(folder))
+    manifest = write_manifest(tmp_path / "in", 2, size=64)
+    opts = EditRequest(image="", prompt="", options={"num_inference_steps": 2})
+    report = run_batch(manifest, tmp_path / "out", spec, opts, progress=False)
+    assert report.counts == {"ok": 2}
+    rows = (tmp_path / "out" / "summary.jsonl").read_text().splitlines()
+    for line, task in zip(rows, manifest.read_text().splitlines()):
+        e, t = json.loads(line), json.loads(task)
+        src = np.asarray(Image.open(manifest.parent / t["image"]))
+        keep = np.asarray(Image.open(manifest.parent / t["mask"])) == 0
+        assert e["status"] == "ok" and np.array_equal(
+            np.asarray(Image.open(e["best"]))[keep], src[keep]
+        )
+
+    image, mask = _inputs()
+    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    layer.paste((255, 0, 0, 255), (16, 16, 40, 48))
+    value = {"background": image.convert("RGBA"), "layers": [layer], "composite": None}
+    session = EditSession(LoadedModel(pipe, spec, "none", "cpu", "float32"), tmp_path / "serve")
+    session.out_root.mkdir(parents=True)
+    options = dict(num_inference_steps=2, num_images_per_prompt=1, background="paste")
+    items, _ = run_request(session, value, None, "a red cat", options, 3, lambda i, z: None)
+    assert np.array_equal(np.asarray(items[0][0])[~mask], np.asarray(image)[~mask])
