@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from blendedit import BlendedDiffusionPipeline
+from blendedit import BlendedDiffusionPipeline, ClipRanker
 from blendedit.bench import add_study_flags, edit_task, paired, study_meta, wilson
 from blendedit.io import save_json
 from blendedit.toy.judge import judge
@@ -46,6 +46,11 @@ def main(argv=None) -> int:
         "--rerender", metavar="JSON", help="only write the report again from a saved run's JSON"
     )
     p.add_argument("--clip", default=None, help="CLIP folder (built-in models bring their own)")
+    p.add_argument(
+        "--guide-clip",
+        default=None,
+        help="a CLIP folder that guides in place of --clip, which still ranks the samples",
+    )
     p.add_argument("--label", default="", help="a line for the report (what model this is)")
     add_study_flags(p, list(SETTINGS), 30, 100, "benchmarks/out/pixel_quality")  # 25 % skipped
     args = p.parse_args(argv)
@@ -57,6 +62,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = BlendedDiffusionPipeline.from_pretrained(args.pixel_model, clip=args.clip)
+    if args.guide_clip:
+        pipe.clip = ClipRanker.from_pretrained(args.guide_clip)  # pipe.ranker stays
     tasks = task_suite(args.tasks, seed=0)
     rows: dict[str, list[dict]] = {s: [] for s in args.settings}
     t_all = time.perf_counter()
@@ -87,7 +94,9 @@ def main(argv=None) -> int:
             psnr_outside=statistics.median(r["psnr_outside"] for r in rs),
             seconds=statistics.median(r["seconds"] for r in rs),
         )
-    meta = study_meta(args, t_all, pixel_model=args.pixel_model, clip=args.clip)
+    meta = study_meta(
+        args, t_all, pixel_model=args.pixel_model, clip=args.clip, guide_clip=args.guide_clip
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta["label"] = args.label
@@ -105,7 +114,9 @@ def report(meta: dict, summary: dict, rows: dict) -> str:
         "",
         f"{meta['tasks']} tasks, {meta['samples']} samples each (the best by CLIP is judged), "
         f"{meta['steps']} respaced DDPM steps with 25 % skipped, pixel model "
-        f"`{meta['pixel_model']}`, CLIP `{meta['clip'] or '(the built-in one)'}`; "
+        f"`{meta['pixel_model']}`, CLIP `{meta['clip'] or '(the built-in one)'}`"
+        + (f" ranking, `{meta['guide_clip']}` guiding" if meta.get("guide_clip") else "")
+        + "; "
         f"{meta['threads']} torch thread(s) on {meta['cores']} cores, torch {meta['torch']}; "
         f"{meta['wall_s']:.0f} s in all. The background is not enforced at the end, so PSNR "
         "outside the mask is what the algorithm kept (99 caps exact). Paired: on the same tasks, "
