@@ -320,3 +320,19 @@ def test_sdxl_sizes_and_every_background(sdxl):
 
 def test_bench_runs_on_an_sdxl_folder_with_diffusers_sdxl_baselines(sdxl_folder, tmp_path):
     check_bench_with_baselines(sdxl_folder, tmp_path)
+
+
+def test_serve_loads_the_refiner_and_vae_it_is_given(sdxl_folder, refiner_folder, monkeypatch):
+    """``blendedit serve --refiner --vae``: the web UI's model carries both (it loads through
+    the runner as the other commands do)."""
+    from blendedit import webui
+    from blendedit.runner import load_pipeline
+
+    loaded = {}
+    monkeypatch.setattr(webui, "serve", lambda spec, *a, **k: loaded.update(m=load_pipeline(spec)))
+    args = ["serve", "--model", str(sdxl_folder), "--rank-model", "none"]
+    assert main(args + ["--refiner", str(refiner_folder), "--vae", str(refiner_folder)]) == 0
+    pipe = loaded["m"].pipe
+    theirs = BlendedLatentDiffusionPipeline.from_pretrained(str(refiner_folder))
+    assert pipe.refiner is not None and pipe.refiner["aesthetic"]
+    assert all(torch.equal(v, theirs.vae.state_dict()[k]) for k, v in pipe.vae.state_dict().items())

@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="toy",
         help="built-in name, diffusers folder, checkpoint file or hub id (default: toy)",
     )
+    _add_model_parts(w)
     w.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     w.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     w.add_argument("--out", default=None, help="where edits are kept (default: a temporary folder)")
@@ -245,6 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_model_parts(p: argparse.ArgumentParser) -> None:
+    """--config, --vae and --refiner: what completes or replaces parts of --model."""
+    p.add_argument(
+        "--config",
+        help="for a single-file --model: diffusers folder or hub id giving its architecture "
+        "(SD, SDXL: needed offline; SD3, Flux: always, for the VAE, text encoders, scheduler)",
+    )
+    p.add_argument(
+        "--vae",
+        help="latent method: another VAE (AutoencoderKL folder or hub id) in place of the "
+        "model's, e.g. an fp16-safe SDXL VAE; its latents must be the model's",
+    )
+    p.add_argument(
+        "--refiner",
+        help="latent method, SDXL: a refiner (diffusers folder or hub id) whose UNet runs the "
+        "last --refiner-fraction of the steps (the web UI: the default 0.2)",
+    )
+
+
 def _add_common(
     p,
     default_model=DEFAULT_MODEL,
@@ -266,21 +286,7 @@ def _add_common(
         help="latent: Blended Latent Diffusion (a Stable Diffusion model); pixel: Blended "
         "Diffusion (a pixel-space UNet2DModel guided by CLIP, --rank-model) (default: latent)",
     )
-    p.add_argument(
-        "--config",
-        help="for a single-file --model: diffusers folder or hub id giving its architecture "
-        "(SD, SDXL: needed offline; SD3, Flux: always, for the VAE, text encoders, scheduler)",
-    )
-    p.add_argument(
-        "--vae",
-        help="latent method: another VAE (AutoencoderKL folder or hub id) in place of the "
-        "model's, e.g. an fp16-safe SDXL VAE; its latents must be the model's",
-    )
-    p.add_argument(
-        "--refiner",
-        help="latent method, SDXL: a refiner (diffusers folder or hub id) whose UNet runs the "
-        "last --refiner-fraction of the steps",
-    )
+    _add_model_parts(p)
     p.add_argument(
         "--scheduler",
         default="ddim",
@@ -355,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             from .webui import serve
 
             spec = ModelSpec(model=args.model, device=args.device, rank_model=args.rank_model)
+            spec.config, spec.vae, spec.refiner = args.config, args.vae, args.refiner
             serve(
                 spec,
                 args.host,
