@@ -360,8 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .webui import serve
 
-            spec = ModelSpec(model=args.model, device=args.device, rank_model=args.rank_model)
-            spec.config, spec.vae, spec.refiner = args.config, args.vae, args.refiner
+            spec = ModelSpec(
+                model=args.model,
+                config=args.config,
+                vae=args.vae,
+                refiner=args.refiner,
+                rank_model=args.rank_model,
+                device=args.device,
+            )
             serve(
                 spec,
                 args.host,
