@@ -68,7 +68,8 @@ def _call(model, x, t, embeds, added: dict | None, guidance_scale: float) -> tor
             encoder_hidden_states=embeds,
             txt_ids=_text_ids(embeds.shape[1], x.device, x.dtype),
             img_ids=image_ids(h, w, x.device, x.dtype),
-        ).sample
+            return_dict=False,
+        )[0]
         return unpack(out, h, w)
     if kind == "sd3":
         return model(
@@ -76,9 +77,10 @@ def _call(model, x, t, embeds, added: dict | None, guidance_scale: float) -> tor
             timestep=t.expand(len(x)),
             encoder_hidden_states=embeds,
             pooled_projections=added["pooled_projections"],
-        ).sample
+            return_dict=False,
+        )[0]
     kw = {"added_cond_kwargs": added} if added else {}
-    return model(x, t, encoder_hidden_states=embeds, **kw).sample
+    return model(x, t, encoder_hidden_states=embeds, return_dict=False, **kw)[0]
 
 
 def guided_eps(

@@ -508,26 +508,29 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         z = self.noised(z_src.expand(n, -1, -1, -1), noise, timesteps, 0)
 
         # 7. Denoise, blending after every step with the background at the same noise level
+        # (inference mode: no autograd bookkeeping per op; z is cloned out of it at the end)
         t0 = time.perf_counter()
         steps = len(timesteps)
         switch = steps - round(steps * refiner_fraction) if self.refiner else steps
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
-            z_in = z if self.is_flow else self.scheduler.scale_model_input(z, t)
-            unet, emb, add = models[int(i >= switch)]
-            eps = guided_eps(unet, z_in, t, emb, opts.guidance_scale, add)
-            z = self.scheduler.step(eps, t, z).prev_sample
-            if i + 1 < steps:
-                bg_noise = (
-                    noise
-                    if background_noise == "fixed"
-                    else _randn(noise.shape, generator, device, dtype)
-                )
-                z_bg = self.noised(z_src, bg_noise, timesteps, i + 1)
-            else:
-                z_bg = z_src  # clean background after the last step
-            z = blend(z, z_bg, schedule[M.schedule_index(i, steps, len(schedule))])
-            if callback is not None:
-                callback(i, int(t), z)
+        with torch.inference_mode():
+            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
+                z_in = z if self.is_flow else self.scheduler.scale_model_input(z, t)
+                unet, emb, add = models[int(i >= switch)]
+                eps = guided_eps(unet, z_in, t, emb, opts.guidance_scale, add)
+                z = self.scheduler.step(eps, t, z).prev_sample
+                if i + 1 < steps:
+                    bg_noise = (
+                        noise
+                        if background_noise == "fixed"
+                        else _randn(noise.shape, generator, device, dtype)
+                    )
+                    z_bg = self.noised(z_src, bg_noise, timesteps, i + 1)
+                else:
+                    z_bg = z_src  # clean background after the last step
+                z = blend(z, z_bg, schedule[M.schedule_index(i, steps, len(schedule))])
+                if callback is not None:
+                    callback(i, int(t), z)
+        z = z.clone()  # a normal tensor again: decoder fine-tuning backpropagates through D(z)
         _sync(device)
         timings["sample"] = time.perf_counter() - t0
 
