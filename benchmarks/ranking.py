@@ -11,6 +11,11 @@ over the sampling time of the same edits, in this run.
 
     python benchmarks/ranking.py                       # 120 tasks x 8 samples, about 10 min
     python benchmarks/ranking.py --tasks 30 --samples 4 --out /tmp/ranking
+
+``--pixel-model toy``: Blended Diffusion's samples instead (its defaults, 100 respaced DDPM steps
+with a quarter skipped, the background not enforced, as in ``pixel_quality.py``), each region
+scored by the CLIP that ranks and by the one that guides, and the samples also ranked by their
+final guidance loss (lowest first).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from blendedit import BlendedLatentDiffusionPipeline
+from blendedit import BlendedDiffusionPipeline, BlendedLatentDiffusionPipeline
 from blendedit.bench import (
     add_study_flags,
     edit_task,
@@ -48,6 +53,9 @@ REGIONS: dict[str, tuple[str, float]] = {
 }
 
 
+LOSS = "lowest final guidance loss (pixel)"
+
+
 def pair_accuracy(scores: list[list[float]], ok: list[list[bool]]) -> tuple[float, int]:
     """Over every (success, failure) pair of samples of one task, the share the scores order
     right (ties count half), and the number of pairs."""
@@ -69,10 +77,17 @@ def best_of(scores: list[list[float]], ok: list[list[bool]], n: int) -> list[boo
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="toy", help="pipeline (default: the shipped toy one)")
+    p.add_argument(
+        "--pixel-model",
+        default=None,
+        help="rank Blended Diffusion's samples of this pixel model (e.g. toy) instead",
+    )
     p.add_argument("--seed", type=int, default=0, help="task suite seed (default: 0)")
-    add_study_flags(p, list(REGIONS), 120, 25, "benchmarks/out/ranking")
+    add_study_flags(p, list(REGIONS), 120, 0, "benchmarks/out/ranking")
     p.set_defaults(samples=8)
     args = p.parse_args(argv)
+    pixel = args.pixel_model is not None
+    args.steps = args.steps or (100 if pixel else 25)
     unknown = [s for s in args.settings if s not in REGIONS]
     if unknown:
         p.error(f"--settings: unknown {unknown}; known: {list(REGIONS)}")
@@ -80,28 +95,46 @@ def main(argv=None) -> int:
         p.error("--samples: ranking needs at least 2")
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = BlendedLatentDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
-    ranker, pipe.ranker = pipe.ranker, None  # sample in seed order; score every region here
-    if ranker is None:
+    if pixel:  # its own ranker stays (it always ranks); samples are put back in seed order
+        pipe = BlendedDiffusionPipeline.from_pretrained(args.pixel_model)
+        rankers = {"": pipe.ranker, "guidance CLIP, ": pipe.clip}
+        options = dict(enforce_background=False)
+        tasks = task_suite(args.tasks, seed=args.seed)
+    else:
+        pipe = BlendedLatentDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+        rankers, pipe.ranker = {"": pipe.ranker}, None  # sample in seed order; score here
+        options = dict(guidance_scale=5.0)
+        tasks = task_suite(args.tasks, size=pipe.native_size, seed=args.seed)
+    if rankers[""] is None:
         p.error("--model: this study needs a pipeline with a CLIP ranker (the built-in ones)")
-    tasks = task_suite(args.tasks, size=pipe.native_size, seed=args.seed)
+    if pixel and rankers["guidance CLIP, "] is rankers[""]:
+        del rankers["guidance CLIP, "]  # one CLIP guides and ranks
+    names = [f"{who}{name}" for who in rankers for name in args.settings]
+    if pixel:
+        names.append(LOSS)
     ok: list[list[bool]] = []
-    scores: dict[str, list[list[float]]] = {s: [] for s in args.settings}
+    scores: dict[str, list[list[float]]] = {s: [] for s in names}
     sample_s = score_s = 0.0
     t_all = time.perf_counter()
     for i, task in enumerate(tasks):
         t0 = time.perf_counter()
-        out = edit_task(pipe, task, args.samples, args.steps, guidance_scale=5.0)
+        out = edit_task(pipe, task, args.samples, args.steps, **options)
         sample_s += time.perf_counter() - t0
-        ok.append(
-            [judge(im, task.mask, task.prompt, source=task.image).success for im in out.images]
-        )
-        x = torch.cat([pil_to_tensor(im) for im in out.images])
+        images = out.images
+        if pixel:  # back in seed order, and the guidance loss as a score
+            images = [images[out.order.index(k)] for k in range(len(images))]
+            loss = [out.clip_losses[out.order.index(k)] for k in range(len(images))]
+            scores[LOSS].append([-v for v in loss])
+        ok.append([judge(im, task.mask, task.prompt, source=task.image).success for im in images])
+        x = torch.cat([pil_to_tensor(im) for im in images])
         m = mask_to_tensor(task.mask)
         t0 = time.perf_counter()
-        for name in args.settings:
-            region, context = REGIONS[name]
-            scores[name].append(ranker.score(x, task.prompt, m, region, context).tolist())
+        for who, ranker in rankers.items():
+            for name in args.settings:
+                region, context = REGIONS[name]
+                scores[f"{who}{name}"].append(
+                    ranker.score(x, task.prompt, m, region, context).tolist()
+                )
         score_s += time.perf_counter() - t0
         print(
             f"task {i + 1}/{len(tasks)} ({task.kind}): {sum(ok[-1])} of {args.samples}", flush=True
@@ -140,18 +173,19 @@ def main(argv=None) -> int:
         },
         cost=dict(
             sample_s=sample_s / len(tasks),
-            score_s_per_region=score_s / len(tasks) / len(scores),
-            ratio=score_s / len(scores) / sample_s,
+            score_s_per_region=score_s / len(tasks) / (len(scores) - pixel),
+            ratio=score_s / (len(scores) - pixel) / sample_s,
         ),
     )
     meta = study_meta(
         args,
         t_all,
-        model=args.model,
+        model=args.pixel_model if pixel else args.model,
+        method="pixel" if pixel else "latent",
         seed=args.seed,
         ns=ns,
         n_default=n_default,
-        label=model_label(args.model),
+        label="" if pixel else model_label(args.model),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,8 +204,14 @@ def report(meta: dict, summary: dict) -> str:
         "# Best-of-N ranking: CLIP's pick against the judge",
         "",
         f"{meta['tasks']} Shapes World edit tasks (suite seed {meta['seed']}) x "
-        f"{meta['samples']} samples of our latent method (defaults, {meta['steps']} DDIM steps, "
-        f"guidance 5), model `{meta['model']}`; {meta['threads']} torch thread(s) on "
+        f"{meta['samples']} samples of "
+        + (
+            f"Blended Diffusion (defaults, {meta['steps']} respaced DDPM steps, a quarter "
+            "skipped, the background not enforced)"
+            if meta.get("method") == "pixel"
+            else f"our latent method (defaults, {meta['steps']} DDIM steps, guidance 5)"
+        )
+        + f", model `{meta['model']}`; {meta['threads']} torch thread(s) on "
         f"{meta['cores']} cores, torch {meta['torch']}; {meta['wall_s']:.0f} s in all. "
         "Best of n: the judge's success rate of the sample CLIP scores highest among the first n "
         "(the same samples for every region). Oracle: any of the first n a success, the most a "

@@ -22,7 +22,7 @@ def test_shipped_weights_are_safetensors_and_at_most_60_mb():
     assert weights and all(f.suffix == ".safetensors" for f in weights)
     assert sum(f.stat().st_size for f in weights) <= MAX_BYTES
     card = (models.TOY_DIR / "MODEL_CARD.md").read_text()
-    for name in ("CLIP", "VAE", "text-to-image UNet", "pixel model"):
+    for name in ("CLIP", "VAE", "text-to-image UNet", "pixel model", "guidance CLIP"):
         assert f"# Shapes World {name}" in card
     for part in card.split("# Shapes World ")[2:]:  # each model names its commands
         assert "- command: `python -m blendedit.toy.train" in part
@@ -52,6 +52,25 @@ def test_shipped_clip_and_pixel_model_load_by_folder_and_name():
     assert folder == str(models.toy_folder("clip")) and clip.dtype == torch.float32
     pixel = DDPMPipeline.from_pretrained(models.toy_folder("pixel"))
     assert pixel.unet.config.sample_size == 64 and pixel.unet.config.in_channels == 3
+
+
+@shipped
+def test_the_pixel_model_guides_with_its_x0_clip_and_ranks_with_the_clean_one():
+    """Issue 31: the shipped pixel model brings two CLIPs: the guidance one (vision tower tuned
+    on its x̂0, text tower as shipped) and the ranking one; a CLIP passed in does both."""
+    from blendedit import BlendedDiffusionPipeline
+
+    pipe = BlendedDiffusionPipeline.from_pretrained("toy")
+    clean, _, _ = models.load_clip("toy")
+    guide, _, folder = models.load_clip("toy-guide")
+    assert folder == str(models.toy_folder("guide-clip")) and pipe.clip is not pipe.ranker
+    for ours, theirs in ((pipe.ranker.model, clean), (pipe.clip.model, guide)):
+        assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+    g, c = guide.state_dict(), clean.state_dict()
+    assert all(torch.equal(g[k], c[k]) for k in c if k.startswith("text_model."))
+    assert any(not torch.equal(g[k], c[k]) for k in c if k.startswith("vision_model."))
+    one = BlendedDiffusionPipeline.from_pretrained("toy", clip="toy")
+    assert one.clip is one.ranker
 
 
 def test_missing_shipped_model_says_how_to_get_it(monkeypatch, tmp_path):

@@ -535,7 +535,9 @@ def test_assemble_ships_float16_folders_that_load_and_names_a_missing_run(tmp_pa
     assert not (dest / "pixel").exists() and models.toy_shipped(dest)
 
 
-def test_assemble_only_unet_replaces_the_unet_and_keeps_every_other_part(tmp_path, monkeypatch):
+def _assembled_with_figures(tmp_path, monkeypatch):
+    """A shipped folder assembled from tiny runs (no pixel model), with measured figures on its
+    card: (runs folder, shipped folder, the UNet's config)."""
     from diffusers import UNet2DConditionModel
 
     from blendedit.toy.evaluate import write_measured
@@ -551,6 +553,13 @@ def test_assemble_only_unet_replaces_the_unet_and_keeps_every_other_part(tmp_pat
     argv += ["--unet", "unet", "--pixel", "", "--dest", str(dest)]
     T.assemble(T.build_parser().parse_args(argv))
     write_measured(dest / "MODEL_CARD.md", {"t2i_judge_success": 0.25, "seconds": 1})
+    return work, dest, small
+
+
+def test_assemble_only_unet_replaces_the_unet_and_keeps_every_other_part(tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    work, dest, small = _assembled_with_figures(tmp_path, monkeypatch)
     old = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
     torch.manual_seed(1)
     UNet2DConditionModel(**small).save_pretrained(work / "unet2" / "model")
@@ -579,6 +588,47 @@ def test_assemble_only_unet_replaces_the_unet_and_keeps_every_other_part(tmp_pat
     with pytest.raises(SystemExit, match="no such run folder"):
         T.assemble(T.build_parser().parse_args(update[:-1] + ["unte", "--dest", str(dest)]))
     assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == new
+
+
+def test_assemble_only_guide_clip_adds_it_and_keeps_every_part_and_figure(tmp_path, monkeypatch):
+    """`assemble --only guide-clip`: the pixel model's guidance CLIP is added beside the ranking
+    one; nothing else changes, and the card's measured figures stay (none measures it)."""
+    from transformers import CLIPModel
+
+    from blendedit.toy.common import MEASURED
+
+    work, dest, _ = _assembled_with_figures(tmp_path, monkeypatch)
+    old = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    figures = (dest / "MODEL_CARD.md").read_text().split(MEASURED)[1]
+    guide = CLIPModel.from_pretrained(work / "clip" / "model")
+    with torch.no_grad():
+        for w in guide.vision_model.parameters():
+            w.add_(0.01)
+    guide.save_pretrained(work / "g" / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(work / "clip" / "model" / f, work / "g" / "model" / f)
+    (work / "g" / "card.md").write_text("# Shapes World guidance CLIP (x̂0)\n")
+    update = ["assemble", "--work", str(work), "--only", "guide-clip", "--guide-clip", "g"]
+    T.assemble(T.build_parser().parse_args(update + ["--dest", str(dest)]))
+    new = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert {str(k) for k in new if k not in old} == {
+        f"guide-clip/{f}"
+        for f in (
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        )
+    }
+    assert {str(k) for k in old if new[k] != old[k]} == {"MODEL_CARD.md"}
+    shipped = load_file(dest / "guide-clip" / "model.safetensors")
+    assert all(
+        torch.equal(shipped[k], v.half()) for k, v in guide.state_dict().items() if k in shipped
+    )
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert card.index("# Shapes World guidance CLIP") < card.index(MEASURED)
+    assert card.split(MEASURED)[1] == figures and "0.25" in figures
 
 
 def test_unet_train_text_encoder_trains_it_and_the_pipeline_ships_that_one(

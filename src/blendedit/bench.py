@@ -231,7 +231,11 @@ class Runner:
         if pixel_spec and any(METHODS[m][0] == "pixel" for m in cfg.methods or METHODS):
             from .pixel import BlendedDiffusionPipeline
 
-            self.pixel = BlendedDiffusionPipeline.from_pretrained(pixel_spec, clip=p.ranker)
+            own = pixel_spec == "toy"  # it brings its guidance CLIP; all rank with one CLIP
+            self.pixel = BlendedDiffusionPipeline.from_pretrained(
+                pixel_spec, clip=None if own else p.ranker
+            )
+            self.pixel.ranker = p.ranker
 
     def auto_shrink(self) -> int:
         """What ``shrink_iterations="auto"`` is for this model's native latent grid."""

@@ -74,8 +74,13 @@ def toy_shipped(folder: str | Path | None = None) -> bool:
     return (Path(folder or TOY_DIR) / "pipeline" / "model_index.json").is_file()
 
 
+# the shipped CLIPs by name: the one that ranks (clean renders) and Blended Diffusion's guidance
+# CLIP (its vision tower tuned on the pixel model's x̂0, issue 31)
+TOY_CLIPS = {"toy": "clip", "toy-guide": "guide-clip"}
+
+
 def toy_folder(part: str) -> Path:
-    """``pipeline``, ``clip`` or ``pixel`` of the shipped Shapes World models."""
+    """``pipeline``, ``clip``, ``guide-clip`` or ``pixel`` of the shipped Shapes World models."""
     folder = TOY_DIR / part
     if not folder.is_dir():
         raise ModelNotFoundError(
@@ -561,7 +566,8 @@ def _missing_components(folder: Path) -> list[str]:
 
 
 def load_clip(spec: str, *, local_files_only: bool | None = None):
-    """A ``transformers.CLIPModel`` and its tokenizer from a folder, a hub id or ``toy``.
+    """A ``transformers.CLIPModel`` and its tokenizer from a folder, a hub id, ``toy`` or
+    ``toy-guide`` (:data:`TOY_CLIPS`).
 
     Returns ``(model, tokenizer, folder_or_None)``.
     """
@@ -570,8 +576,8 @@ def load_clip(spec: str, *, local_files_only: bool | None = None):
 
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"rank_model: expected a CLIP folder or hub id, got {spec!r}")
-    if spec == "toy":  # the shipped Shapes World CLIP
-        spec = str(toy_folder("clip"))
+    if spec in TOY_CLIPS:  # the shipped Shapes World CLIPs
+        spec = str(toy_folder(TOY_CLIPS[spec]))
     path = Path(spec).expanduser()
     if _looks_like_path(spec) and not path.exists():
         raise ModelNotFoundError(f"rank_model: no such folder: {spec!r}")
@@ -607,7 +613,9 @@ def load_pixel_components(spec: str, *, local_files_only: bool | None = None) ->
         return build_tiny_pixel_components()
     if spec == "toy":
         c = _pixel_folder(toy_folder("pixel"), "toy", True)
-        c["clip"] = "toy"
+        c["clip"] = "toy"  # ranks; the one tuned on the model's x̂0 guides, when shipped
+        if (TOY_DIR / TOY_CLIPS["toy-guide"]).is_dir():
+            c["guide_clip"] = "toy-guide"
         return c
     path = Path(spec).expanduser()
     if path.is_dir():

@@ -91,9 +91,9 @@ class BlendedDiffusionPipeline(OnUNet):
     >>> out = pipe("a red circle", image, mask, generator=torch.Generator().manual_seed(0))
     """
 
-    def __init__(self, unet, scheduler, clip: ClipRanker):
-        self.unet, self.scheduler, self.clip = unet, scheduler, clip
-        self.ranker = clip  # the same CLIP ranks the results
+    def __init__(self, unet, scheduler, clip: ClipRanker, ranker: ClipRanker | None = None):
+        self.unet, self.scheduler, self.clip = unet, scheduler, clip  # ``clip`` guides
+        self.ranker = clip if ranker is None else ranker  # by default the same CLIP ranks
         ac = torch.as_tensor(np.asarray(scheduler.alphas_cumprod), dtype=torch.float64)
         self.alphas_cumprod = ac
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
@@ -108,7 +108,8 @@ class BlendedDiffusionPipeline(OnUNet):
         """``spec``: ``toy`` (the shipped 64 px Shapes World model and its CLIP),
         ``tiny-random``, a folder holding ``unet/`` and ``scheduler/`` (a ``DDPMPipeline``
         folder) or a hub id of one. ``clip``: a CLIP folder, hub id or :class:`ClipRanker`
-        (required unless the spec brings its own)."""
+        that guides and ranks (required unless the spec brings its own; ``toy`` brings two:
+        one tuned on its x̂0 guides, the clean-image one ranks)."""
         from .models import load_pixel_components
 
         c = load_pixel_components(spec, local_files_only=local_files_only)
@@ -120,12 +121,16 @@ class BlendedDiffusionPipeline(OnUNet):
                     f"clip: {spec!r} brings no CLIP model; pass clip=<CLIP folder or hub id> "
                     "(CLI: --rank-model)"
                 )
-            clip = builtin_ranker(c["clip"], c.get("clip_tokenizer"))
+            ranker = builtin_ranker(c["clip"], c.get("clip_tokenizer"))
+            guide = builtin_ranker(c["guide_clip"]) if "guide_clip" in c else ranker
+            return cls(c["unet"], c["scheduler"], guide, ranker=ranker)
         return cls(c["unet"], c["scheduler"], clip)
 
     def to(self, device=None, dtype=None) -> BlendedDiffusionPipeline:
         self.unet.to(device=device, dtype=dtype)
         self.clip.to(device=device)
+        if self.ranker is not self.clip:
+            self.ranker.to(device=device)
         return self
 
     @property

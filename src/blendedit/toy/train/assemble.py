@@ -72,7 +72,7 @@ GUIDANCE_MEASURED = (
 )
 
 
-SHIPPED_PARTS = ("vae", "unet", "clip", "pixel")  # what `assemble --only` can replace
+SHIPPED_PARTS = ("vae", "unet", "clip", "pixel", "guide-clip")  # what `--only` can replace
 
 
 SHIPPED_MB = 60  # the cap on the package's weights
@@ -110,7 +110,9 @@ def _card_head() -> list[str]:
         "runs/toy/data-single -n 40000 --seed 0`. Then "
         "each model's commands below, in this order (the CLIP's vision stage, then its "
         "contrastive stage; the UNet needs the CLIP and the VAE), and "
-        "`python -m blendedit.toy.train assemble`. Figures: `python -m blendedit.toy.evaluate`.",
+        "`python -m blendedit.toy.train assemble --guide-clip guide-clip` (the pixel model's "
+        "guidance CLIP is tuned on that model's x̂0, so it comes last). Figures: "
+        "`python -m blendedit.toy.evaluate`.",
         "",
     ]
 
@@ -118,7 +120,8 @@ def _card_head() -> list[str]:
 def assemble(args) -> None:
     """Build the shipped folder from finished runs: ``pipeline/`` (StableDiffusionPipeline:
     toy VAE, CLIP text encoder and tokenizer, UNet, DDIM), ``clip/`` (CLIPModel, for ranking
-    and guidance) and ``pixel/`` (UNet2DModel + DDPM scheduler), weights in float16.
+    and guidance), ``pixel/`` (UNet2DModel + DDPM scheduler) and, with ``--guide-clip``,
+    ``guide-clip/`` (the CLIP that guides the pixel model), weights in float16.
 
     With ``--only PART ...`` (``vae`` with ``unet``, ``unet``, ``clip``, ``pixel``) the existing
     ``--dest`` folder is
@@ -159,9 +162,13 @@ def assemble(args) -> None:
             pixel = folder(args.pixel)
         else:
             pixel = dest / "pixel" if (dest / "pixel").is_dir() else None
+        if "guide-clip" in only:
+            guide = folder(args.guide_clip)
+        else:
+            guide = dest / "guide-clip" if (dest / "guide-clip").is_dir() else None
         if (unet / TEXT_ENCODER).is_dir():  # a UNet that brings its own text encoder
             text_folder = tok_folder = unet / TEXT_ENCODER
-        runs = [getattr(args, part) for part in SHIPPED_PARTS if part in only]
+        runs = [getattr(args, part.replace("-", "_")) for part in SHIPPED_PARTS if part in only]
     else:
         vae, unet = folder(args.vae), folder(args.unet)
         clip_folder = folder(args.clip)
@@ -178,7 +185,9 @@ def assemble(args) -> None:
             )
         tok_folder = text_folder
         pixel = folder(args.pixel) if args.pixel else None  # '' ships no pixel model
+        guide = folder(args.guide_clip) if args.guide_clip else None
         runs = [args.vision, args.clip, args.text_encoder, args.vae, args.unet, args.pixel]
+        runs.append(args.guide_clip)
     _check_latent_grid(vae, unet)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -196,11 +205,13 @@ def assemble(args) -> None:
     )
     pipe.save_pretrained(tmp / "pipeline")
     write_edit_defaults(tmp / "pipeline", args.guidance_scale, GUIDANCE_MEASURED)
-    clip = CLIPModel.from_pretrained(clip_folder).to(half)
-    clip.save_pretrained(tmp / "clip")
-    AutoTokenizer.from_pretrained(clip_folder).save_pretrained(tmp / "clip")
-    write_preprocessor(tmp / "clip")
-    for cfg in (tmp / "pipeline" / "tokenizer", tmp / "clip"):
+    clips = {"clip": clip_folder, "guide-clip": guide}  # the ranking one; the guidance one
+    for name, source in clips.items():
+        if source is not None:
+            CLIPModel.from_pretrained(source).to(half).save_pretrained(tmp / name)
+            AutoTokenizer.from_pretrained(source).save_pretrained(tmp / name)
+            write_preprocessor(tmp / name)
+    for cfg in (tmp / "pipeline" / "tokenizer", *(tmp / n for n, f in clips.items() if f)):
         _drop_load_flags(cfg / "tokenizer_config.json")
     if pixel is not None:
         from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -210,7 +221,7 @@ def assemble(args) -> None:
             scheduler=DDPMScheduler.from_pretrained(pixel / "scheduler"),
         ).save_pretrained(tmp / "pixel")
     if only:  # the parts kept are copied as they are (their configs name the runs they came from)
-        kept = [vae, unet, clip_folder, pixel, text_folder, tok_folder]
+        kept = [vae, unet, clip_folder, pixel, guide, text_folder, tok_folder]
         if "unet" not in only:  # and the sampler it was assembled with (`unet --zero-snr`'s)
             kept.append(dest / "pipeline" / "scheduler")
         for part in {p for p in kept if p is not None and p.is_relative_to(dest)}:
@@ -220,8 +231,11 @@ def assemble(args) -> None:
     cards = list(dict.fromkeys(cards))
     if only:  # the folder's card so far, without its measured figures (they were of the old one)
         old = (dest / "MODEL_CARD.md").read_text() if (dest / "MODEL_CARD.md").exists() else ""
-        text = [old.split("\n" + MEASURED)[0].rstrip("\n") + "\n"]
+        head, sep, figures = old.partition("\n" + MEASURED)
+        text = [head.rstrip("\n") + "\n"]
         text += [c.read_text() for c in cards if c.exists() and c.read_text() not in old]
+        if sep and only <= {"guide-clip"}:  # no figure there measures the guidance CLIP
+            text.append(MEASURED + figures)
     else:
         text = _card_head() + [c.read_text() for c in cards if c.exists()]
     (tmp / "MODEL_CARD.md").write_text("\n".join(text))

@@ -311,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--unet", default="unet", help="run folder of the text-to-image UNet")
     a.add_argument("--pixel", default="pixel", help="run folder of the pixel model ('' for none)")
     a.add_argument(
+        "--guide-clip",
+        default="",
+        help="run folder of the pixel model's guidance CLIP (`guide-clip`; '' for none: the "
+        "shipped CLIP then guides too)",
+    )
+    a.add_argument(
         "--unfinished",
         action="store_true",
         help="use the latest checkpoint (EMA) of runs that have not finished, for previews",

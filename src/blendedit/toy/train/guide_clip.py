@@ -108,6 +108,15 @@ def edit_like_masks(objects: torch.Tensor, size: int, rng: np.random.RandomState
     return out
 
 
+def _shown(init: Path) -> str:
+    """How the card names the CLIP it started from: the shipped one by its place in the
+    package, any other by the path given."""
+    from ...models import TOY_DIR
+
+    shipped = init.resolve() == (TOY_DIR / "clip").resolve()
+    return "The shipped CLIP (src/blendedit/assets/toy/clip)" if shipped else f"The CLIP of {init}"
+
+
 def train_guide_clip(args) -> None:
     from transformers import CLIPModel, CLIPTokenizerFast
 
@@ -158,7 +167,7 @@ def train_guide_clip(args) -> None:
         run,
         sum(p.numel() for p in model.parameters()),
         {},
-        f"The CLIP of {init} with its vision tower tuned to read colour and shape in the pixel "
+        f"{_shown(init)} with its vision tower tuned to read colour and shape in the pixel "
         f"model's ({args.pixel}) x̂0: {args.bank} one-object 64 px renders noised to a random "
         f"step up to {args.t_max} of 1000 ({args.clean_share:.0%} clean) and predicted back in one "
         f"step; each draw masked as an edit with probability {args.mask_prob} (the background "
