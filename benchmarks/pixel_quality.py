@@ -73,8 +73,8 @@ def main(argv=None) -> int:
             out = edit_task(
                 pipe, task, args.samples, args.steps, enforce_background=False, **SETTINGS[name]
             )
-            v = judge(out.images[0], task.mask, task.prompt, source=task.image)
             each = [judge(im, task.mask, task.prompt, source=task.image) for im in out.images]
+            v = each[0]  # the best sample by CLIP
             rows[name].append(
                 dict(
                     task=task.seed,

@@ -122,9 +122,9 @@ def main(argv=None) -> int:
         sample_s += time.perf_counter() - t0
         images = out.images
         if pixel:  # back in seed order, and the guidance loss as a score
-            images = [images[out.order.index(k)] for k in range(len(images))]
-            loss = [out.clip_losses[out.order.index(k)] for k in range(len(images))]
-            scores[LOSS].append([-v for v in loss])
+            where = [out.order.index(k) for k in range(len(images))]  # sample k's rank
+            images = [images[r] for r in where]
+            scores[LOSS].append([-out.clip_losses[r] for r in where])
         ok.append([judge(im, task.mask, task.prompt, source=task.image).success for im in images])
         x = torch.cat([pil_to_tensor(im) for im in images])
         m = mask_to_tensor(task.mask)
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
             f"task {i + 1}/{len(tasks)} ({task.kind}): {sum(ok[-1])} of {args.samples}", flush=True
         )
 
+    clip_scored = len(scores) - (LOSS in scores)  # the rankings that ran CLIP (timed above)
     ns = sorted({n for n in (1, 2, 4, 8, 16, args.samples) if n <= args.samples})
     kinds = [t.kind for t in tasks]
 
@@ -173,8 +174,8 @@ def main(argv=None) -> int:
         },
         cost=dict(
             sample_s=sample_s / len(tasks),
-            score_s_per_region=score_s / len(tasks) / (len(scores) - pixel),
-            ratio=score_s / (len(scores) - pixel) / sample_s,
+            score_s_per_region=score_s / len(tasks) / clip_scored,
+            ratio=score_s / clip_scored / sample_s,
         ),
     )
     meta = study_meta(
