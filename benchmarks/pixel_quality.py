@@ -36,6 +36,9 @@ SETTINGS: dict[str, dict] = {
     "algorithm 2, guidance off": dict(clip_guidance_scale=0.0),
     "algorithm 1 (background MSE 2000)": dict(algorithm=1, background_mse_scale=2000.0),
     "algorithm 2, 1 augmentation": dict(num_augmentations=1),
+    "algorithm 2, recurrence 2": dict(recurrence=2),
+    "algorithm 2, guidance 3000": dict(clip_guidance_scale=3000.0),
+    "algorithm 2, guidance 500": dict(clip_guidance_scale=500.0),
 }
 
 
@@ -52,7 +55,8 @@ def main(argv=None) -> int:
         help="a CLIP folder that guides in place of --clip, which still ranks the samples",
     )
     p.add_argument("--label", default="", help="a line for the report (what model this is)")
-    add_study_flags(p, list(SETTINGS), 30, 100, "benchmarks/out/pixel_quality")  # 25 % skipped
+    p.add_argument("--seed", type=int, default=0, help="task suite seed (default: 0)")
+    add_study_flags(p, list(SETTINGS)[:4], 30, 100, "benchmarks/out/pixel_quality")  # 25 % skipped
     args = p.parse_args(argv)
     if args.rerender:
         rerender(args.rerender, args.label)
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
     pipe = BlendedDiffusionPipeline.from_pretrained(args.pixel_model, clip=args.clip)
     if args.guide_clip:
         pipe.clip = ClipRanker.from_pretrained(args.guide_clip)  # pipe.ranker stays
-    tasks = task_suite(args.tasks, seed=0)
+    tasks = task_suite(args.tasks, seed=args.seed)
     rows: dict[str, list[dict]] = {s: [] for s in args.settings}
     t_all = time.perf_counter()
     for name in args.settings:
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
             seconds=statistics.median(r["seconds"] for r in rs),
         )
     meta = study_meta(
-        args, t_all, pixel_model=args.pixel_model, clip=args.clip, guide_clip=args.guide_clip
+        args, t_all, seed=args.seed, pixel_model=args.pixel_model, clip=args.clip, guide_clip=args.guide_clip
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

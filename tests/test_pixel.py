@@ -46,6 +46,34 @@ def test_algorithm_2_keeps_every_pixel_outside_the_mask(pixel_pipe, scene, sampl
     assert np.abs(np.asarray(out.images[0]).astype(int) - np.asarray(image))[inside].mean() > 5
 
 
+def test_recurrence_runs_each_step_again_from_its_result_noised_back(pixel_pipe, scene):
+    image, mask = scene
+    calls = []
+    real = pixel_pipe.model_step_terms
+
+    def counted(x, t, s):
+        calls.append((t, s))
+        return real(x, t, s)
+
+    pixel_pipe.model_step_terms = counted
+    try:
+        once = pixel_pipe("a red circle", image, mask, generator=gen(0), **FAST)
+        n_once, calls[:] = len(calls), []
+        twice = pixel_pipe("a red circle", image, mask, generator=gen(0), recurrence=2, **FAST)
+    finally:
+        del pixel_pipe.model_step_terms
+    assert n_once == FAST["num_inference_steps"] - FAST["skip_timesteps"]
+    assert calls[0::2] == calls[1::2] and len(calls) == 2 * n_once  # each (t, s) twice in a row
+    assert outside_max_error(twice, image, mask) == 0  # Algorithm 2 still blends every run
+    assert np.asarray(twice.images[0]).tobytes() != np.asarray(once.images[0]).tobytes()
+    # x_s noised back to t has the variance of x_t: ᾱ_t / ᾱ_s of x_s's plus the noise's rest
+    x_s = torch.randn(20000)
+    t, s = 600, 300
+    x_t = pixel_pipe.renoise(x_s * 0 + 1, s, t, x_s)
+    a = float(pixel_pipe.alphas_cumprod[t] / pixel_pipe.alphas_cumprod[s])
+    assert abs(float(x_t.mean()) - a**0.5) < 0.03 and abs(float(x_t.var()) - (1 - a)) < 0.03
+
+
 def test_an_image_larger_than_the_model_is_edited_in_a_box_around_the_mask(pixel_pipe):
     image, mask = example_scene(96)  # the model is 32 px: the box is resized to it and back
     out = pixel_pipe("a red circle", image, mask, generator=gen(0), **FAST)
@@ -157,6 +185,7 @@ def test_other_model_outputs(kind, scene):
         (dict(strength=0.0), "^strength: "),
         (dict(clip_guidance_scale=float("nan")), "^clip_guidance_scale: "),
         (dict(num_augmentations=0), "^num_augmentations: "),
+        (dict(recurrence=0), "^recurrence: "),
         (dict(algorithm=3), "^algorithm: "),
         (dict(sampler="plms"), "^sampler: "),
         (dict(distance="l2"), "^distance: "),
@@ -179,3 +208,33 @@ def test_bad_prompt_image_and_mask_are_named(pixel_pipe, scene):
         pixel_pipe("a", image, np.zeros((32, 32), np.float32))
     with pytest.raises(ValueError, match="^image: file not found"):
         pixel_pipe("a", "/no/such.png", mask)
+
+
+def test_a_pixel_folders_blendedit_json_sets_its_default_clip_guidance(pixel_pipe, scene, tmp_path):
+    import json
+
+    from diffusers import DDPMPipeline
+
+    from blendedit import ModelNotFoundError
+
+    folder = tmp_path / "pixel"
+    DDPMPipeline(unet=pixel_pipe.unet, scheduler=pixel_pipe.scheduler).save_pretrained(folder)
+    defaults = folder / "blendedit.json"
+    defaults.write_text(json.dumps({"clip_guidance_scale": 300.0, "measured": "a test"}))
+    pipe = BlendedDiffusionPipeline.from_pretrained(str(folder), clip=pixel_pipe.clip)
+    assert pipe.default_clip_guidance_scale == 300.0
+    image, mask = scene
+
+    def edit(**kw):
+        return np.asarray(pipe("a red circle", image, mask, generator=gen(0), **FAST, **kw).images[0])
+
+    unset = edit()
+    assert np.array_equal(unset, edit(clip_guidance_scale=300.0))  # unset is the folder's 300
+    assert not np.array_equal(unset, edit(clip_guidance_scale=1000.0))
+    defaults.unlink()  # no file: the paper's 1000
+    pipe = BlendedDiffusionPipeline.from_pretrained(str(folder), clip=pixel_pipe.clip)
+    assert pipe.default_clip_guidance_scale == 1000.0
+    for bad in ('{"clip_guidance_scale": -1}', '{"guidance_scale": 5}', "not json"):
+        defaults.write_text(bad)
+        with pytest.raises(ModelNotFoundError, match="blendedit.json is not a blendedit defaults"):
+            BlendedDiffusionPipeline.from_pretrained(str(folder), clip=pixel_pipe.clip)

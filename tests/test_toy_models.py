@@ -61,6 +61,8 @@ def test_the_pixel_model_guides_with_its_x0_clip_and_ranks_with_the_clean_one():
     from blendedit import BlendedDiffusionPipeline
 
     pipe = BlendedDiffusionPipeline.from_pretrained("toy")
+    # and the CLIP guidance measured best with them (its blendedit.json), not the paper's 1000
+    assert pipe.default_clip_guidance_scale == 500.0 == pipe.guidance_or_default(None)
     clean, _, _ = models.load_clip("toy")
     guide, _, folder = models.load_clip("toy-guide")
     assert folder == str(models.toy_folder("guide-clip")) and pipe.clip is not pipe.ranker

@@ -269,37 +269,55 @@ def load_refiner(spec: str, base_unet, base_family: str, torch_dtype=None, local
 EDIT_DEFAULTS_FILE = "blendedit.json"
 
 
-def read_edit_defaults(folder: Path) -> dict:
-    """``{"guidance_scale": float}`` from ``folder``'s :data:`EDIT_DEFAULTS_FILE`, or ``{}``
-    when it has none; :class:`ModelNotFoundError` naming the file when it is not such a file."""
+#: The default each method reads from :data:`EDIT_DEFAULTS_FILE`, and its allowed range.
+EDIT_DEFAULT_KEYS = {"latent": ("guidance_scale", 1000.0), "pixel": ("clip_guidance_scale", 1e9)}
+
+
+def read_edit_defaults(folder: Path, method: str = "latent") -> dict:
+    """``{key: float}`` from ``folder``'s :data:`EDIT_DEFAULTS_FILE`, the key the ``method``'s
+    (:data:`EDIT_DEFAULT_KEYS`), or ``{}`` when it has none; :class:`ModelNotFoundError`
+    naming the file when it is not such a file."""
     import json
 
+    key, high = EDIT_DEFAULT_KEYS[method]
     f = Path(folder) / EDIT_DEFAULTS_FILE
     if not f.is_file():
         return {}
     try:
         data = json.loads(f.read_text())
-        g = data["guidance_scale"]
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1000:
-            raise ValueError(f"guidance_scale: expected a number in [0, 1000], got {g!r}")
-        unknown = sorted(set(data) - {"guidance_scale", "measured"})
+        g = data[key]
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= high:
+            raise ValueError(f"{key}: expected a number in [0, {high:g}], got {g!r}")
+        unknown = sorted(set(data) - {key, "measured"})
         if unknown:
             raise ValueError(f"unknown keys {unknown}")
     except (ValueError, KeyError, TypeError) as e:
         raise ModelNotFoundError(
             f"model: {f} is not a blendedit defaults file ({type(e).__name__}: {e}); it holds "
-            '{"guidance_scale": <number>, "measured": "<how>"}; fix or delete it'
+            f'{{"{key}": <number>, "measured": "<how>"}}; fix or delete it'
         ) from None
-    return dict(guidance_scale=float(g))
+    return {key: float(g)}
 
 
-def write_edit_defaults(folder: Path, guidance_scale: float, measured: str) -> None:
-    """Write ``folder``'s :data:`EDIT_DEFAULTS_FILE`: the guidance an edit takes when the call
-    names none, and ``measured``, how that value was chosen."""
+def write_edit_defaults(
+    folder: Path, guidance_scale: float, measured: str, method: str = "latent"
+) -> None:
+    """Write ``folder``'s :data:`EDIT_DEFAULTS_FILE`: the guidance an edit of ``method`` takes
+    when the call names none, and ``measured``, how that value was chosen."""
     import json
 
-    text = json.dumps(dict(guidance_scale=float(guidance_scale), measured=measured), indent=1)
+    key = EDIT_DEFAULT_KEYS[method][0]
+    text = json.dumps({key: float(guidance_scale), "measured": measured}, indent=1)
     (Path(folder) / EDIT_DEFAULTS_FILE).write_text(text + "\n")
+
+
+def pixel_edit_defaults(spec: str) -> dict:
+    """The pixel model ``spec``'s edit defaults (:func:`read_edit_defaults`) without loading
+    it: the shipped ``toy`` one's or a local folder's; ``{}`` for any other."""
+    if spec == "toy":
+        return read_edit_defaults(toy_folder("pixel"), "pixel") if toy_shipped() else {}
+    path = Path(spec).expanduser() if isinstance(spec, str) and spec.strip() else None
+    return read_edit_defaults(path, "pixel") if path is not None and path.is_dir() else {}
 
 
 def _family(folder: Path) -> str:
@@ -612,14 +630,14 @@ def load_pixel_components(spec: str, *, local_files_only: bool | None = None) ->
 
         return build_tiny_pixel_components()
     if spec == "toy":
-        c = _pixel_folder(toy_folder("pixel"), "toy", True)
+        c = _pixel_folder(toy_folder("pixel"), "toy", True) | pixel_edit_defaults("toy")
         c["clip"] = "toy"  # ranks; the one tuned on the model's x̂0 guides, when shipped
         if (TOY_DIR / TOY_CLIPS["toy-guide"]).is_dir():
             c["guide_clip"] = "toy-guide"
         return c
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _pixel_folder(path, spec, True)
+        return _pixel_folder(path, spec, True) | pixel_edit_defaults(spec)
     if _looks_like_path(spec):
         raise ModelNotFoundError(f"model: no such folder: {spec!r}")
     return _pixel_folder(spec, spec, local_files_only)

@@ -37,6 +37,7 @@ from .options import _opt
 from .ranking import RANK_REGIONS, ClipRanker, builtin_ranker
 
 SAMPLERS = ("ddpm", "ddim")
+PAPER_CLIP_GUIDANCE_SCALE = 1000.0  # the reference's, for a model that names none
 ALGORITHMS = (1, 2)
 
 
@@ -50,7 +51,11 @@ class PixelEditOptions:
         None, "steps skipped at the start, the source noised to there (None: a quarter)"
     )
     strength: Any = _opt(None, "fraction of the steps that runs; overrides skip_timesteps")
-    clip_guidance_scale: float = _opt(1000.0, "weight of the CLIP loss (0: no guidance)")
+    clip_guidance_scale: float | None = _opt(
+        None,
+        "weight of the CLIP loss (0: no guidance); unset: the model's own (the shipped toy "
+        "model's 500, from its blendedit.json), else the paper's 1000",
+    )
     range_scale: float = _opt(50.0, "weight of the loss keeping the estimate in range")
     num_augmentations: int = _opt(8, "augmented copies through CLIP per step (first plain)")
     augmentation_batch_size: int = _opt(8, "copies through CLIP at once (memory vs speed)")
@@ -63,6 +68,9 @@ class PixelEditOptions:
     num_images_per_prompt: int = _opt(1, "samples per batch")
     num_batches: int = _opt(1, "batches; all samples are ranked together")
     sampler: str = _opt("ddpm", "ddpm (mean shift) or ddim (score form)", SAMPLERS)
+    recurrence: int = _opt(
+        1, "times each step runs, its result noised back between (1: once, as the paper)"
+    )
     rank_region: str = _opt("crop", "what CLIP ranking scores", RANK_REGIONS)
 
 
@@ -98,6 +106,7 @@ class BlendedDiffusionPipeline(OnUNet):
         self.alphas_cumprod = ac
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self.learned_sigma = unet.config.out_channels == 2 * unet.config.in_channels
+        self.default_clip_guidance_scale = PAPER_CLIP_GUIDANCE_SCALE  # from_pretrained: its own
 
     # -- construction ---------------------------------------------------------------------
 
@@ -115,7 +124,7 @@ class BlendedDiffusionPipeline(OnUNet):
         c = load_pixel_components(spec, local_files_only=local_files_only)
         if isinstance(clip, str):
             clip = ClipRanker.from_pretrained(clip, local_files_only=local_files_only)
-        elif clip is None:
+        if clip is None:
             if "clip" not in c:
                 raise ValueError(
                     f"clip: {spec!r} brings no CLIP model; pass clip=<CLIP folder or hub id> "
@@ -123,8 +132,18 @@ class BlendedDiffusionPipeline(OnUNet):
                 )
             ranker = builtin_ranker(c["clip"], c.get("clip_tokenizer"))
             guide = builtin_ranker(c["guide_clip"]) if "guide_clip" in c else ranker
-            return cls(c["unet"], c["scheduler"], guide, ranker=ranker)
-        return cls(c["unet"], c["scheduler"], clip)
+            pipe = cls(c["unet"], c["scheduler"], guide, ranker=ranker)
+        else:
+            pipe = cls(c["unet"], c["scheduler"], clip)
+        pipe.default_clip_guidance_scale = c.get("clip_guidance_scale", PAPER_CLIP_GUIDANCE_SCALE)
+        return pipe
+
+    def guidance_or_default(self, clip_guidance_scale: float | None) -> float:
+        """``clip_guidance_scale``, or when it is None the model's own
+        (:attr:`default_clip_guidance_scale`: its folder's ``blendedit.json``, else 1000)."""
+        if clip_guidance_scale is None:
+            return self.default_clip_guidance_scale
+        return clip_guidance_scale
 
     def to(self, device=None, dtype=None) -> BlendedDiffusionPipeline:
         self.unet.to(device=device, dtype=dtype)
@@ -185,6 +204,7 @@ class BlendedDiffusionPipeline(OnUNet):
         _check_int("num_batches", o["num_batches"], 1, 1024)
         _check_int("num_augmentations", o["num_augmentations"], 1, 256)
         _check_int("augmentation_batch_size", o["augmentation_batch_size"], 1, 256)
+        _check_int("recurrence", o["recurrence"], 1, 100)
         for name in ("clip_guidance_scale", "range_scale", "background_mse_scale"):
             _check_float(name, o[name], 0.0, 1e9)
         if o["strength"] is not None:
@@ -249,7 +269,7 @@ class BlendedDiffusionPipeline(OnUNet):
         num_inference_steps: int = _P.num_inference_steps,
         skip_timesteps: int | None = _P.skip_timesteps,
         strength: float | None = _P.strength,
-        clip_guidance_scale: float = _P.clip_guidance_scale,
+        clip_guidance_scale: float | None = _P.clip_guidance_scale,
         range_scale: float = _P.range_scale,
         num_augmentations: int = _P.num_augmentations,
         augmentation_batch_size: int = _P.augmentation_batch_size,
@@ -262,6 +282,7 @@ class BlendedDiffusionPipeline(OnUNet):
         num_images_per_prompt: int = _P.num_images_per_prompt,
         num_batches: int = _P.num_batches,
         sampler: str = _P.sampler,
+        recurrence: int = _P.recurrence,
         rank_region: str = _P.rank_region,
         generator=None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
@@ -272,17 +293,21 @@ class BlendedDiffusionPipeline(OnUNet):
         ``skip_timesteps`` of the ``num_inference_steps`` respaced steps are skipped (the start
         is the source noised to that level; default a quarter, the reference's 25 of 100);
         ``strength`` (fraction that runs) overrides it.
-        ``clip_guidance_scale`` 0 turns guidance off. ``algorithm=1``: no blending, background
-        losses instead (``background_mse_scale``). ``num_augmentations`` copies (the first
-        plain) go through CLIP ``augmentation_batch_size`` at a time. ``num_batches`` runs of
+        ``clip_guidance_scale`` 0 turns guidance off; None: :meth:`guidance_or_default`.
+        ``algorithm=1``: no blending, background losses instead (``background_mse_scale``).
+        ``num_augmentations`` copies (the first plain) go through CLIP
+        ``augmentation_batch_size`` at a time. ``recurrence``: each step runs that many times,
+        its result noised back to the step's level between (self-recurrence). ``num_batches`` runs of
         ``num_images_per_prompt`` samples are ranked together. ``generator``: one, or one per
         image (``num_images_per_prompt * num_batches``).
         """
         t_total = time.perf_counter()
+        clip_guidance_scale = self.guidance_or_default(clip_guidance_scale)
         o = dict(locals())
         for k in ("self", "prompt", "image", "mask", "generator", "callback", "progress"):
             o.pop(k)
         image, mask_full = self.check_inputs(prompt, image, mask, o, generator)
+        o["guided"] = clip_guidance_scale > 0 or (algorithm == 1 and background_mse_scale > 0)
         n_per, n_batches = num_images_per_prompt, num_batches
         total = n_per * n_batches
         gens = generator if isinstance(generator, list) else None
@@ -326,23 +351,14 @@ class BlendedDiffusionPipeline(OnUNet):
                 t = ts[i]
                 s = ts[i + 1] if i + 1 < len(ts) else -1
                 t0 = time.perf_counter()
-                if clip_guidance_scale > 0 or (algorithm == 1 and background_mse_scale > 0):
-                    grad, last_clip, (eps, x0, logvar) = self.guidance_grad(
-                        x, t, s, m, text_embed, o, H_all, x_src
+                for r in range(recurrence):
+                    if r:  # self-recurrence: x_s noised back to t, and the step again
+                        x = self.renoise(x, s, t, _randn(x.shape, g, device, torch.float32))
+                    x, last_clip = self._guided_step(x, t, s, m, text_embed, o, H_all, x_src, g)
+                    timings["guided_steps" if o["guided"] else "unguided_steps"] += (
+                        time.perf_counter() - t0
                     )
-                    timings["guided_steps"] += time.perf_counter() - t0
-                else:
-                    grad = None
-                    eps, x0, logvar = self.model_step_terms(x, t, s)
-                    timings["unguided_steps"] += time.perf_counter() - t0
-                x = self._step(x, t, s, eps, x0, logvar, grad, sampler, g, device)
-                if algorithm == 2:  # Algorithm 2: the background at the new step's level
-                    bg = (
-                        x_src
-                        if s < 0
-                        else self.q_sample(x_src, s, _randn(x.shape, g, device, torch.float32))
-                    )
-                    x = m * x + (1 - m) * bg
+                    t0 = time.perf_counter()
                 if callback is not None:
                     callback(i, t, x)
             results.append(x.clamp(-1, 1).cpu())
@@ -374,6 +390,29 @@ class BlendedDiffusionPipeline(OnUNet):
             timings=timings,
             clip_losses=[float(clip_l[k]) for k in order],
         )
+
+    def renoise(self, x_s, s: int, t: int, noise):
+        """x_s -> x_t by the forward process between the two steps (s < t; s < 0 is clean)."""
+        a = self._abar(t) / self._abar(s)
+        return math.sqrt(a) * x_s + math.sqrt(1 - a) * noise
+
+    def _guided_step(self, x, t, s, m, text_embed, o, H, x_src, g):
+        """One step x_t -> x_s: guided (when ``o["guided"]``), then Algorithm 2's blend of the
+        source noised to s. Returns (x_s, the per-sample CLIP loss or zeros)."""
+        last_clip = torch.zeros(x.shape[0])
+        if o["guided"]:
+            grad, last_clip, (eps, x0, logvar) = self.guidance_grad(
+                x, t, s, m, text_embed, o, H, x_src
+            )
+        else:
+            grad = None
+            eps, x0, logvar = self.model_step_terms(x, t, s)
+        x = self._step(x, t, s, eps, x0, logvar, grad, o["sampler"], g, x.device)
+        if o["algorithm"] == 2:  # Algorithm 2: the background at the new step's level
+            noise = _randn(x.shape, g, x.device, torch.float32)
+            bg = x_src if s < 0 else self.q_sample(x_src, s, noise)
+            x = m * x + (1 - m) * bg
+        return x, last_clip
 
     def _step(self, x, t, s, eps, x0, logvar, grad, sampler, g, device):
         """x_t -> x_s with the guidance gradient (DDPM: mean shift; DDIM: score form)."""

@@ -69,6 +69,7 @@ NONE_DEFAULT_TYPES = {
     "skip_timesteps": int,
     "decoder_lr": float,
     "guidance_scale": float,
+    "clip_guidance_scale": float,
 }
 #: Integer options that also take "auto".
 AUTO_INT_OPTIONS = ("shrink_iterations",)
@@ -289,8 +290,12 @@ def run_edit(
     image, mask = inputs if inputs is not None else load_inputs(req)
     method = loaded.spec.method
     opts = edit_options(req.options, method)
-    if method == "latent":  # the sidecar records the guidance the edit ran with
+    # the sidecar records the guidance the edit ran with
+    if method == "latent":
         opts = replace(opts, guidance_scale=loaded.pipe.guidance_or_default(opts.guidance_scale))
+    else:
+        g = loaded.pipe.guidance_or_default(opts.clip_guidance_scale)
+        opts = replace(opts, clip_guidance_scale=g)
     out_dir = io.check_output_folder(out_dir)
     n = opts.num_images_per_prompt * getattr(opts, "num_batches", 1)
     seed = check_seed(req.seed, n)

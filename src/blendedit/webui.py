@@ -66,6 +66,15 @@ class EditSession:
             self.pixel = load_pipeline(self.pixel_spec)
         return self.pixel
 
+    def pixel_guidance_scale(self) -> float:
+        """The pixel model's own CLIP guidance (its blendedit.json, else the paper's), read
+        without loading it."""
+        from .models import pixel_edit_defaults
+        from .pixel import PAPER_CLIP_GUIDANCE_SCALE
+
+        own = pixel_edit_defaults(self.pixel_spec.model) if self.pixel_spec else {}
+        return own.get("clip_guidance_scale", PAPER_CLIP_GUIDANCE_SCALE)
+
     def next_folder(self) -> Path:
         """A fresh folder for one request's inputs and results."""
         return Path(tempfile.mkdtemp(prefix="edit-", dir=self.out_root))
@@ -282,7 +291,11 @@ def build_app(session: EditSession, examples: list[str] | None = None):
                         elem_id="edit-area",
                     )
                     clip_scale = gr.Slider(
-                        0, 5000, value=1000, step=50, label="CLIP guidance scale (pixel method)"
+                        0,
+                        5000,
+                        value=session.pixel_guidance_scale(),
+                        step=50,
+                        label="CLIP guidance scale (pixel method)",
                     )
                 button = gr.Button("Edit", variant="primary", elem_id="edit-button")
                 if examples:

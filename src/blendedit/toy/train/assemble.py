@@ -72,6 +72,14 @@ GUIDANCE_MEASURED = (
 )
 
 
+#: Why the shipped pixel model's edits default to CLIP guidance 500 (`--clip-guidance-scale`).
+PIXEL_GUIDANCE_MEASURED = (
+    "benchmarks/pixel_quality.py, the x0-hat CLIP guiding: on 30 development tasks (seed 7, 2 "
+    "samples) one sample succeeds 40 % at 500, 23 % at 1000, 8 % at 3000; on the benchmark's 90 "
+    "tasks (4 samples) 500 38 % against 1000 31 % (10 tasks against 4, p = 0.18); benchmarks/results/clip_on_x0/"
+)
+
+
 SHIPPED_PARTS = ("vae", "unet", "clip", "pixel", "guide-clip")  # what `--only` can replace
 
 
@@ -227,6 +235,10 @@ def assemble(args) -> None:
         for part in {p for p in kept if p is not None and p.is_relative_to(dest)}:
             shutil.rmtree(tmp / part.relative_to(dest))
             shutil.copytree(part, tmp / part.relative_to(dest))
+    if (tmp / "pixel").is_dir():
+        write_edit_defaults(
+            tmp / "pixel", args.clip_guidance_scale, PIXEL_GUIDANCE_MEASURED, method="pixel"
+        )
     cards = [c for n in runs if n for c in _card_chain(work / n)]
     cards = list(dict.fromkeys(cards))
     if only:  # the folder's card so far, without its measured figures (they were of the old one)

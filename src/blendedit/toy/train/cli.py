@@ -337,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="classifier-free guidance an edit with the pipeline takes when it names none, "
         "written to pipeline/blendedit.json (default: 5, measured best on the shipped models)",
     )
+    a.add_argument(
+        "--clip-guidance-scale",
+        type=float,
+        default=500.0,
+        help="Blended Diffusion's CLIP guidance an edit with the pixel model takes when it names "
+        "none, written to pixel/blendedit.json (default: 500, measured best on the shipped "
+        "models)",
+    )
     n = sub.add_parser("snapshot", help="write an unfinished run's current weights to RUN/snapshot")
     n.add_argument("run", nargs="+", help="run folders, e.g. runs/toy/unet")
     return p
