@@ -107,7 +107,12 @@ def main(argv=None) -> int:
             seconds=statistics.median(r["seconds"] for r in rs),
         )
     meta = study_meta(
-        args, t_all, seed=args.seed, pixel_model=args.pixel_model, clip=args.clip, guide_clip=args.guide_clip
+        args,
+        t_all,
+        seed=args.seed,
+        pixel_model=args.pixel_model,
+        clip=args.clip,
+        guide_clip=args.guide_clip,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -226,7 +226,9 @@ def test_a_pixel_folders_blendedit_json_sets_its_default_clip_guidance(pixel_pip
     image, mask = scene
 
     def edit(**kw):
-        return np.asarray(pipe("a red circle", image, mask, generator=gen(0), **FAST, **kw).images[0])
+        return np.asarray(
+            pipe("a red circle", image, mask, generator=gen(0), **FAST, **kw).images[0]
+        )
 
     unset = edit()
     assert np.array_equal(unset, edit(clip_guidance_scale=300.0))  # unset is the folder's 300

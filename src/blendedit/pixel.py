@@ -297,8 +297,8 @@ class BlendedDiffusionPipeline(OnUNet):
         ``algorithm=1``: no blending, background losses instead (``background_mse_scale``).
         ``num_augmentations`` copies (the first plain) go through CLIP
         ``augmentation_batch_size`` at a time. ``recurrence``: each step runs that many times,
-        its result noised back to the step's level between (self-recurrence). ``num_batches`` runs of
-        ``num_images_per_prompt`` samples are ranked together. ``generator``: one, or one per
+        its result noised back to the step's level between (self-recurrence).
+        ``num_batches`` runs of ``num_images_per_prompt`` samples are ranked together. ``generator``: one, or one per
         image (``num_images_per_prompt * num_batches``).
         """
         t_total = time.perf_counter()

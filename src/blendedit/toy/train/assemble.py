@@ -76,7 +76,8 @@ GUIDANCE_MEASURED = (
 PIXEL_GUIDANCE_MEASURED = (
     "benchmarks/pixel_quality.py, the x0-hat CLIP guiding: on 30 development tasks (seed 7, 2 "
     "samples) one sample succeeds 40 % at 500, 23 % at 1000, 8 % at 3000; on the benchmark's 90 "
-    "tasks (4 samples) 500 38 % against 1000 31 % (10 tasks against 4, p = 0.18); benchmarks/results/clip_on_x0/"
+    "tasks (4 samples) 500 38 % against 1000 31 % (10 tasks against 4, p = 0.18); "
+    "benchmarks/results/clip_on_x0/"
 )
 
 
