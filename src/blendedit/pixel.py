@@ -298,8 +298,8 @@ class BlendedDiffusionPipeline(OnUNet):
         ``num_augmentations`` copies (the first plain) go through CLIP
         ``augmentation_batch_size`` at a time. ``recurrence``: each step runs that many times,
         its result noised back to the step's level between (self-recurrence).
-        ``num_batches`` runs of ``num_images_per_prompt`` samples are ranked together. ``generator``: one, or one per
-        image (``num_images_per_prompt * num_batches``).
+        ``num_batches`` runs of ``num_images_per_prompt`` samples are ranked together.
+        ``generator``: one, or one per image (``num_images_per_prompt * num_batches``).
         """
         t_total = time.perf_counter()
         clip_guidance_scale = self.guidance_or_default(clip_guidance_scale)
