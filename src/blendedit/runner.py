@@ -290,12 +290,10 @@ def run_edit(
     image, mask = inputs if inputs is not None else load_inputs(req)
     method = loaded.spec.method
     opts = edit_options(req.options, method)
-    # the sidecar records the guidance the edit ran with
-    if method == "latent":
-        opts = replace(opts, guidance_scale=loaded.pipe.guidance_or_default(opts.guidance_scale))
-    else:
-        g = loaded.pipe.guidance_or_default(opts.clip_guidance_scale)
-        opts = replace(opts, clip_guidance_scale=g)
+    from .models import EDIT_DEFAULT_KEYS
+
+    key = EDIT_DEFAULT_KEYS[method][0]  # the sidecar records the guidance it ran with
+    opts = replace(opts, **{key: loaded.pipe.guidance_or_default(getattr(opts, key))})
     out_dir = io.check_output_folder(out_dir)
     n = opts.num_images_per_prompt * getattr(opts, "num_batches", 1)
     seed = check_seed(req.seed, n)
