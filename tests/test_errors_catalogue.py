@@ -678,6 +678,41 @@ def model_flux_file_sd3_config(c):
     return _file_with_config(c, _flow_file(c, "flux"), save_tiny_sd3(c.d / "sd3"))
 
 
+def _inpaint_file(c, family: str) -> Path:
+    """A tiny inpainting checkpoint of ``family`` as one file (SD: the original layout of the
+    whole pipeline; Flux Fill: the transformer under its original names)."""
+    from safetensors.torch import save_file
+
+    from blendedit.ldm_format import save_single_file, transformer_to_original
+    from blendedit.tiny import build_tiny_inpaint_components
+
+    parts = build_tiny_inpaint_components(family)["components"]
+    f = c.d / f"{family}-inpaint.safetensors"
+    if family == "flux":
+        save_file(transformer_to_original("flux", parts["transformer"].state_dict()), str(f))
+        return f
+    return save_single_file(parts, f)
+
+
+@case
+def model_inpaint_file_base_config(c):
+    from conftest import save_sd_folder
+
+    from blendedit.models import load_sd_components
+
+    parts = load_sd_components("tiny-random")
+    keep = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    save_sd_folder(c.d / "sd", **{k: parts[k] for k in keep})
+    return _file_with_config(c, _inpaint_file(c, "sd"), c.d / "sd")
+
+
+@case
+def model_fill_file_dev_config(c):
+    from blendedit.tiny import save_tiny_flux
+
+    return _file_with_config(c, _inpaint_file(c, "flux"), save_tiny_flux(c.d / "flux-dev"))
+
+
 def _flow_model_case(c, family: str, flags: list[str], **lib_kw) -> Case:
     from blendedit.tiny import save_tiny_flux, save_tiny_sd3
 

@@ -44,7 +44,11 @@ def _spy(pipe, monkeypatch) -> list:
 
 
 def test_the_folder_is_detected_as_sdxl_with_both_encoders(sdxl):
-    assert sdxl.is_sdxl and sdxl.text_encoder_2 is not None and sdxl.force_zeros_for_empty_prompt
+    assert (
+        sdxl.family == "sdxl"
+        and sdxl.text_encoder_2 is not None
+        and sdxl.force_zeros_for_empty_prompt
+    )
     assert sdxl.unet.config.addition_embed_type == "text_time"
 
 
@@ -216,7 +220,7 @@ def test_a_single_file_saved_from_the_folder_loads_with_config_and_edits_the_sam
     parts = {k: getattr(sdxl, k) for k in ("unet", "vae", "text_encoder", "text_encoder_2")}
     f = save_single_file(parts, tmp_path / "tiny-sdxl.safetensors")
     one = BlendedLatentDiffusionPipeline.from_pretrained(str(f), config=str(sdxl_folder))
-    assert one.is_sdxl
+    assert one.family == "sdxl"
     for name in parts:  # every weight came back where it was
         a, b = getattr(sdxl, name).state_dict(), getattr(one, name).state_dict()
         assert a.keys() <= b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

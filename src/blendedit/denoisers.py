@@ -1,4 +1,5 @@
-"""One call for every family's denoiser, with classifier-free guidance.
+"""Flux's latent packing and position ids (the denoiser calls themselves are the family
+adapters', :mod:`blendedit.families`).
 
 - Stable Diffusion / SDXL: ``UNet2DConditionModel(z, t, encoder_hidden_states, ...)``
   predicts the noise (or v).
@@ -50,49 +51,3 @@ def _text_ids(n: int, device, dtype) -> torch.Tensor:
 def is_guidance_distilled(model) -> bool:
     """A Flux transformer that takes the guidance scale as an input (FLUX.1-dev)."""
     return bool(getattr(model.config, "guidance_embeds", False))
-
-
-def _call(model, x, t, embeds, added: dict | None, guidance_scale: float) -> torch.Tensor:
-    added = added or {}
-    kind = added.get("kind")
-    if kind == "flux":
-        b, _, h, w = x.shape
-        g = None
-        if is_guidance_distilled(model):
-            g = torch.full((b,), guidance_scale, device=x.device, dtype=x.dtype)
-        out = model(
-            hidden_states=pack(x),
-            timestep=(t / 1000).expand(b).to(x.dtype),
-            guidance=g,
-            pooled_projections=added["pooled_projections"],
-            encoder_hidden_states=embeds,
-            txt_ids=_text_ids(embeds.shape[1], x.device, x.dtype),
-            img_ids=image_ids(h, w, x.device, x.dtype),
-            return_dict=False,
-        )[0]
-        return unpack(out, h, w)
-    if kind == "sd3":
-        return model(
-            hidden_states=x,
-            timestep=t.expand(len(x)),
-            encoder_hidden_states=embeds,
-            pooled_projections=added["pooled_projections"],
-            return_dict=False,
-        )[0]
-    kw = {"added_cond_kwargs": added} if added else {}
-    return model(x, t, encoder_hidden_states=embeds, return_dict=False, **kw)[0]
-
-
-def guided_eps(
-    unet, z, t, embeds: torch.Tensor, guidance_scale: float, added: dict | None = None
-) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + s (eps_c - eps_u). ``embeds`` and the ``added``
-    conditioning (SDXL's ``added_cond_kwargs``; ``{"kind": "sd3" | "flux",
-    "pooled_projections": ...}`` for the flow transformers) are [uncond; cond] when guidance is
-    on (2N rows), else cond only (N rows). A guidance-distilled Flux model runs once, with the
-    scale as its input."""
-    if guidance_scale <= 1.0 or len(embeds) == len(z):  # no CFG rows (Flux dev: distilled)
-        return _call(unet, z, t, embeds, added, guidance_scale)
-    out = _call(unet, torch.cat([z, z]), t, embeds, added, guidance_scale)
-    eps_u, eps_c = out.chunk(2)
-    return eps_u + guidance_scale * (eps_c - eps_u)

@@ -21,8 +21,8 @@ from . import checks
 from . import conditioning as C
 from . import masks as M
 from .checks import _as_mask, _as_pil, _check_float, _check_int, check_generator, check_prompt
-from .denoisers import guided_eps, is_guidance_distilled
 from .io import mask_to_tensor, pil_to_tensor, tensor_to_mask, tensor_to_pil
+from .latent_model import Generator, LatentModel, OnUNet, _randn, _sync  # noqa: F401
 from .options import (  # noqa: F401 (the options' names, where users import them from)
     _D,
     BACKGROUND_NOISE_MODES,
@@ -34,9 +34,7 @@ from .options import (  # noqa: F401 (the options' names, where users import the
     _opt,
     options_fields,
 )
-from .ranking import RANK_REGIONS, ClipRanker, builtin_ranker
-
-Generator = torch.Generator | list | None
+from .ranking import RANK_REGIONS
 
 
 @dataclass
@@ -66,41 +64,10 @@ def blend(z: torch.Tensor, z_bg: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return m * z + (1 - m) * z_bg
 
 
-def _randn(shape, generator: Generator, device, dtype) -> torch.Tensor:
-    """Gaussian noise (N, ...) drawn per sample from its own generator when a list is given, so
-    sample i with generator i is reproducible on its own."""
-    if isinstance(generator, list):
-        return torch.cat(
-            [
-                torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device, dtype)
-                for g in generator
-            ]
-        )
-    gdev = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gdev).to(device, dtype)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class OnUNet:
-    """A pipeline's device and dtype: those of its UNet."""
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-
 # --- the pipeline --------------------------------------------------------------------------
 
 
-class BlendedLatentDiffusionPipeline(OnUNet):
+class BlendedLatentDiffusionPipeline(LatentModel):
     """Blended Latent Diffusion over any Stable Diffusion model (diffusers components).
 
     >>> pipe = BlendedLatentDiffusionPipeline.from_pretrained(
@@ -108,230 +75,6 @@ class BlendedLatentDiffusionPipeline(OnUNet):
     >>> out = pipe("a red ball", image, mask, generator=torch.Generator().manual_seed(0))
     >>> out.images[0].save("edit.png")
     """
-
-    def __init__(
-        self,
-        unet,
-        vae,
-        text_encoder,
-        tokenizer,
-        scheduler,
-        ranker: ClipRanker | None = None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        force_zeros_for_empty_prompt: bool = False,
-        text_encoder_3=None,
-        tokenizer_3=None,
-        family: str | None = None,
-    ):
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.scheduler = scheduler
-        self.ranker = ranker
-        # SDXL: the second text encoder, and an empty negative prompt as zeros
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-        self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3  # SD3's T5 (optional)
-        self.family = family or ("sdxl" if text_encoder_2 is not None else "sd")
-        self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE  # from_pretrained: the model's own
-        self.refiner: dict | None = None  # SDXL: models.load_refiner's parts
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-
-    # -- construction ---------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        spec: str,
-        *,
-        scheduler: str = "ddim",
-        ranker: str | ClipRanker | None = None,
-        torch_dtype=None,
-        local_files_only: bool | None = None,
-        config: str | None = None,
-        vae: str | None = None,
-        refiner: str | None = None,
-    ) -> BlendedLatentDiffusionPipeline:
-        """Load from a built-in name, a diffusers folder, a single checkpoint file or a hub id.
-
-        ``ranker``: a CLIP folder/hub id or a :class:`ClipRanker` for best-first ranking; built-in
-        models bring their own. ``vae``: another VAE (an ``AutoencoderKL`` folder or hub id, e.g.
-        an fp16-safe one for SDXL) in place of the model's. ``refiner``: an SDXL refiner (folder
-        or hub id) whose UNet runs the last ``refiner_fraction`` of the steps. See
-        :func:`blendedit.models.load_sd_components`.
-        """
-        from .models import load_refiner, load_sd_components, load_vae
-
-        c = load_sd_components(
-            spec, torch_dtype=torch_dtype, local_files_only=local_files_only, config=config
-        )
-        if vae is not None:
-            c["vae"] = load_vae(vae, c["unet"], c["vae"], torch_dtype, local_files_only)
-        if isinstance(ranker, str):
-            ranker = ClipRanker.from_pretrained(ranker, local_files_only=local_files_only)
-        elif ranker is None and "ranker" in c:
-            ranker = builtin_ranker(c["ranker"], c.get("ranker_tokenizer"))
-        keys = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "family")
-        sdxl = {k: c[k] for k in keys if k in c}
-        pipe = cls(
-            c["unet"],
-            c["vae"],
-            c["text_encoder"],
-            c["tokenizer"],
-            c["scheduler"],
-            ranker,
-            force_zeros_for_empty_prompt=c.get("force_zeros_for_empty_prompt", False),
-            **sdxl,
-        )
-        if refiner is not None:
-            family = pipe.family
-            pipe.refiner = load_refiner(refiner, c["unet"], family, torch_dtype, local_files_only)
-        pipe.set_scheduler(scheduler)
-        pipe.default_guidance_scale = c.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
-        return pipe
-
-    def guidance_or_default(self, guidance_scale: float | None) -> float:
-        """``guidance_scale``, or when it is None the model's own default
-        (:attr:`default_guidance_scale`: its folder's ``blendedit.json``, else 7.5)."""
-        return self.default_guidance_scale if guidance_scale is None else guidance_scale
-
-    def set_scheduler(self, name: str) -> None:
-        """Swap the sampler, keeping the model's noise schedule: ddim, dpm++ or euler."""
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-        if self.is_flow:  # flow-matching models keep their own (Euler) sampler
-            return checks.check_flow_scheduler(name, self.family)
-        cfg = self.scheduler.config
-        if name == "ddim":
-            self.scheduler = DDIMScheduler.from_config(cfg)
-        elif name == "dpm++":
-            self.scheduler = DPMSolverMultistepScheduler.from_config(
-                cfg, algorithm_type="dpmsolver++"
-            )
-        elif name == "euler":
-            self.scheduler = EulerDiscreteScheduler.from_config(cfg)
-        else:
-            raise ValueError(f"scheduler: expected one of {SCHEDULERS}, got {name!r}")
-
-    def to(self, device=None, dtype=None) -> BlendedLatentDiffusionPipeline:
-        upcast = self.is_sdxl and getattr(self.vae.config, "force_upcast", False)
-        extra = (
-            [self.refiner[k] for k in ("unet", "text_encoder", "text_encoder_2")]
-            if (self.refiner)
-            else []
-        )
-        mods = (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3)
-        for m in (*mods, *extra):
-            if m is None:
-                continue
-            want = torch.float32 if upcast and m is self.vae and dtype == torch.float16 else dtype
-            same = want is None or next(m.parameters()).dtype == want  # SDXL's VAE: float32,
-            m.to(device=device) if same else m.to(device=device, dtype=want)  # float16 overflows
-        if self.ranker is not None:
-            self.ranker.to(device=device)
-        return self
-
-    @property
-    def native_size(self) -> int:
-        """The pixel size the UNet was trained at (512 for SD 1.x)."""
-        size = getattr(self.unet.config, "sample_size", None) or 128  # Flux: 1024 px
-        return int(size) * self.vae_scale_factor
-
-    # -- building blocks ------------------------------------------------------------------
-
-    @property
-    def is_sdxl(self) -> bool:
-        return self.family == "sdxl"
-
-    @property
-    def is_flow(self) -> bool:
-        """A rectified-flow model (SD3): velocity prediction, z_t = (1 - sigma) z + sigma noise."""
-        return self.family in ("sd3", "flux")
-
-    @property
-    def distilled_guidance(self) -> bool:
-        """Flux dev: the guidance scale is the model's input, no classifier-free guidance."""
-        return self.family == "flux" and is_guidance_distilled(self.unet)
-
-    @property
-    def pad_multiple(self) -> int:
-        """What the edited region's sides are padded to: the VAE's factor, and twice it for
-        Flux (its latents go in 2x2 patches)."""
-        return self.vae_scale_factor * (2 if self.family == "flux" else 1)
-
-    @torch.no_grad()
-    def encode_prompt(self, prompt: str, negative_prompt: str, n: int, cfg: bool):
-        """Text embeddings: [uncond x n; cond x n] with guidance, else cond x n.
-
-        Returns (embeds, pooled, truncated): ``pooled`` the same rows of SDXL's pooled
-        embedding (None for SD), ``truncated`` whether the prompt lost tokens."""
-        if self.family == "flux":
-            return C.encode_prompt_flux(
-                self.text_encoder,
-                self.tokenizer,
-                self.text_encoder_2,
-                self.tokenizer_2,
-                prompt,
-                negative_prompt,
-                n,
-                cfg,
-                self.device,
-            )
-        if self.family == "sd3":
-            encoders = [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
-            tokenizers = [self.tokenizer, self.tokenizer_2, self.tokenizer_3]
-            joint = self.unet.config.joint_attention_dim
-            return C.encode_prompt_sd3(
-                encoders, tokenizers, prompt, negative_prompt, n, cfg, self.device, joint
-            )
-        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
-        tokenizers = [self.tokenizer, self.tokenizer_2][: len(encoders)]
-        zeros = self.force_zeros_for_empty_prompt
-        return C.encode_prompt(
-            encoders, tokenizers, prompt, negative_prompt, n, cfg, self.device, zeros
-        )
-
-    @torch.no_grad()
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        """z_src = E(x): posterior mean x scaling factor. ``x`` (1, 3, H, W) in [0, 1]."""
-        x = (2 * x - 1).to(self.device, self.vae.dtype)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3: (E(x) - shift) * s
-        return (self.vae.encode(x).latent_dist.mode() - shift) * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """D(z) in [0, 1]; (N, 4, h, w) -> (N, 3, 8h, 8w), float32."""
-        x = self.vae.decode(B.unscale_latents(self.vae, z.to(self.vae.dtype))).sample
-        return ((x.float() + 1) / 2).clamp(0, 1)
-
-    def timesteps_for(
-        self, num_inference_steps: int, strength: float, latent_hw=None
-    ) -> torch.Tensor:
-        """The last ``strength`` of the schedule (as diffusers' img2img), begin index set. A
-        flow-matching schedule with resolution-dependent shifting takes its shift from the
-        number of 2x2 latent patches (``latent_hw``)."""
-        kw, cfg = {}, self.scheduler.config
-        if getattr(cfg, "use_dynamic_shifting", False) and latent_hw is not None:
-            seq = (latent_hw[0] // 2) * (latent_hw[1] // 2)
-            span = cfg.max_image_seq_len - cfg.base_image_seq_len
-            slope = (cfg.max_shift - cfg.base_shift) / span
-            kw["mu"] = cfg.base_shift + slope * (seq - cfg.base_image_seq_len)
-        if self.family == "flux":  # as FluxPipeline: sigmas 1 ... 1/n before the shift
-            kw["sigmas"] = [1 - k / num_inference_steps for k in range(num_inference_steps)]
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device, **kw)
-        n_run = min(int(num_inference_steps * strength), num_inference_steps)
-        t_start = num_inference_steps - n_run
-        order = getattr(self.scheduler, "order", 1)
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(t_start * order)
-        return self.scheduler.timesteps[t_start * order :]
-
-    def noised(self, z, noise, timesteps, k: int) -> torch.Tensor:
-        """``z`` at the noise level of ``timesteps[k]``: the scheduler's forward process, and
-        for a flow-matching model at its exact sigma, (1 - sigma) z + sigma noise."""
-        if self.is_flow:
-            sigma = self.scheduler.sigmas[self.scheduler.begin_index + k].to(z.device, z.dtype)
-            return (1 - sigma) * z + sigma * noise
-        return self.scheduler.add_noise(z, noise, timesteps[k : k + 1])
 
     # -- input checking ------------------------------------------------------------------
 
@@ -467,6 +210,14 @@ class BlendedLatentDiffusionPipeline(OnUNet):
             # zoom: any side from the mask and its context (at most 8x magnified)
             side = max(self.vae_scale_factor, self.native_size // 8) if zoom else self.native_size
             box = M.crop_box(M.mask_bbox(mask_full), (W, H), side, crop_context)
+        largest = self.adapter.largest_side(self.unet, self.vae_scale_factor)
+        if not zoom and largest and max(box[2] - box[0], box[3] - box[1]) > largest:
+            zoom = True  # beyond the denoiser's position table (SD3): generated at native size
+            warnings.append(
+                f"image: the region to edit is {box[2] - box[0]}x{box[3] - box[1]} px, more than "
+                f"this model takes ({largest} px a side); it was generated at "
+                f"{'x'.join(map(str, self.zoom_size(box)[::-1]))} and resized back"
+            )
         x_pad, m_pad, (h, w) = self._region(x_full, mask_full, box, zoom)
 
         # 3. Encode the prompt
@@ -475,11 +226,8 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         if truncated:
             warnings.append("prompt: longer than the text encoder's limit; truncated")
         geometry = (opts.micro_conditioning, (H, W), box, tuple(x_pad.shape[-2:]))
-        added = (  # SDXL's pooled text and micro-conditioning, SD3's pooled text (SD: None)
-            {"kind": self.family, "pooled_projections": pooled}
-            if self.is_flow
-            else C.added_conditioning(pooled, *geometry)
-        )
+        fam = self.adapter
+        added = fam.added(pooled, geometry)  # SDXL's micro-conditioning, SD3's pooled text
         models = [(self.unet, embeds, added)]  # the last steps on the refiner's, if any
         if self.refiner is not None:
             models.append(C.refiner_conditioning(self.refiner, prompt, opts, n, cfg, geometry))
@@ -488,6 +236,9 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         _sync(device)
         t0 = time.perf_counter()
         z_src = self.encode_image(x_pad).to(dtype)  # (1, 4, h/8, w/8)
+        # an inpainting model's own input: the mask and the masked image's latents
+        cond = fam.inpaint_condition(self.vae, self.encode_image, x_pad, m_pad, z_src.shape[-2:])
+        cond = None if cond is None else cond.to(dtype)
         _sync(device)
         timings["encode"] = time.perf_counter() - t0
 
@@ -514,9 +265,10 @@ class BlendedLatentDiffusionPipeline(OnUNet):
         switch = steps - round(steps * refiner_fraction) if self.refiner else steps
         with torch.inference_mode():
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
-                z_in = z if self.is_flow else self.scheduler.scale_model_input(z, t)
+                z_in = fam.model_input(self.scheduler, z, t)
                 unet, emb, add = models[int(i >= switch)]
-                eps = guided_eps(unet, z_in, t, emb, opts.guidance_scale, add)
+                c = cond if unet is self.unet else None  # the refiner: a text-to-image UNet
+                eps = fam.guided(unet, z_in, t, emb, opts.guidance_scale, add, c)
                 z = self.scheduler.step(eps, t, z).prev_sample
                 if i + 1 < steps:
                     bg_noise = (

@@ -12,11 +12,19 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-class ModelNotFoundError(ValueError):
-    """A model spec could not be resolved to weights on this machine."""
+from .sources import (  # noqa: F401 (where users and the other modules import them from)
+    FAMILY_NAMES,
+    FLUX_GUIDANCE_SCALE,
+    SINGLE_FILE_SUFFIXES,
+    ModelNotFoundError,
+    _absent,
+    _cached_folder,
+    _family,
+    _from_pretrained,
+    _hub_family,
+    _index,
+    _looks_like_path,
+)
 
 
 @contextmanager
@@ -80,7 +88,8 @@ TOY_CLIPS = {"toy": "clip", "toy-guide": "guide-clip"}
 
 
 def toy_folder(part: str) -> Path:
-    """``pipeline``, ``clip``, ``guide-clip`` or ``pixel`` of the shipped Shapes World models."""
+    """``pipeline``, ``clip``, ``guide-clip``, ``pixel`` or ``inpaint`` of the shipped Shapes
+    World models."""
     folder = TOY_DIR / part
     if not folder.is_dir():
         raise ModelNotFoundError(
@@ -98,18 +107,49 @@ def _toy() -> dict:
     return c
 
 
+#: The shipped inpainting UNet's tuned tensors, beside its config (the rest: the base UNet's).
+DELTA_FILE = "inpaint_delta.safetensors"
+
+
+def load_toy_inpaint_unet(folder: Path, base_unet):
+    """The shipped inpainting UNet: ``folder/unet``'s config, its tuned tensors
+    (``inpaint_delta.safetensors``) and the others from ``base_unet`` (the text-to-image UNet it
+    was fine-tuned from, as ``toy`` loads it), in ``base_unet``'s dtype."""
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "unet" / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    unet = UNet2DConditionModel.from_config(cfg)
+    dtype = next(base_unet.parameters()).dtype
+    state = dict(base_unet.state_dict())
+    state.update(load_file(str(folder / "unet" / DELTA_FILE)))
+    unet.load_state_dict({k: v.float() for k, v in state.items()})
+    return (unet if dtype == torch.float32 else unet.half()).eval()
+
+
+def _toy_inpaint() -> dict:
+    c = _toy()
+    c["unet"] = load_toy_inpaint_unet(toy_folder("inpaint"), c["unet"])
+    c.update(read_edit_defaults(toy_folder("inpaint")))
+    return c
+
+
 #: Built-in names -> a function returning pipeline components (and optionally a ranker).
-BUILTIN_MODELS: dict[str, Callable[[], dict]] = {"toy": _toy, "tiny-random": _tiny_random}
+BUILTIN_MODELS: dict[str, Callable[[], dict]] = {
+    "toy": _toy,
+    "toy-inpaint": _toy_inpaint,
+    "tiny-random": _tiny_random,
+}
 
 HUB_HELP = (
     "it is not in the local Hugging Face cache and the hub cannot be reached (offline or "
     "HF_HUB_OFFLINE=1). On a connected machine run `hf download {spec}` and copy the cache "
     "(~/.cache/huggingface/hub), or download the repository to a folder and pass that folder"
 )
-
-
-def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
 def load_sd_components(
@@ -201,7 +241,7 @@ def load_vae(spec: str, unet, own_vae, torch_dtype=None, local_files_only=None):
     vae = _load_part(
         AutoencoderKL, "vae", "an AutoencoderKL", spec, torch_dtype, local_files_only, subfolder=sub
     )
-    got, want = vae.config.latent_channels, unet.config.in_channels
+    got, want = vae.config.latent_channels, own_vae.config.latent_channels  # the UNet's latents
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     own = 2 ** (len(own_vae.config.block_out_channels) - 1)
     if got != want or factor != own:
@@ -320,190 +360,6 @@ def pixel_edit_defaults(spec: str) -> dict:
     return read_edit_defaults(path, "pixel") if path is not None and path.is_dir() else {}
 
 
-def _family(folder: Path) -> str:
-    """A pipeline folder's family from its model_index.json (SD unless it names SDXL or SD3)."""
-    name = _index(folder).get("_class_name", "")
-    if name.startswith("Flux"):
-        return "flux"
-    return "sd3" if "StableDiffusion3" in name else "sdxl" if "XL" in name else "sd"
-
-
-def _index(folder: Path) -> dict:
-    """A pipeline folder's model_index.json ({} when it cannot be read)."""
-    import json
-
-    try:
-        return json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _absent(folder: Path | None) -> dict:
-    """``{name: None}`` for the components a folder's index leaves out ([null, null]: SD3
-    without T5), which diffusers must be told to load without."""
-    index = _index(folder) if folder is not None else {}
-    return {k: None for k, v in index.items() if isinstance(v, list) and v[:1] == [None]}
-
-
-def _cached_folder(repo_id: str) -> Path | None:
-    """The cached snapshot folder holding a hub repository's model_index.json, if any."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo_id, "model_index.json", local_files_only=True)).parent
-    except Exception:
-        return None
-
-
-def _hub_family(repo_id: str, local_files_only, default: str | None = "sd") -> str | None:
-    """A hub repository's family from its model_index.json (from the cache offline); SD when
-    it cannot be read (loading it then says why)."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        index = hf_hub_download(repo_id, "model_index.json", local_files_only=local_files_only)
-    except Exception:  # not cached, offline, no such repository: the load reports it
-        return default
-    return _family(Path(index).parent)
-
-
-def _from_pretrained(family: str, source: str, kw: dict, local_files_only):
-    """The family's diffusers pipeline from a folder or hub id (SDXL has no safety checker to
-    switch off)."""
-    from diffusers import (
-        StableDiffusion3Pipeline,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-    )
-
-    if family == "flux":
-        from diffusers import FluxPipeline
-
-        kw = {k: v for k, v in kw.items() if "safety" not in k}
-        return FluxPipeline.from_pretrained(source, local_files_only=local_files_only, **kw)
-    if family == "sd3":
-        kw = {k: v for k, v in kw.items() if "safety" not in k}
-        folder = Path(source) if Path(source).is_dir() else _cached_folder(source)
-        kw.update({k: None for k in _absent(folder) if k.endswith("_3")})
-        return StableDiffusion3Pipeline.from_pretrained(
-            source, local_files_only=local_files_only, **kw
-        )
-    if family == "sdxl":
-        kw = {k: v for k, v in kw.items() if "safety" not in k}
-        return StableDiffusionXLPipeline.from_pretrained(
-            source, local_files_only=local_files_only, **kw
-        )
-    return StableDiffusionPipeline.from_pretrained(source, local_files_only=local_files_only, **kw)
-
-
-FAMILY_NAMES = {  # with the article
-    "sd": "a Stable Diffusion 1.x/2.x",
-    "sdxl": "an SDXL",
-    "sd3": "a Stable Diffusion 3",
-    "flux": "a Flux",
-}
-#: Flux's default guidance (diffusers' FluxPipeline's; the guidance-distilled models take it as
-#: an input, not as classifier-free guidance).
-FLUX_GUIDANCE_SCALE = 3.5
-
-
-def _checkpoint_family(path: Path) -> str | None:
-    """A ``.safetensors`` checkpoint's family from its tensor names (SDXL's text encoders sit
-    under ``conditioner.embedders``, SD's under ``cond_stage_model``, SD3's transformer has
-    ``joint_blocks``, Flux's ``double_blocks``); None when the names do not say (other formats
-    are not opened here)."""
-    if path.suffix.lower() != ".safetensors":
-        return None
-    from safetensors import safe_open
-
-    from .ldm_format import original_family
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception:  # not a safetensors file: loading it says so
-        return None
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.") for k in keys):
-        return "sd"
-    return original_family(keys)
-
-
-def _single_file_family(path: Path, config, local_files_only) -> str:
-    """The family of a single-file checkpoint, from its names and its ``config``; a
-    :class:`ModelNotFoundError` when the two disagree (an SDXL file with an SD config)."""
-    found = _checkpoint_family(path)
-    wanted = None
-    if config:
-        cfg = Path(config).expanduser()
-        if cfg.is_dir():
-            wanted = _family(cfg)
-        elif not _looks_like_path(config):
-            wanted = _hub_family(config, local_files_only, default=None)
-    if found and wanted and found != wanted:
-        raise ModelNotFoundError(
-            f"model: {str(path)!r} is {FAMILY_NAMES[found]} checkpoint but --config "
-            f"{config!r} describes {FAMILY_NAMES[wanted]} pipeline; pass the config "
-            "(diffusers folder or hub id) of the model it was saved from"
-        )
-    return found or wanted or "sd"
-
-
-#: Where the rest of a single SD3 / Flux file's pipeline comes from (its --config), e.g.
-FLOW_CONFIG_EXAMPLES = {
-    "sd3": "stabilityai/stable-diffusion-3.5-medium",
-    "flux": "black-forest-labs/FLUX.1-dev",
-}
-
-
-def _flow_pipeline_from_file(family: str, path: Path, config, kw: dict, local_files_only):
-    """A single SD3 or Flux ``.safetensors`` file: the transformer under its original names
-    (read by :func:`blendedit.ldm_format.transformer_from_original`, whatever its width), and
-    the VAE, text encoders, tokenizers and scheduler from ``config`` (the model's diffusers
-    folder or hub id), as these files are used: Flux's hold the transformer alone."""
-    import torch
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-    from safetensors.torch import load_file
-
-    from .ldm_format import transformer_from_original
-
-    name, spec = FAMILY_NAMES[family][2:], str(path)
-    if not config:
-        raise ModelNotFoundError(
-            f"model: {spec!r} is a single {name} checkpoint, which holds the transformer; pass "
-            "--config <the model's diffusers folder or hub id> (e.g. "
-            f"{FLOW_CONFIG_EXAMPLES[family]}) for its VAE, text encoders and scheduler"
-        )
-    cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
-    local = Path(config).expanduser().is_dir() or local_files_only
-    try:
-        cfg = cls.load_config(config, subfolder="transformer", local_files_only=local)
-        with torch.device("meta"):  # no memory, no random init: the file's tensors go in
-            model = cls.from_config(cfg)
-    except Exception as e:
-        raise ModelNotFoundError(
-            f"model: --config {config!r} gives no {name} transformer config "
-            f"({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from e
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    try:
-        state = transformer_from_original(family, load_file(spec), shapes)
-        model.load_state_dict(state, strict=True, assign=True)
-    except (ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()
-        raise ModelNotFoundError(
-            f"model: the transformer in {spec!r} does not fit the one --config {config!r} "
-            f"describes ({' '.join(first[:2])}); pass the config of the model the file was "
-            "saved from"
-        ) from e
-    model = model.to(kw.get("dtype") or kw.get("torch_dtype") or torch.float32).eval()
-    try:
-        return _from_pretrained(family, str(config), dict(kw, transformer=model), local)
-    except Exception as e:
-        raise ModelNotFoundError(f"model: could not load --config {config!r}: {e}") from e
-
-
 def _load_pipeline(spec: str, kw: dict, local_files_only, config):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -528,9 +384,12 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
             raise ModelNotFoundError(
                 f"model: {spec!r} is not a checkpoint (expected one of {SINGLE_FILE_SUFFIXES})"
             )
-        family = _single_file_family(path, config, local_files_only)
+        from .single_file import check_input_width, flow_pipeline_from_file, single_file_family
+
+        family = single_file_family(path, config, local_files_only)
+        check_input_width(path, family, config, local_files_only)
         if family in ("sd3", "flux"):
-            return _flow_pipeline_from_file(family, path, config, kw, local_files_only)
+            return flow_pipeline_from_file(family, path, config, kw, local_files_only)
         cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
         if family == "sdxl":
             kw = {k: v for k, v in kw.items() if "safety" not in k}

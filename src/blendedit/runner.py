@@ -316,6 +316,7 @@ def run_edit(
         prompt=req.prompt,
         model=loaded.spec.model,
         method=method,
+        **_model_kind(loaded.pipe, method),
         scheduler=_sampler_used(loaded, method, opts),
         rank_model=loaded.rank_model,
         ranked=getattr(loaded.pipe, "ranker", None) is not None,
@@ -339,6 +340,13 @@ def run_edit(
     for w in result.warnings:
         (warn or (lambda line: print(line, file=sys.stderr)))(f"blendedit: warning: {w}")
     return written, sidecar
+
+
+def _model_kind(pipe, method: str) -> dict:
+    """The sidecar's words on the model: its family and inpainting kind (latent method)."""
+    if method != "latent":
+        return {}
+    return dict(family=pipe.family, inpainting=pipe.inpaint)
 
 
 def pixels_sha256(image) -> str:

@@ -453,3 +453,59 @@ def build_tiny_pixel_components(
         variance_type="learned_range" if learned_sigma else "fixed_small",
     )
     return dict(unet=unet, scheduler=scheduler, clip=tiny_clip(tokenizer), clip_tokenizer=tokenizer)
+
+
+#: diffusers' inpainting pipeline class of each family with an inpainting checkpoint
+INPAINT_PIPELINES = {
+    "sd": "StableDiffusionInpaintPipeline",
+    "sdxl": "StableDiffusionXLInpaintPipeline",
+    "flux": "FluxFillPipeline",
+}
+
+
+def inpainting_denoiser(denoiser):
+    """A new random denoiser of ``denoiser``'s architecture with an inpainting checkpoint's
+    inputs: a UNet with 4 + 1 + 4 input channels, or a Flux transformer with 64 + 64 + 256
+    input features (Flux Fill's: packed latents, masked-image latents, 8x8-folded mask)."""
+    cfg = {k: v for k, v in denoiser.config.items() if not k.startswith("_")}  # no defaults list
+    latent = cfg.get("out_channels") or cfg["in_channels"]
+    if "guidance_embeds" in cfg:  # Flux: features of 2x2 patches
+        wide = {"in_channels": latent + latent + 256, "out_channels": latent}
+    else:
+        wide = {"in_channels": 2 * latent + 1}
+    return type(denoiser).from_config(cfg | wide).eval()
+
+
+def build_tiny_inpaint_components(family: str, *, seed: int = 0) -> dict:
+    """A tiny random inpainting model of ``family`` ("sd", "sdxl" or "flux"): the family's tiny
+    components with the denoiser widened as the real checkpoints are (an SD / SDXL UNet with
+    4 + 1 + 4 input channels; a Flux Fill transformer with 64 + 64 + 256 input features, i.e. the
+    packed latents, masked-image latents and the 8x8-folded mask), its new inputs random so that
+    they change the prediction."""
+    import diffusers
+
+    if family not in INPAINT_PIPELINES:
+        raise ValueError(f"family: expected one of {tuple(INPAINT_PIPELINES)}, got {family!r}")
+    if family == "sd":
+        c = build_tiny_components("tiny", seed=seed)
+        c = {k: v for k, v in c.items() if not k.startswith("ranker")}
+    elif family == "sdxl":
+        c = build_tiny_sdxl_components(seed=seed)
+    else:
+        c = build_tiny_flux_components(seed=seed)
+    key = "transformer" if family == "flux" else "unet"
+    torch.manual_seed(seed + 1)
+    c[key] = inpainting_denoiser(c[key])
+    cls = getattr(diffusers, INPAINT_PIPELINES[family])
+    if family == "sd":
+        c.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return dict(cls=cls, components=c)
+
+
+def save_tiny_inpaint(folder: str | Path, family: str, *, seed: int = 0) -> Path:
+    """:func:`build_tiny_inpaint_components` saved as a diffusers inpainting pipeline folder
+    (``StableDiffusionInpaintPipeline``, ``StableDiffusionXLInpaintPipeline`` or
+    ``FluxFillPipeline``)."""
+    built = build_tiny_inpaint_components(family, seed=seed)
+    built["cls"](**built["components"]).save_pretrained(folder)
+    return Path(folder)

@@ -15,6 +15,7 @@ from .arch import UNET_CONFIG, VAE_FACTORS, ZERO_SNR_SAMPLING
 from .assemble import SHIPPED_PARTS, assemble
 from .clip import train_clip, train_vision
 from .guide_clip import train_guide_clip
+from .inpaint import TRAIN_ONLY, ship_inpaint, train_inpaint
 from .pixel import train_pixel
 from .snapshots import snapshot
 from .unet import train_unet
@@ -27,8 +28,12 @@ DEFAULTS = {  # per model: steps, batch size, lr, warm-up
     "unet": dict(steps=3000, batch_size=32, lr=4e-4, warmup=200),
     "pixel": dict(steps=3000, batch_size=16, lr=3e-4, warmup=200),
     "guide-clip": dict(steps=2000, batch_size=128, lr=2e-4, warmup=100),
+    "inpaint": dict(steps=4000, batch_size=32, lr=2e-4, warmup=100),
 }
-HELP = {"guide-clip": "tune a CLIP's vision tower to read the pixel model's x̂0 (for guidance)"}
+HELP = {
+    "guide-clip": "tune a CLIP's vision tower to read the pixel model's x̂0 (for guidance)",
+    "inpaint": "fine-tune the text-to-image UNet into a 9-channel inpainting UNet",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,9 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
                 help="extra loss weight on object pixels and a 2 px band around them (the scenes "
                 "are mostly background, which a plain loss favours; 0: unweighted)",
             )
-        if name in ("unet", "pixel"):
+        if name in ("unet", "pixel", "inpaint"):
             s.add_argument("--min-snr", type=float, default=5.0)
-        if name in ("unet", "pixel", "vae"):
+        if name == "inpaint":
+            s.add_argument(
+                "--pipeline",
+                default=str(TOY_DIR / "pipeline"),
+                help="toy pipeline folder whose UNet is widened and whose VAE, text encoder and "
+                "tokenizer are used (default: the shipped one)",
+            )
+            s.add_argument(
+                "--init-from",
+                default=None,
+                help="UNet run or folder to start from instead of the pipeline's (a 9-channel "
+                "one goes on as it is)",
+            )
+            s.add_argument(
+                "--train-only",
+                nargs="+",
+                default=list(TRAIN_ONLY),
+                metavar="PREFIX",
+                help="tune only the parameters under these names (the rest stay the text-to-"
+                f"image UNet's); default {' '.join(TRAIN_ONLY)}",
+            )
+        if name in ("unet", "pixel", "vae", "inpaint"):
             s.add_argument(
                 "--time-budget",
                 type=float,
@@ -345,6 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
         "none, written to pixel/blendedit.json (default: 500, measured best on the shipped "
         "models)",
     )
+    i = sub.add_parser(
+        "ship-inpaint", help="write the shipped toy-inpaint model (assets/toy/inpaint) from a run"
+    )
+    i.add_argument("--run", default="runs/toy/inpaint", help="the `inpaint` run")
+    i.add_argument("--dest", default=str(TOY_DIR / "inpaint"))
+    i.add_argument(
+        "--base",
+        default=str(TOY_DIR / "pipeline" / "unet"),
+        help="the text-to-image UNet the run started from (its untuned tensors are read there)",
+    )
+    i.add_argument("--unfinished", action="store_true", help="from the run's latest checkpoint")
     n = sub.add_parser("snapshot", help="write an unfinished run's current weights to RUN/snapshot")
     n.add_argument("run", nargs="+", help="run folders, e.g. runs/toy/unet")
     return p
@@ -362,6 +399,10 @@ def main(argv=None) -> int:
         with quiet_transformers():
             assemble(args)
         return 0
+    if args.what == "ship-inpaint":
+        with quiet_transformers():
+            ship_inpaint(Path(args.run), Path(args.dest), Path(args.base), args.unfinished)
+        return 0
     if args.what == "snapshot":
         with quiet_transformers():
             for run in args.run:
@@ -375,6 +416,7 @@ def main(argv=None) -> int:
             "unet": train_unet,
             "pixel": train_pixel,
             "guide-clip": train_guide_clip,
+            "inpaint": train_inpaint,
         }
         trainers[args.what](args)
     return 0

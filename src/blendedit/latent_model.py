@@ -1,0 +1,251 @@
+"""The model half of a Blended Latent Diffusion pipeline: its components and what it does with
+them one step at a time (load, move, encode the prompt and the image, decode, the schedule and
+the forward noising). Family differences are asked of the family adapter
+(:mod:`blendedit.families`); the edit itself is :mod:`blendedit.latent`'s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import background as B
+from .families import Family, adapter
+from .options import DEFAULT_GUIDANCE_SCALE, SCHEDULERS
+from .ranking import ClipRanker, builtin_ranker
+
+Generator = torch.Generator | list | None
+
+
+def _randn(shape, generator: Generator, device, dtype) -> torch.Tensor:
+    """Gaussian noise (N, ...) drawn per sample from its own generator when a list is given, so
+    sample i with generator i is reproducible on its own."""
+    if isinstance(generator, list):
+        return torch.cat(
+            [
+                torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device, dtype)
+                for g in generator
+            ]
+        )
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev).to(device, dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class OnUNet:
+    """A pipeline's device and dtype: those of its UNet."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+class LatentModel(OnUNet):
+    """A latent diffusion model's components (diffusers' names) behind one interface."""
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        ranker: ClipRanker | None = None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        force_zeros_for_empty_prompt: bool = False,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        family: str | None = None,
+    ):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler = scheduler
+        self.ranker = ranker
+        # SDXL: the second text encoder, and an empty negative prompt as zeros
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3  # SD3's T5 (optional)
+        self.family = family or ("sdxl" if text_encoder_2 is not None else "sd")
+        self._adapter: tuple[Any, Family] | None = None  # (the denoiser it was built for, it)
+        self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE  # from_pretrained: the model's own
+        self.refiner: dict | None = None  # SDXL: models.load_refiner's parts
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        spec: str,
+        *,
+        scheduler: str = "ddim",
+        ranker: str | ClipRanker | None = None,
+        torch_dtype=None,
+        local_files_only: bool | None = None,
+        config: str | None = None,
+        vae: str | None = None,
+        refiner: str | None = None,
+    ) -> LatentModel:
+        """Load from a built-in name, a diffusers folder, a single checkpoint file or a hub id.
+
+        ``ranker``: a CLIP folder/hub id or a :class:`ClipRanker` for best-first ranking; built-in
+        models bring their own. ``vae``: another VAE (an ``AutoencoderKL`` folder or hub id, e.g.
+        an fp16-safe one for SDXL) in place of the model's. ``refiner``: an SDXL refiner (folder
+        or hub id) whose UNet runs the last ``refiner_fraction`` of the steps. See
+        :func:`blendedit.models.load_sd_components`.
+        """
+        from .models import load_refiner, load_sd_components, load_vae
+
+        c = load_sd_components(
+            spec, torch_dtype=torch_dtype, local_files_only=local_files_only, config=config
+        )
+        if vae is not None:
+            c["vae"] = load_vae(vae, c["unet"], c["vae"], torch_dtype, local_files_only)
+        if isinstance(ranker, str):
+            ranker = ClipRanker.from_pretrained(ranker, local_files_only=local_files_only)
+        elif ranker is None and "ranker" in c:
+            ranker = builtin_ranker(c["ranker"], c.get("ranker_tokenizer"))
+        keys = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "family")
+        sdxl = {k: c[k] for k in keys if k in c}
+        pipe = cls(
+            c["unet"],
+            c["vae"],
+            c["text_encoder"],
+            c["tokenizer"],
+            c["scheduler"],
+            ranker,
+            force_zeros_for_empty_prompt=c.get("force_zeros_for_empty_prompt", False),
+            **sdxl,
+        )
+        if refiner is not None:
+            family = pipe.family
+            pipe.refiner = load_refiner(refiner, c["unet"], family, torch_dtype, local_files_only)
+        pipe.set_scheduler(scheduler)
+        pipe.default_guidance_scale = c.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        return pipe
+
+    def guidance_or_default(self, guidance_scale: float | None) -> float:
+        """``guidance_scale``, or when it is None the model's own default
+        (:attr:`default_guidance_scale`: its folder's ``blendedit.json``, else 7.5)."""
+        return self.default_guidance_scale if guidance_scale is None else guidance_scale
+
+    def set_scheduler(self, name: str) -> None:
+        """Swap the sampler, keeping the model's noise schedule: ddim, dpm++ or euler."""
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+        if self.adapter.check_scheduler(name):  # flow models keep their own (Euler) sampler
+            return
+        cfg = self.scheduler.config
+        if name == "ddim":
+            self.scheduler = DDIMScheduler.from_config(cfg)
+        elif name == "dpm++":
+            self.scheduler = DPMSolverMultistepScheduler.from_config(
+                cfg, algorithm_type="dpmsolver++"
+            )
+        elif name == "euler":
+            self.scheduler = EulerDiscreteScheduler.from_config(cfg)
+        else:
+            raise ValueError(f"scheduler: expected one of {SCHEDULERS}, got {name!r}")
+
+    def to(self, device=None, dtype=None) -> LatentModel:
+        upcast = self.adapter.vae_upcast and getattr(self.vae.config, "force_upcast", False)
+        extra = (
+            [self.refiner[k] for k in ("unet", "text_encoder", "text_encoder_2")]
+            if (self.refiner)
+            else []
+        )
+        mods = (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        for m in (*mods, *extra):
+            if m is None:
+                continue
+            want = torch.float32 if upcast and m is self.vae and dtype == torch.float16 else dtype
+            same = want is None or next(m.parameters()).dtype == want  # SDXL's VAE: float32,
+            m.to(device=device) if same else m.to(device=device, dtype=want)  # float16 overflows
+        if self.ranker is not None:
+            self.ranker.to(device=device)
+        return self
+
+    @property
+    def native_size(self) -> int:
+        """The pixel size the UNet was trained at (512 for SD 1.x)."""
+        size = getattr(self.unet.config, "sample_size", None) or 128  # Flux: 1024 px
+        return int(size) * self.vae_scale_factor
+
+    # -- building blocks ------------------------------------------------------------------
+
+    @property
+    def adapter(self) -> Family:
+        """The family adapter (:mod:`blendedit.families`) of this pipeline's denoiser."""
+        if self._adapter is None or self._adapter[0] is not self.unet:
+            self._adapter = (self.unet, adapter(self.family, self.unet))
+        return self._adapter[1]
+
+    @property
+    def is_flow(self) -> bool:
+        """A rectified-flow model (SD3): velocity prediction, z_t = (1 - sigma) z + sigma noise."""
+        return self.adapter.flow
+
+    @property
+    def inpaint(self) -> str | None:
+        """The denoiser's inpainting kind: "unet9", "fill" or None (text-to-image)."""
+        return self.adapter.inpaint
+
+    @property
+    def distilled_guidance(self) -> bool:
+        """Flux dev: the guidance scale is the model's input, no classifier-free guidance."""
+        return self.adapter.distilled
+
+    @property
+    def pad_multiple(self) -> int:
+        """What the edited region's sides are padded to: the VAE's factor x the patch side
+        (twice the factor for SD3 and Flux, whose latents go in 2x2 patches)."""
+        return self.adapter.pad_multiple(self.vae_scale_factor)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative_prompt: str, n: int, cfg: bool):
+        """Text embeddings: [uncond x n; cond x n] with guidance, else cond x n.
+
+        Returns (embeds, pooled, truncated): ``pooled`` the same rows of SDXL's pooled
+        embedding (None for SD), ``truncated`` whether the prompt lost tokens."""
+        return self.adapter.encode_prompt(self, prompt, negative_prompt, n, cfg)
+
+    @torch.no_grad()
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """z_src = E(x): posterior mean x scaling factor. ``x`` (1, 3, H, W) in [0, 1]."""
+        x = (2 * x - 1).to(self.device, self.vae.dtype)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3: (E(x) - shift) * s
+        return (self.vae.encode(x).latent_dist.mode() - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """D(z) in [0, 1]; (N, 4, h, w) -> (N, 3, 8h, 8w), float32."""
+        x = self.vae.decode(B.unscale_latents(self.vae, z.to(self.vae.dtype))).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def timesteps_for(
+        self, num_inference_steps: int, strength: float, latent_hw=None
+    ) -> torch.Tensor:
+        """The last ``strength`` of the schedule (as diffusers' img2img), begin index set. A
+        flow-matching schedule with resolution-dependent shifting takes its shift from the
+        number of 2x2 latent patches (``latent_hw``)."""
+        kw = self.adapter.timestep_kwargs(self.scheduler.config, num_inference_steps, latent_hw)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device, **kw)
+        n_run = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = num_inference_steps - n_run
+        order = getattr(self.scheduler, "order", 1)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start * order)
+        return self.scheduler.timesteps[t_start * order :]
+
+    def noised(self, z, noise, timesteps, k: int) -> torch.Tensor:
+        """``z`` at the noise level of ``timesteps[k]``: the scheduler's forward process, and
+        for a flow-matching model at its exact sigma, (1 - sigma) z + sigma noise."""
+        return self.adapter.noised(self.scheduler, z, noise, timesteps, k)
