@@ -226,3 +226,26 @@ def test_bench_runs_ours_against_diffusers_inpainting_pipeline(folders, tmp_path
     assert "| ours |" in text and "| diffusers inpaint |" in text
     bad = args + ["--methods", "ours", "text-to-image + paste", "--out", str(tmp_path / "c")]
     assert main(bad) == 2
+
+
+def test_bench_asks_whether_blending_helps_an_inpainting_model(folders, tmp_path):
+    """`--inpaint-model` runs our blend and diffusers' pipeline on it beside --model, on the
+    same tasks; the report pairs the three and gives the background-in-mask figure."""
+    from blendedit.bench_stats import INPAINT_OURS, INPAINT_THEIRS
+
+    base = _sd_folder(tmp_path / "base")
+    args = ["bench", "--model", str(base), "--inpaint-model", str(folders["sd"]), "--quiet"]
+    args += ["--rank-model", str(_toy_clip()), "--tasks", "2", "--steps", "2", "--samples", "1"]
+    args += ["--methods", "ours", INPAINT_OURS, INPAINT_THEIRS, "--out", str(tmp_path / "b")]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert [(d["a"], d["b"]) for d in results["inpainting"]] == [
+        (INPAINT_OURS, "ours"),
+        (INPAINT_OURS, INPAINT_THEIRS),
+        ("ours", INPAINT_THEIRS),
+    ]
+    assert all("continuation_psnr" in row for row in results["per_task"][INPAINT_OURS])
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "does blending still help?" in text and f"| {INPAINT_THEIRS} |" in text
+    bad = args[:2] + [str(base), "--inpaint-model", str(base)] + args[5:]
+    assert main(bad[:-1] + [str(tmp_path / "c")]) == 2  # not an inpainting checkpoint

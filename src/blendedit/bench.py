@@ -32,12 +32,15 @@ from PIL import Image
 from . import background as B
 from .bench_stats import (  # noqa: F401 (bench's public names)
     DEFAULT_STUDIES,
+    INPAINT_OURS,
+    INPAINT_THEIRS,
     METHODS,
     RAW_DECODE,
     _finite,
     _median_ratio,
     against_raw_decode,
     compare_defaults,
+    inpainting_pairs,
     paired,
     sign_test,
     summarize,
@@ -142,6 +145,9 @@ class BenchConfig:
     model: str = "toy"
     clip: str | None = None  # CLIP folder that ranks and judges CLIP scores (built-ins: their own)
     pixel_model: str | None = None  # None: the built-in's own when the model is built in
+    #: an inpainting checkpoint to run beside ``model`` (ours and diffusers' inpainting pipeline
+    #: on it); None: toy-inpaint for the toy model when it is shipped, else none
+    inpaint_model: str | None = None
     tasks: int = 120
     kinds: tuple[str, ...] = TASK_KINDS  # task kinds to run, in the suite's order
     steps: int = 25
@@ -153,6 +159,13 @@ class BenchConfig:
     seed: int = 0
     examples: int = 6  # tasks shown in the grid of example edits
     label: str = ""  # a line for the report: what model this is, where it stands
+
+
+def default_inpaint_model() -> str | None:
+    """toy-inpaint where it is shipped (the toy model's inpainting counterpart)."""
+    from .models import TOY_DIR
+
+    return "toy-inpaint" if (TOY_DIR / "inpaint").is_dir() else None
 
 
 def diffusers_baselines(p) -> tuple:
@@ -184,6 +197,17 @@ class Runner:
         for q in (self.inpaint, self.t2i, self.img2img):
             if q is not None:
                 q.set_progress_bar_config(disable=True)
+        self.ours_im = self.inpaint_im = None
+        spec = cfg.inpaint_model or (default_inpaint_model() if cfg.model == "toy" else None)
+        if spec and any(METHODS[m][0].endswith("_im") for m in cfg.methods or METHODS):
+            self.ours_im = BlendedLatentDiffusionPipeline.from_pretrained(spec, ranker=cfg.clip)
+            self.ours_im.to(device, getattr(torch, dtype))
+            if self.ours_im.inpaint is None:
+                raise ValueError(f"inpaint_model: {spec!r} is not an inpainting checkpoint")
+            self.ours_im.ranker = p.ranker  # one CLIP ranks every method
+            with quiet_transformers():
+                self.inpaint_im = diffusers_baselines(self.ours_im)[0]
+            self.inpaint_im.set_progress_bar_config(disable=True)
         self.pixel = None
         pixel_spec = cfg.pixel_model or (cfg.model if cfg.model in BUILTIN_MODELS else None)
         if pixel_spec and any(METHODS[m][0] == "pixel" for m in cfg.methods or METHODS):
@@ -215,16 +239,15 @@ class Runner:
         self.timings = {}  # the stages' seconds of our method's edit, for the cost ratios
         common = dict(num_inference_steps=c.steps, guidance_scale=c.guidance_scale)
         size = task.image.width
-        if kind == "ours":
+        if kind in ("ours", "ours_im"):
+            pipe = self.ours if kind == "ours" else self.ours_im
             opts = dict(opts)
             rank = opts.pop("rank", True)
-            ranker, self.ours.ranker = self.ours.ranker, (self.ours.ranker if rank else None)
+            ranker, pipe.ranker = pipe.ranker, (pipe.ranker if rank else None)
             try:
-                out = edit_task(
-                    self.ours, task, n, c.steps, guidance_scale=c.guidance_scale, **opts
-                )
+                out = edit_task(pipe, task, n, c.steps, guidance_scale=c.guidance_scale, **opts)
             finally:
-                self.ours.ranker = ranker
+                pipe.ranker = ranker
             self.timings = out.timings
             return out.images[0] if rank else out.images[out.order.index(0)]
         if kind == "pixel":
@@ -234,8 +257,8 @@ class Runner:
             out = edit_task(self.pixel, task, n, max(4 * c.steps // 3, 4))
             return out.images[0]
         g = task_generators(task.seed, n)
-        if kind == "inpaint":
-            images = self.inpaint(
+        if kind in ("inpaint", "inpaint_im"):
+            images = (self.inpaint if kind == "inpaint" else self.inpaint_im)(
                 task.prompt,
                 image=task.image,
                 mask_image=task.mask,
@@ -295,7 +318,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
     and the plots to ``out``; return the results."""
     from tqdm.auto import tqdm
 
-    from .toy.judge import judge
+    from .toy.judge import continuation_psnr, judge
     from .toy.tasks import task_suite
 
     unknown = [m for m in cfg.methods or [] if m not in METHODS]
@@ -320,6 +343,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
             "leave out 'text-to-image + paste' and 'SDEdit + paste'"
         )
     methods = [m for m in cfg.methods if METHODS[m][0] != "pixel" or runner.pixel is not None]
+    methods = [m for m in methods if not METHODS[m][0].endswith("_im") or runner.ours_im]
     tasks = task_suite(cfg.tasks, size=runner.ours.native_size, seed=cfg.seed, kinds=cfg.kinds)
     rows: dict[str, list[dict]] = {}
     peaks: dict[str, float] = {}
@@ -344,6 +368,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
                     max_err_outside=v.max_err_outside,
                     psnr_seam=v.psnr_seam,
                     seam_error=v.seam_error,
+                    continuation_psnr=continuation_psnr(img, task),
                     clip=clip,
                     seconds=dt,
                     sample_s=runner.timings.get("sample"),
@@ -367,6 +392,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
     )
     results["defaults"] = compare_defaults(results["methods"], results["per_task"])
     results["against_raw_decode"] = against_raw_decode(results["per_task"])
+    results["inpainting"] = inpainting_pairs(results["per_task"])
     out.mkdir(parents=True, exist_ok=True)
     save_json(results, out / "results.json")
     plots = write_plots(results, examples, tasks, out)
@@ -438,6 +464,27 @@ def _kinds_phrase(kinds) -> str:
     return ", ".join(words[k] for k in kinds) + (" only" if len(kinds) < len(TASK_KINDS) else "")
 
 
+def _inpainting_section(pairs: list[dict]) -> list[str]:
+    """Does blending still help a model trained to inpaint? The paired comparisons."""
+    if not pairs:
+        return []
+    lines = [
+        "## The inpainting model: does blending still help?",
+        "",
+        f"`{INPAINT_OURS}`: Blended Latent Diffusion with the inpainting checkpoint (its own "
+        f"mask and masked-image input, the blend on top); `{INPAINT_THEIRS}`: diffusers' "
+        "inpainting pipeline on the same checkpoint (no blend); `ours`: the plain model. On the "
+        "same tasks, the tasks only the first edits, only the second, exact sign test:",
+        "",
+    ]
+    for d in pairs:
+        lines.append(
+            f"- {d['a']} against {d['b']}: {d['only_a']} against {d['only_b']}, p = {d['p']:.3f}"
+            + (" (beyond noise)" if d["p"] < 0.05 else " (within noise)")
+        )
+    return lines + [""]
+
+
 def report(r: dict, plots: list[str]) -> str:
     c = r["config"]
     lines = [
@@ -457,8 +504,9 @@ def report(r: dict, plots: list[str]) -> str:
         "",
         *([c["label"], ""] if c.get("label") else []),
         "| method | success [95 % CI] | replace / add / small | PSNR outside (dB) | every pixel "
-        "kept | band PSNR (dB) | seam error | CLIP | s / edit | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "kept | band PSNR (dB) | seam error | background in mask (dB) | CLIP | s / edit | "
+        "peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in r["methods"].items():
         bk = s["by_kind"]
@@ -466,7 +514,8 @@ def report(r: dict, plots: list[str]) -> str:
         lines.append(
             f"| {name} | {s['success']:.0%} [{s['ci'][0]:.0%}, {s['ci'][1]:.0%}] | {kinds} | "
             f"{s['psnr_outside']:.1f} | {'yes' if s['all_exact_outside'] else 'no'} | "
-            f"{s['psnr_seam']:.1f} | {s['seam_error']:.2f} | {s['clip']:.3f} | "
+            f"{s['psnr_seam']:.1f} | {s['seam_error']:.2f} | "
+            f"{s.get('continuation_psnr', float('nan')):.1f} | {s['clip']:.3f} | "
             f"{s['seconds']:.2f} | {s['peak_mb']:.0f} |"
         )
     lines += [
@@ -474,8 +523,11 @@ def report(r: dict, plots: list[str]) -> str:
         "PSNR outside: median over tasks, pixels outside the mask against the source. Band PSNR: "
         "the 3 px band just outside the mask. Seam error: the step across the mask border minus "
         "the source's step there, mean absolute 0-255 levels (lower is better; a hard paste "
-        "shows here although every pixel outside is kept).",
+        "shows here although every pixel outside is kept). Background in mask: PSNR against "
+        "the ground truth inside the mask away from the asked-for object (median; how well the "
+        "background continues where no object was asked for).",
         "",
+        *_inpainting_section(r.get("inpainting") or []),
         "## Background reconstruction cost",
         "",
         "Seconds of the background step over seconds of sampling, timed within the same edit "

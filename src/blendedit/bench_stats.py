@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 import statistics
 
+INPAINT_OURS = "ours, inpainting model"
+INPAINT_THEIRS = "diffusers inpaint, inpainting model"
+
 #: name -> (kind, options). ``ours*`` are our latent method with these options over its defaults.
 METHODS: dict[str, tuple[str, dict]] = {
     "ours": ("ours", {}),
@@ -24,6 +27,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     "text-to-image + paste": ("t2i", {}),
     "SDEdit + paste": ("sdedit", {"strength": 0.75}),
     "pixel (Blended Diffusion)": ("pixel", {}),
+    # the same edits with the inpainting model (``--inpaint-model``; toy: toy-inpaint)
+    INPAINT_OURS: ("ours_im", {}),
+    INPAINT_THEIRS: ("inpaint_im", {}),
 }
 
 
@@ -50,6 +56,7 @@ def summarize(rows: list[dict]) -> dict:
         by_kind[kind] = sum(r["success"] for r in sub) / len(sub)
     psnr = _finite(r["psnr_outside"] for r in rows)
     seam = _finite(r["psnr_seam"] for r in rows)
+    cont = _finite(r.get("continuation_psnr") for r in rows)
     return dict(
         success=k / n if n else 0.0,
         ci=wilson(k, n),
@@ -60,6 +67,7 @@ def summarize(rows: list[dict]) -> dict:
         max_err_outside=max(r["max_err_outside"] for r in rows),
         psnr_seam=statistics.median(seam) if seam else float("inf"),
         seam_error=statistics.mean(r["seam_error"] for r in rows) if rows else 0.0,
+        continuation_psnr=statistics.median(cont) if cont else float("nan"),
         clip=statistics.mean(r["clip"] for r in rows),
         seconds=statistics.median(r["seconds"] for r in rows),
         background_ratio=_median_ratio(rows, "background_s", "sample_s"),
@@ -94,6 +102,18 @@ def paired(rows_a: list[dict], rows_b: list[dict]) -> dict:
     only_a = sum(x["success"] and not y["success"] for x, y in pairs)
     only_b = sum(y["success"] and not x["success"] for x, y in pairs)
     return dict(only_a=only_a, only_b=only_b, p=sign_test(only_a, only_b))
+
+
+def inpainting_pairs(per_task: dict) -> list[dict]:
+    """The inpainting model's three-way question, paired on the same tasks: our blend with it
+    against the plain model, our blend against diffusers' pipeline on it (no blend), and the
+    plain model against diffusers' on the inpainting model."""
+    pairs = [(INPAINT_OURS, "ours"), (INPAINT_OURS, INPAINT_THEIRS), ("ours", INPAINT_THEIRS)]
+    return [
+        dict(a=a, b=b, **paired(per_task[a], per_task[b]))
+        for a, b in pairs
+        if a in per_task and b in per_task
+    ]
 
 
 def against_raw_decode(per_task: dict) -> dict[str, dict]:

@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default="toy", help="built-in name or pipeline folder (default: toy)")
     q.add_argument("--pixel-model", default=None, help="pixel model for the pixel method")
     q.add_argument(
+        "--inpaint-model",
+        default=None,
+        help="an inpainting checkpoint to run beside --model, with our blend and in diffusers' "
+        "inpainting pipeline (default: toy-inpaint for the toy model, where it is shipped)",
+    )
+    q.add_argument(
         "--rank-model", default=None, help="CLIP folder (built-in models bring their own)"
     )
     q.add_argument("--quick", action="store_true", help="30 tasks, 20 steps, 5 methods")
@@ -488,6 +494,7 @@ def _bench(args) -> int:
         model=args.model,
         clip=args.rank_model,
         pixel_model=args.pixel_model,
+        inpaint_model=args.inpaint_model,
         tasks=args.tasks or (30 if args.quick else 120),
         kinds=tuple(args.kinds or BenchConfig.kinds),
         steps=args.steps or (20 if args.quick else 25),

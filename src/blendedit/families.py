@@ -111,15 +111,23 @@ class Family:
 
     # -- inpainting checkpoints ----------------------------------------------------------
 
-    def inpaint_condition(self, vae, encode, x: torch.Tensor, m: torch.Tensor, latent_hw):
-        """The channels an inpainting denoiser takes beside the latents, (1, C, h, w) on the
-        latent grid, or None for a text-to-image one. ``x`` (1, 3, H, W) in [0, 1], ``m`` the
-        pixel mask (1, 1, H, W), 1 = edit; ``encode`` the pipeline's E(x) on [0, 1] images."""
+    def masked_image(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor | None:
+        """The image an inpainting denoiser sees, masked pixels grey (0 in [-1, 1]), as diffusers
+        makes it (the mask binarised at 0.5); None for a text-to-image denoiser. ``x``
+        (1, 3, H, W) in [0, 1], ``m`` the pixel mask (1, 1, H, W), 1 = edit."""
         if self.inpaint is None:
             return None
-        hard = (m >= 0.5).to(x.dtype)  # diffusers binarises the mask
-        masked_latents = encode(x * (1 - hard) + 0.5 * hard)  # masked pixels 0 in [-1, 1]
-        small = F.interpolate(hard, size=tuple(latent_hw)).to(masked_latents)  # nearest
+        hard = (m >= 0.5).to(x.dtype)
+        return x * (1 - hard) + 0.5 * hard
+
+    def inpaint_condition(self, masked_latents: torch.Tensor, m: torch.Tensor, latent_hw):
+        """The channels an inpainting denoiser takes beside the latents, (1, C, h, w) on the
+        latent grid: the mask resized by nearest neighbour and ``masked_latents`` (E of
+        :meth:`masked_image`); None for a text-to-image denoiser."""
+        if self.inpaint is None:
+            return None
+        hard = (m >= 0.5).to(masked_latents.dtype)
+        small = F.interpolate(hard, size=tuple(latent_hw))  # nearest, as diffusers
         return torch.cat([small, masked_latents], dim=1)
 
     # -- the denoiser ---------------------------------------------------------------------
@@ -129,7 +137,8 @@ class Family:
         if cond is not None:
             x = torch.cat([x, cond.expand(len(x), -1, -1, -1)], dim=1)
         kw = {"added_cond_kwargs": added} if added else {}
-        return model(x, t, encoder_hidden_states=embeds, return_dict=False, **kw)[0]
+        x = x.contiguous(memory_format=torch.channels_last)  # faster convolutions on the CPU
+        return model(x, t, encoder_hidden_states=embeds, return_dict=False, **kw)[0].contiguous()
 
     def guided(self, model, z, t, embeds, guidance_scale: float, added=None, cond=None):
         """Classifier-free guidance, eps_u + s (eps_c - eps_u), when ``embeds`` holds
@@ -253,18 +262,17 @@ class Flux(SD3):
         sigmas = [1 - k / num_inference_steps for k in range(num_inference_steps)]
         return super().timestep_kwargs(cfg, num_inference_steps, latent_hw) | {"sigmas": sigmas}
 
-    def inpaint_condition(self, vae, encode, x, m, latent_hw):
-        """Flux Fill: the masked image's latents (16 channels) and the pixel mask folded into
-        f x f channels per latent cell (f the VAE's factor), on the latent grid; packing them
-        with the latents gives FluxFillPipeline's [latents, masked latents, mask] features."""
+    def inpaint_condition(self, masked_latents, m, latent_hw):
+        """Flux Fill: ``masked_latents`` (16 channels) and the pixel mask folded into f x f
+        channels per latent cell (f the VAE's factor), on the latent grid; packing them with the
+        latents gives FluxFillPipeline's [latents, masked latents, mask] features."""
         if self.inpaint is None:
             return None
-        hard = (m >= 0.5).to(x.dtype)
-        masked_latents = encode(x * (1 - hard) + 0.5 * hard)
+        hard = (m >= 0.5).to(masked_latents.dtype)
         h, w = latent_hw
         f = hard.shape[-1] // w  # (1, 1, h f, w f) -> (1, f f, h, w): FluxFillPipeline's fold
         folded = hard[:, 0].view(1, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(1, f * f, h, w)
-        return torch.cat([masked_latents, folded.to(masked_latents)], dim=1)
+        return torch.cat([masked_latents, folded], dim=1)
 
     def call(self, model, x, t, embeds, added, cond, guidance_scale):
         b, c, h, w = x.shape

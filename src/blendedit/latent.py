@@ -235,10 +235,11 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         # 4. Encode the image: z_src = E(x)
         _sync(device)
         t0 = time.perf_counter()
-        z_src = self.encode_image(x_pad).to(dtype)  # (1, 4, h/8, w/8)
-        # an inpainting model's own input: the mask and the masked image's latents
-        cond = fam.inpaint_condition(self.vae, self.encode_image, x_pad, m_pad, z_src.shape[-2:])
-        cond = None if cond is None else cond.to(dtype)
+        # an inpainting model also sees the masked image: both encoded in one batch
+        masked = fam.masked_image(x_pad, m_pad)
+        z_both = self.encode_image(x_pad if masked is None else torch.cat([x_pad, masked]))
+        z_src = z_both[:1].to(dtype)  # (1, 4, h/8, w/8)
+        cond = fam.inpaint_condition(z_both[1:].to(dtype), m_pad.to(device), z_src.shape[-2:])
         _sync(device)
         timings["encode"] = time.perf_counter() - t0
 

@@ -36,6 +36,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A copy of (N, C, H, W) in channels-last memory layout with its canonical strides (the
+    same values): the CPU's convolutions run faster on it, and a copy (not ``contiguous``, which
+    keeps a view that already counts as channels-last, e.g. a permuted HxWxC array with another
+    batch stride) makes the result independent of how the input was laid out."""
+    return x.clone(memory_format=torch.channels_last)
+
+
 class OnUNet:
     """A pipeline's device and dtype: those of its UNet."""
 
@@ -219,15 +227,22 @@ class LatentModel(OnUNet):
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        """z_src = E(x): posterior mean x scaling factor. ``x`` (1, 3, H, W) in [0, 1]."""
+        """z = E(x): posterior mean x scaling factor. ``x`` (N, 3, H, W) in [0, 1], encoded one
+        image at a time in channels-last layout (on the CPU both measured faster than a batch
+        in the default layout: 0.15 s against 0.24 s for two 256 px images, benchmarks/
+        speed_inpaint.py's SD-shaped VAE)."""
         x = (2 * x - 1).to(self.device, self.vae.dtype)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3: (E(x) - shift) * s
-        return (self.vae.encode(x).latent_dist.mode() - shift) * self.vae.config.scaling_factor
+        z = [
+            self.vae.encode(_channels_last(x[i : i + 1])).latent_dist.mode() for i in range(len(x))
+        ]
+        return (torch.cat(z).contiguous() - shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """D(z) in [0, 1]; (N, 4, h, w) -> (N, 3, 8h, 8w), float32."""
-        x = self.vae.decode(B.unscale_latents(self.vae, z.to(self.vae.dtype))).sample
+        z = _channels_last(B.unscale_latents(self.vae, z.to(self.vae.dtype)))
+        x = self.vae.decode(z).sample.contiguous()
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     def timesteps_for(

@@ -214,3 +214,22 @@ def read_objects(image) -> list[tuple[str, str, float]]:
             if iou >= MIN_IOU:
                 found.append((colour, shape, r))
     return found
+
+
+def continuation_psnr(image, task) -> float:
+    """How well the background continues inside the mask where no object was asked for: PSNR
+    (dB) between ``image`` and the task's ground truth over the mask's pixels farther than
+    0.05 S from the target object's bounding circle (its shadow included); inf when the two agree
+    there exactly, nan when no such pixel is left."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float64)
+    truth = np.asarray(task.ground_truth.convert("RGB"), dtype=np.float64)
+    size = a.shape[0]
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    o = task.target
+    reach = o.r + 0.05 + 0.03  # the object, its shadow's offset and blur, a margin
+    away = np.hypot(xx - o.cx - 0.01, yy - o.cy - 0.01) > reach
+    region = (np.asarray(task.mask) > 127) & away
+    if not region.any():
+        return float("nan")
+    mse = float(((a - truth)[region] ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
