@@ -249,3 +249,20 @@ def test_bench_asks_whether_blending_helps_an_inpainting_model(folders, tmp_path
     assert "does blending still help?" in text and f"| {INPAINT_THEIRS} |" in text
     bad = args[:2] + [str(base), "--inpaint-model", str(base)] + args[5:]
     assert main(bad[:-1] + [str(tmp_path / "c")]) == 2  # not an inpainting checkpoint
+
+
+def test_an_sdxl_inpainting_model_takes_a_refiner(folders, tmp_path):
+    """The refiner (a text-to-image UNet) runs the last steps without the inpainting input;
+    the blend keeps the background all the same."""
+    from blendedit.tiny import save_tiny_sdxl_refiner
+
+    refiner = save_tiny_sdxl_refiner(tmp_path / "refiner")
+    pipe = BlendedLatentDiffusionPipeline.from_pretrained(
+        str(folders["sdxl"]), refiner=str(refiner)
+    )
+    calls = []
+    real = pipe.refiner["unet"].forward
+    pipe.refiner["unet"].forward = lambda x, *a, **kw: calls.append(x.shape[1]) or real(x, *a, **kw)
+    image, mask = _inputs()
+    edit_twice_and_check_paste(pipe, image, mask, num_inference_steps=4, refiner_fraction=0.5)
+    assert calls and set(calls) == {4}  # latents only: no mask, no masked-image channels

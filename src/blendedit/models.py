@@ -289,9 +289,9 @@ def load_refiner(spec: str, base_unet, base_family: str, torch_dtype=None, local
         raise ModelNotFoundError(
             f"refiner: {spec!r} is not an SDXL refiner (its UNet takes no SDXL conditioning)"
         )
-    if unet.config.in_channels != base_unet.config.in_channels:
+    if unet.config.out_channels != base_unet.config.out_channels:  # an inpainting base takes more
         raise ModelNotFoundError(
-            f"refiner: {spec!r} takes {unet.config.in_channels}-channel latents, the base model "
+            f"refiner: {spec!r} takes {unet.config.out_channels}-channel latents, the base model "
             f"{base_unet.config.in_channels}"
         )
     return dict(
