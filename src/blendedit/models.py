@@ -292,7 +292,7 @@ def load_refiner(spec: str, base_unet, base_family: str, torch_dtype=None, local
     if unet.config.out_channels != base_unet.config.out_channels:  # an inpainting base takes more
         raise ModelNotFoundError(
             f"refiner: {spec!r} takes {unet.config.out_channels}-channel latents, the base model "
-            f"{base_unet.config.in_channels}"
+            f"{base_unet.config.out_channels}"
         )
     return dict(
         unet=unet,
