@@ -118,9 +118,10 @@ def test_sd3_takes_the_96x72_picture_that_broke_it(pipes):
 
 def test_a_region_beyond_sd3s_position_table_is_generated_smaller_and_said(pipes):
     """SD3 embeds positions from a table of ``pos_embed_max_size`` patches a side: a wider
-    region is generated at the native size and resized back, with a warning."""
+    region (here the whole frame, crop_to_mask=False) is generated at the native size and
+    resized back, with a warning."""
     pipe = pipes["sd3"]
     largest = pipe.adapter.largest_side(pipe.unet, pipe.vae_scale_factor)
     assert largest is not None
-    out = edit(pipe, (largest + 44, 24), "whole image", {})
+    out = edit(pipe, (largest + 44, 24), "whole image", {"crop_to_mask": False})
     assert out.zoomed and any("more than this model takes" in w for w in out.warnings)

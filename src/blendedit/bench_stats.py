@@ -8,6 +8,7 @@ import statistics
 
 INPAINT_OURS = "ours, inpainting model"
 INPAINT_THEIRS = "diffusers inpaint, inpainting model"
+INPAINT_RAW = "ours background=none, inpainting model"
 
 #: name -> (kind, options). ``ours*`` are our latent method with these options over its defaults.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -29,6 +30,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "pixel (Blended Diffusion)": ("pixel", {}),
     # the same edits with the inpainting model (``--inpaint-model``; toy: toy-inpaint)
     INPAINT_OURS: ("ours_im", {}),
+    INPAINT_RAW: ("ours_im", {"background": "none"}),  # the blend alone, before any paste
     INPAINT_THEIRS: ("inpaint_im", {}),
 }
 

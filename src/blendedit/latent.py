@@ -36,6 +36,10 @@ from .options import (  # noqa: F401 (the options' names, where users import the
 )
 from .ranking import RANK_REGIONS
 
+#: crop_to_mask="auto" zooms (generates the box at the native size and resizes it back) where
+#: the box around the mask at native scale holds more than this many times the native area
+AUTO_ZOOM_AREA = 1.5
+
 
 @dataclass
 class BlendedLatentDiffusionOutput:
@@ -112,7 +116,8 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         _check_int("decoder_crop_margin", opts.decoder_crop_margin, -1, 10_000)
         if opts.crop_to_mask not in CROP_MODES:
             raise ValueError(
-                f"crop_to_mask: expected 'auto', True, False or 'zoom', got {opts.crop_to_mask!r}"
+                f"crop_to_mask: expected 'auto', 'crop' (True), False or 'zoom', got "
+                f"{opts.crop_to_mask!r}"
             )
         n = opts.num_images_per_prompt
         check_generator(generator, n, f"num_images_per_prompt={n}")
@@ -206,10 +211,15 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         zoom = crop_to_mask == "zoom"
         crop = crop_to_mask if crop_to_mask != "auto" else max(W, H) > self.native_size
         box = (0, 0, W, H)
+        zoom_side = max(self.vae_scale_factor, self.native_size // 8)  # at most 8x magnified
         if crop:
-            # zoom: any side from the mask and its context (at most 8x magnified)
-            side = max(self.vae_scale_factor, self.native_size // 8) if zoom else self.native_size
+            side = zoom_side if zoom else self.native_size
             box = M.crop_box(M.mask_bbox(mask_full), (W, H), side, crop_context)
+            if crop_to_mask == "auto" and M.box_area(box) > AUTO_ZOOM_AREA * self.native_size**2:
+                # the box at native scale would be generated far above the model's own scale
+                # (duplicated objects, minutes on the CPU): resized to the native size and back
+                zoom = True
+                box = M.crop_box(M.mask_bbox(mask_full), (W, H), zoom_side, crop_context)
         largest = self.adapter.largest_side(self.unet, self.vae_scale_factor)
         if not zoom and largest and max(box[2] - box[0], box[3] - box[1]) > largest:
             zoom = True  # beyond the denoiser's position table (SD3): generated at native size

@@ -113,6 +113,11 @@ def mask_bbox(mask: torch.Tensor) -> tuple[int, int, int, int]:
     return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
 
 
+def box_area(box: tuple[int, int, int, int]) -> int:
+    """Pixels in (x0, y0, x1, y1)."""
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
 def crop_box(
     bbox: tuple[int, int, int, int],
     image_size: tuple[int, int],

@@ -13,7 +13,7 @@ from .ranking import RANK_REGIONS
 
 SCHEDULERS = ("ddim", "dpm++", "euler")
 BACKGROUND_NOISE_MODES = ("fixed", "fresh")
-CROP_MODES = ("auto", True, False, "zoom")
+CROP_MODES = ("auto", True, False, "zoom", "crop")  # "crop": True, by name
 #: Classifier-free guidance when neither the call nor the model folder names one (SD's).
 DEFAULT_GUIDANCE_SCALE = 7.5
 
@@ -94,10 +94,12 @@ class LatentEditOptions:
     crop_to_mask: Any = _opt(
         "auto",
         "edit only a box around the mask: auto (when the image is larger than the "
-        "model's native size), true or false; zoom: the box (the mask plus crop_context, any "
-        "size) resized to the model's native size and back, as diffusers' padding_mask_crop and "
-        "the web UIs' 'inpaint only masked' (outside the mask the source's pixels, but for "
-        "background=none)",
+        "model's native size: the box at native scale, or zoomed where that box would hold "
+        "more than 1.5x the native area), crop (or true: the box at native scale however "
+        "large), false; zoom: the box (the mask plus "
+        "crop_context, any size) resized to the model's native size and back, as diffusers' "
+        "padding_mask_crop and the web UIs' 'inpaint only masked' (outside the mask the "
+        "source's pixels, but for background=none)",
     )
     crop_context: float = _opt(0.5, "context around the mask in the crop box, x the mask's side")
     rank_region: str = _opt(

@@ -126,6 +126,8 @@ def write_results(
         for r, s in enumerate(result.order)
     ]
     sidecar["crop_box"] = list(result.crop_box)
+    if hasattr(result, "zoomed"):  # the latent method: was the box resized to the native size?
+        sidecar["zoomed"] = bool(result.zoomed)
     if getattr(result, "mask_schedule", None) is not None:  # the latent method's shrinking,
         sidecar["shrink_iterations_used"] = len(result.mask_schedule) - 1  # "auto" resolved
     sidecar["timings"] = {k: round(v, 4) for k, v in result.timings.items()}

@@ -89,7 +89,7 @@ def int_or_auto(name: str, text: str) -> int | str:
 TRUE_WORDS = ("true", "yes", "1", "on")
 FALSE_WORDS = ("false", "no", "0", "off")
 #: Options whose default is a word but which also take true/false.
-WORD_OR_BOOL_OPTIONS = {"crop_to_mask": ("auto", "zoom")}
+WORD_OR_BOOL_OPTIONS = {"crop_to_mask": ("auto", "zoom", "crop")}
 
 
 def option_from_text(name: str, text: str, default):

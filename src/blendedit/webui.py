@@ -157,6 +157,10 @@ def run_request(
         (Image.open(p).copy(), f"#{i + 1}" + ("" if s is None else f"  CLIP {s:.3f}"))
         for i, (p, s) in enumerate(zip(results, scores))
     ]
+    if items and sidecar.get("zoomed"):  # say how the region was generated
+        x0, y0, x1, y1 = sidecar["crop_box"]
+        note = f"  (the {x1 - x0}x{y1 - y0} px box around the mask, at the model's own scale)"
+        items[0] = (items[0][0], items[0][1] + note)
     archive = folder / "results.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for p in written:

@@ -1,0 +1,65 @@
+"""Big frames (issue 44): `crop_to_mask="auto"` generates the masked region at the model's own
+scale. A box around the mask that would hold more than 1.5x the native area at native scale is
+resized to the native size and back (zoom); a smaller one is cropped at native scale."""
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blendedit.cli import main
+from blendedit.latent import AUTO_ZOOM_AREA
+
+
+def _frame(w, h, box):
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
+    m = np.zeros((h, w), bool)
+    x0, y0, x1, y1 = box
+    m[y0:y1, x0:x1] = True
+    return image, m
+
+
+def test_auto_zooms_a_large_mask_and_crops_a_small_one_at_native_scale(pipe):
+    native = pipe.native_size  # 64 px, the tiny model
+    image, big = _frame(600, 400, (200, 150, 350, 250))  # box at native scale: 300 px a side
+    out = pipe("a red cat", image, big, num_inference_steps=2, generator=torch.Generator())
+    (x0, y0, x1, y1) = out.crop_box
+    assert out.zoomed and (x1 - x0) * (y1 - y0) > AUTO_ZOOM_AREA * native**2
+    assert np.array_equal(np.asarray(out.images[0])[~big], np.asarray(image)[~big])
+    image, small = _frame(600, 400, (300, 200, 320, 216))
+    out = pipe("a red cat", image, small, num_inference_steps=2, generator=torch.Generator())
+    (x0, y0, x1, y1) = out.crop_box
+    assert not out.zoomed and (x1 - x0, y1 - y0) == (native, native)
+    kept = pipe("a red cat", image, big, num_inference_steps=2, crop_to_mask=True)
+    assert not kept.zoomed  # crop_to_mask=True keeps the crop at the box's own scale
+
+
+def test_the_sidecar_says_whether_the_region_was_zoomed(tmp_path):
+    image, big = _frame(600, 400, (200, 150, 350, 250))
+    image.save(tmp_path / "in.png")
+    Image.fromarray(big.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    args = ["edit", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"), "--prompt"]
+    args += ["a red cat", "--model", "tiny-random", "--steps", "2", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    meta = json.loads((tmp_path / "a" / "in.json").read_text())
+    assert meta["zoomed"] is True and meta["options"]["crop_to_mask"] == "auto"
+    assert main(args + ["--crop-to-mask", "crop", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "in.json").read_text())["zoomed"] is False
+
+
+def test_the_web_ui_says_when_the_region_was_zoomed(pipe, tmp_path):
+    from blendedit.runner import LoadedModel, ModelSpec
+    from blendedit.webui import EditSession, run_request
+
+    loaded = LoadedModel(pipe, ModelSpec(model="tiny-random"), "tiny ranker", "cpu", "float32")
+    session = EditSession(loaded, tmp_path / "serve")
+    session.out_root.mkdir(parents=True)
+    image, big = _frame(600, 400, (200, 150, 350, 250))
+    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    layer.paste((255, 0, 0, 255), (200, 150, 350, 250))
+    value = {"background": image.convert("RGBA"), "layers": [layer], "composite": None}
+    options = dict(num_inference_steps=2, num_images_per_prompt=1, strength=1.0)
+    items, _ = run_request(session, value, None, "a red cat", options, 0)
+    assert "300x300 px box around the mask, at the model's own scale" in items[0][1]
