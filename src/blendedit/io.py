@@ -248,14 +248,32 @@ def write_files_atomically(files: dict[Path, bytes]) -> list[Path]:
     return list(files)
 
 
+#: PNGs above this many pixels are written with zlib's fastest level: a 12-MP result takes 0.7 s
+#: instead of 2.9 s, for a file 17 % larger (measured on the 2-core CPU; issue 44)
+FAST_PNG_PIXELS = 2_000_000
+
+
 def image_bytes(img: Image.Image, path: str | os.PathLike) -> bytes:
-    """``img`` encoded in the format its file name asks for."""
+    """``img`` encoded in the format its file name asks for (large PNGs quickly, see
+    :data:`FAST_PNG_PIXELS`; lossless either way)."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
     if fmt is None:
         raise ValueError(f"path: unknown image extension {Path(path).suffix!r}")
     buf = BytesIO()
-    img.save(buf, format=fmt)
+    fast = fmt == "PNG" and img.width * img.height > FAST_PNG_PIXELS
+    img.save(buf, format=fmt, **({"compress_level": 1} if fast else {}))
     return buf.getvalue()
+
+
+def images_bytes(pairs) -> dict:
+    """``{path: image_bytes(img, path)}`` for (img, path) pairs, encoded in two threads (the
+    encoders release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = list(pairs)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        data = list(pool.map(lambda ip: image_bytes(*ip), pairs))
+    return {p: d for (_, p), d in zip(pairs, data)}
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .io import OutputError, image_bytes, json_bytes, write_files_atomically
+from .io import OutputError, image_bytes, images_bytes, json_bytes, write_files_atomically
 
 
 def result_names(stem: str, scores, order, seed: int) -> list[str]:
@@ -108,7 +108,7 @@ def write_results(
                     f"out: writing {str(p)!r} would overwrite the input {str(src)!r}; "
                     "choose another output folder"
                 )
-    files = {p: image_bytes(img, p) for img, p in zip(result.images, paths)}
+    files = images_bytes(zip(result.images, paths))
     labels = [
         f"#{i + 1}" + ("" if result.scores is None else f" {result.scores[i]:.3f}")
         for i in range(len(result.images))
