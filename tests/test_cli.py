@@ -139,7 +139,7 @@ def test_crop_to_mask_flag_takes_zoom(files, tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit):
         edit(img, mask, tmp_path / "bad", "--crop-to-mask", "tight")
-    assert "expected auto, true, false or zoom, got 'tight'" in capsys.readouterr().err
+    assert "expected auto, true, false, zoom or crop, got 'tight'" in capsys.readouterr().err
 
 
 def test_same_seed_same_files(files, tmp_path):
