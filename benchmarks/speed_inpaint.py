@@ -35,7 +35,8 @@ from blendedit.tiny import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import PROMPT, alternate, paired_ratio, scene  # noqa: E402
+from speed import alternate, paired_ratio, scene  # noqa: E402
+from speed_flow import pair  # noqa: E402  (the two runs of one model, from the same seed)
 
 with quiet_transformers():
     import diffusers
@@ -96,20 +97,6 @@ def pipelines(kind: str, size: int, layers: int, heads: int):
     return ours, theirs, c.get("unet") or c["transformer"]
 
 
-def pair(ours, theirs, image, mask, common: dict, size: dict) -> dict:
-    """The two runs of one kind, each from the same seed."""
-
-    def g():
-        return torch.Generator().manual_seed(0)
-
-    return {
-        "ours": lambda: ours(PROMPT, image, mask, crop_to_mask=False, generator=g(), **common),
-        "diffusers": lambda: theirs(
-            PROMPT, image=image, mask_image=mask, strength=1.0, generator=g(), **size, **common
-        ),
-    }
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer rounds and steps")
@@ -136,9 +123,9 @@ def main(argv=None) -> int:
             denoiser_params=sum(q.numel() for q in denoiser.parameters()),
             times=times,
             median={k: statistics.median(v) for k, v in times.items()},
-            ratio=paired_ratio(times, "ours", "diffusers"),
-            cpu_ratio=paired_ratio(cpu, "ours", "diffusers"),
-            faster_rounds=sum(a < b for a, b in zip(times["ours"], times["diffusers"])),
+            ratio=paired_ratio(times, "ours", "diffusers_inpaint"),
+            cpu_ratio=paired_ratio(cpu, "ours", "diffusers_inpaint"),
+            faster_rounds=sum(a < b for a, b in zip(times["ours"], times["diffusers_inpaint"])),
         )
     res["machine"] = (
         f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -162,7 +149,7 @@ def main(argv=None) -> int:
     for kind, r in res["kinds"].items():
         lines.append(
             f"| {kind} | {r['denoiser_params'] / 1e6:.1f} M | {r['median']['ours']:.3f} | "
-            f"{r['median']['diffusers']:.3f} ({KINDS[kind][1]}) | **{r['ratio']:.3f}x** "
+            f"{r['median']['diffusers_inpaint']:.3f} ({KINDS[kind][1]}) | **{r['ratio']:.3f}x** "
             f"(CPU {r['cpu_ratio']:.3f}x) | {r['faster_rounds']} of {rounds} |"
         )
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -30,19 +30,10 @@ shipped = pytest.mark.skipif(not toy_shipped(), reason="no shipped Shapes World 
 def unet():
     from diffusers import UNet2DConditionModel
 
+    from blendedit.tiny import _unet_config
+
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        norm_num_groups=8,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
+    return UNet2DConditionModel(**_unet_config("tiny", 4, 8)).eval()
 
 
 def test_the_widened_unet_predicts_what_the_text_to_image_one_does(unet):
@@ -158,21 +149,12 @@ def test_diffusers_inpainting_pipeline_runs_the_shipped_model():
     toy model's other components."""
     if not (TOY_DIR / "inpaint").is_dir():
         pytest.skip("toy-inpaint is not shipped")
-    from diffusers import StableDiffusionInpaintPipeline
-
+    from blendedit.bench import diffusers_baselines
     from blendedit.toy.tasks import make_task
 
     p = BlendedLatentDiffusionPipeline.from_pretrained("toy-inpaint")
-    d = StableDiffusionInpaintPipeline(
-        unet=p.unet,
-        vae=p.vae,
-        text_encoder=p.text_encoder,
-        tokenizer=p.tokenizer,
-        scheduler=p.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    d = diffusers_baselines(p)[0]
+    assert type(d).__name__ == "StableDiffusionInpaintPipeline"
     d.set_progress_bar_config(disable=True)
     task = make_task(1, "replace")
     image = d(
