@@ -122,7 +122,7 @@ class LatentModel(OnUNet):
         elif ranker is None and "ranker" in c:
             ranker = builtin_ranker(c["ranker"], c.get("ranker_tokenizer"))
         keys = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "family")
-        sdxl = {k: c[k] for k in keys if k in c}
+        extra = {k: c[k] for k in keys if k in c}  # SDXL, SD3, Flux parts
         pipe = cls(
             c["unet"],
             c["vae"],
@@ -131,7 +131,7 @@ class LatentModel(OnUNet):
             c["scheduler"],
             ranker,
             force_zeros_for_empty_prompt=c.get("force_zeros_for_empty_prompt", False),
-            **sdxl,
+            **extra,
         )
         if refiner is not None:
             family = pipe.family
