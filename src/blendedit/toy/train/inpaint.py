@@ -208,6 +208,7 @@ def train_inpaint(args) -> None:
 
     if not run.train(loss_fn):
         return
+    pipe = Path(os.path.relpath(pipe)) if pipe.resolve().is_relative_to(Path.cwd()) else pipe
     model.load_state_dict(run.final_state())
     model.save_pretrained(out / "model")
     write_card(
