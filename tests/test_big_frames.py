@@ -63,3 +63,25 @@ def test_the_web_ui_says_when_the_region_was_zoomed(pipe, tmp_path):
     options = dict(num_inference_steps=2, num_images_per_prompt=1, strength=1.0)
     items, _ = run_request(session, value, None, "a red cat", options, 0)
     assert "300x300 px box around the mask, at the model's own scale" in items[0][1]
+
+
+def test_the_latents_file_keeps_the_boxs_part_of_the_mask_and_reconstructs(tmp_path):
+    """A big frame's latents file holds the mask's crop box only (a 12-MP photo's whole mask
+    would be 12 MB); `reconstruct` puts it back in the frame and redoes the same result."""
+    from safetensors import safe_open
+
+    image, big = _frame(600, 400, (200, 150, 350, 250))
+    image.save(tmp_path / "in.png")
+    Image.fromarray(big.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    args = ["edit", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"), "--prompt"]
+    args += ["a red cat", "--model", "tiny-random", "--steps", "2", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    meta = json.loads((tmp_path / "a" / "in.json").read_text())
+    x0, y0, x1, y1 = meta["crop_box"]
+    with safe_open(str(tmp_path / "a" / meta["latents"]), "pt") as f:
+        assert tuple(f.get_slice("mask").get_shape()) == (y1 - y0, x1 - x0)
+    sidecar = str(tmp_path / "a" / "in.json")
+    assert main(["reconstruct", sidecar, "--background", "paste", "--quiet"]) == 0
+    again = json.loads((tmp_path / "a" / "in-paste.json").read_text())
+    first = (tmp_path / "a" / meta["results"][0]["file"]).read_bytes()
+    assert (tmp_path / "a" / again["results"][0]["file"]).read_bytes() == first

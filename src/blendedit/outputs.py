@@ -60,18 +60,22 @@ def listed_files(sidecar: dict) -> list[str]:
 
 
 def latents_bytes(result, image_sha256: str) -> bytes:
-    """A latent edit's final latents (ranked order), its mask, crop box and whether that box was
-    zoomed as safetensors: what :func:`blendedit.runner.reconstruct_from_sidecar` needs to redo
-    the background step."""
+    """A latent edit's final latents (ranked order), its mask (the crop box's part: a 12-MP
+    photo's whole mask would be 12 MB), crop box and whether that box was zoomed, as
+    safetensors: what :func:`blendedit.runner.reconstruct_from_sidecar` needs to redo the
+    background step."""
     import numpy as np
     import torch
     from safetensors.torch import save
 
+    x0, y0, x1, y1 = result.crop_box  # every masked pixel lies in the box: only it is kept
+    mask = np.asarray(result.mask.convert("L"), dtype=np.uint8)
     tensors = {
         "latents": result.latents.detach().float().cpu().contiguous(),
-        "mask": torch.from_numpy(np.asarray(result.mask.convert("L"), dtype=np.uint8).copy()),
+        "mask": torch.from_numpy(mask[y0:y1, x0:x1].copy()),
     }
     meta = {
+        "mask_size": json.dumps([result.mask.width, result.mask.height]),
         "crop_box": json.dumps(list(result.crop_box)),
         "zoomed": json.dumps(result.zoomed),
         "order": json.dumps(list(result.order)),

@@ -400,6 +400,10 @@ def read_edit(sidecar_path: str | Path, image: str | Path | None = None):
             "differ); pass the source image with --image"
         )
     mask = Image.fromarray(tensors["mask"].numpy(), "L")
+    if "mask_size" in info:  # the box's part of the mask (files of before: the whole mask)
+        whole = Image.new("L", tuple(json.loads(info["mask_size"])), 0)
+        whole.paste(mask, tuple(json.loads(info["crop_box"])[:2]))
+        mask = whole
     z = tensors["latents"]
     order = json.loads(info["order"])
     out = BlendedLatentDiffusionOutput(
