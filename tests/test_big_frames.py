@@ -36,12 +36,18 @@ def test_auto_zooms_a_large_mask_and_crops_a_small_one_at_native_scale(pipe):
     assert not kept.zoomed  # crop_to_mask=True keeps the crop at the box's own scale
 
 
-def test_the_sidecar_says_whether_the_region_was_zoomed(tmp_path):
+def _big_frame_edit(folder) -> list[str]:
+    """`blendedit edit` arguments (but --out) for a 600x400 frame with a 150x100 mask saved in
+    ``folder``."""
     image, big = _frame(600, 400, (200, 150, 350, 250))
-    image.save(tmp_path / "in.png")
-    Image.fromarray(big.astype(np.uint8) * 255).save(tmp_path / "m.png")
-    args = ["edit", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"), "--prompt"]
-    args += ["a red cat", "--model", "tiny-random", "--steps", "2", "--quiet"]
+    image.save(folder / "in.png")
+    Image.fromarray(big.astype(np.uint8) * 255).save(folder / "m.png")
+    args = ["edit", str(folder / "in.png"), "--mask", str(folder / "m.png"), "--prompt"]
+    return args + ["a red cat", "--model", "tiny-random", "--steps", "2", "--quiet"]
+
+
+def test_the_sidecar_says_whether_the_region_was_zoomed(tmp_path):
+    args = _big_frame_edit(tmp_path)
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     meta = json.loads((tmp_path / "a" / "in.json").read_text())
     assert meta["zoomed"] is True and meta["options"]["crop_to_mask"] == "auto"
@@ -70,11 +76,7 @@ def test_the_latents_file_keeps_the_boxs_part_of_the_mask_and_reconstructs(tmp_p
     would be 12 MB); `reconstruct` puts it back in the frame and redoes the same result."""
     from safetensors import safe_open
 
-    image, big = _frame(600, 400, (200, 150, 350, 250))
-    image.save(tmp_path / "in.png")
-    Image.fromarray(big.astype(np.uint8) * 255).save(tmp_path / "m.png")
-    args = ["edit", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"), "--prompt"]
-    args += ["a red cat", "--model", "tiny-random", "--steps", "2", "--quiet"]
+    args = _big_frame_edit(tmp_path)
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     meta = json.loads((tmp_path / "a" / "in.json").read_text())
     x0, y0, x1, y1 = meta["crop_box"]

@@ -121,7 +121,7 @@ def test_a_region_beyond_sd3s_position_table_is_generated_smaller_and_said(pipes
     region (here the whole frame, crop_to_mask=False) is generated at the native size and
     resized back, with a warning."""
     pipe = pipes["sd3"]
-    largest = pipe.adapter.largest_side(pipe.unet, pipe.vae_scale_factor)
+    largest = pipe.adapter.largest_side(pipe.vae_scale_factor)
     assert largest is not None
     out = edit(pipe, (largest + 44, 24), "whole image", {"crop_to_mask": False})
     assert out.zoomed and any("more than this model takes" in w for w in out.warnings)

@@ -31,13 +31,10 @@ from PIL import Image
 
 from . import background as B
 from .bench_stats import (  # noqa: F401 (bench's public names)
-    DEFAULT_STUDIES,
     INPAINT_OURS,
     INPAINT_THEIRS,
     METHODS,
     RAW_DECODE,
-    _finite,
-    _median_ratio,
     against_raw_decode,
     compare_defaults,
     inpainting_pairs,
@@ -200,11 +197,11 @@ class Runner:
         self.ours_im = self.inpaint_im = None
         spec = cfg.inpaint_model or (default_inpaint_model() if cfg.model == "toy" else None)
         if spec and any(METHODS[m][0].endswith("_im") for m in cfg.methods or METHODS):
-            self.ours_im = BlendedLatentDiffusionPipeline.from_pretrained(spec, ranker=cfg.clip)
+            # one CLIP (the plain model's, loaded once) ranks every method
+            self.ours_im = BlendedLatentDiffusionPipeline.from_pretrained(spec, ranker=p.ranker)
             self.ours_im.to(device, getattr(torch, dtype))
             if self.ours_im.inpaint is None:
                 raise ValueError(f"inpaint_model: {spec!r} is not an inpainting checkpoint")
-            self.ours_im.ranker = p.ranker  # one CLIP ranks every method
             with quiet_transformers():
                 self.inpaint_im = diffusers_baselines(self.ours_im)[0]
             self.inpaint_im.set_progress_bar_config(disable=True)

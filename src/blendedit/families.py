@@ -61,9 +61,11 @@ class Family:
     vae_upcast = False  # float16 overflows in this family's VAE: keep it float32
     baselines = tuple(f"StableDiffusion{k}Pipeline" for k in ("Inpaint", "", "Img2Img"))
 
+    distilled = False  # the guidance scale is the model's input (one pass, no CFG rows)
+
     def __init__(self, denoiser):
+        self.config = denoiser.config
         self.inpaint = inpaint_kind(self.name, denoiser)
-        self.distilled = self.name == "flux" and is_guidance_distilled(denoiser)
         if self.inpaint:  # an inpainting denoiser runs in the inpainting pipeline only
             self.baselines = (self.baselines[0], None, None)
 
@@ -80,7 +82,7 @@ class Family:
         """Whether the pipeline keeps its own sampler (flow models); raises for other names."""
         return False
 
-    def largest_side(self, denoiser, vae_factor: int) -> int | None:
+    def largest_side(self, vae_factor: int) -> int | None:
         """The longest side in pixels that the denoiser takes (None: no limit)."""
         return None
 
@@ -150,10 +152,15 @@ class Family:
         return eps_u + guidance_scale * (eps_c - eps_u)
 
     def baseline_parts(self, p) -> dict:
-        """Keyword arguments of diffusers' pipelines over ``p``'s components."""
-        parts = dict(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer)
-        parts.update(scheduler=p.scheduler, unet=p.unet, safety_checker=None)
-        return parts | dict(feature_extractor=None, requires_safety_checker=False)
+        """Keyword arguments of diffusers' pipelines over ``p``'s components: those every
+        family has, and the family's own (:meth:`own_parts`)."""
+        common = dict(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer)
+        return common | dict(scheduler=p.scheduler) | self.own_parts(p)
+
+    def own_parts(self, p) -> dict:
+        return dict(
+            unet=p.unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
 
 
 class SDXL(Family):
@@ -163,11 +170,13 @@ class SDXL(Family):
     vae_upcast = True
     baselines = tuple(f"StableDiffusionXL{k}Pipeline" for k in ("Inpaint", "", "Img2Img"))
 
-    def baseline_parts(self, p) -> dict:
-        parts = dict(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer)
-        parts.update(scheduler=p.scheduler, unet=p.unet, text_encoder_2=p.text_encoder_2)
-        return parts | dict(
-            tokenizer_2=p.tokenizer_2, force_zeros_for_empty_prompt=p.force_zeros_for_empty_prompt
+    def own_parts(self, p) -> dict:
+        zeros = p.force_zeros_for_empty_prompt
+        return dict(
+            unet=p.unet,
+            text_encoder_2=p.text_encoder_2,
+            tokenizer_2=p.tokenizer_2,
+            force_zeros_for_empty_prompt=zeros,
         )
 
 
@@ -183,9 +192,9 @@ class SD3(Family):
         checks.check_flow_scheduler(name, self.name)
         return True
 
-    def largest_side(self, denoiser, vae_factor: int) -> int | None:
+    def largest_side(self, vae_factor: int) -> int | None:
         """SD3's positional embeddings are a table of ``pos_embed_max_size`` patches a side."""
-        n = getattr(denoiser.config, "pos_embed_max_size", None)
+        n = getattr(self.config, "pos_embed_max_size", None)
         return n * self.patch * vae_factor if n else None
 
     def encode_prompt(self, pipe, prompt, negative, n, cfg):
@@ -224,12 +233,9 @@ class SD3(Family):
             return_dict=False,
         )[0]
 
-    def baseline_parts(self, p) -> dict:
-        parts = dict(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer)
-        parts.update(scheduler=p.scheduler, transformer=p.unet, text_encoder_2=p.text_encoder_2)
-        return parts | dict(
-            tokenizer_2=p.tokenizer_2, text_encoder_3=p.text_encoder_3, tokenizer_3=p.tokenizer_3
-        )
+    def own_parts(self, p) -> dict:
+        flux = dict(transformer=p.unet, text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2)
+        return flux | dict(text_encoder_3=p.text_encoder_3, tokenizer_3=p.tokenizer_3)
 
 
 class Flux(SD3):
@@ -241,6 +247,7 @@ class Flux(SD3):
 
     def __init__(self, denoiser):
         super().__init__(denoiser)
+        self.distilled = is_guidance_distilled(denoiser)  # FLUX.1-dev; schnell takes CFG
         if self.inpaint == "fill":  # diffusers' FluxFillPipeline is its inpainting pipeline
             self.baselines = ("FluxFillPipeline", None, None)
 
@@ -294,10 +301,8 @@ class Flux(SD3):
         )[0]
         return unpack(out, h, w)
 
-    def baseline_parts(self, p) -> dict:
-        parts = dict(vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer)
-        parts.update(scheduler=p.scheduler, transformer=p.unet, text_encoder_2=p.text_encoder_2)
-        return parts | dict(tokenizer_2=p.tokenizer_2)
+    def own_parts(self, p) -> dict:
+        return dict(transformer=p.unet, text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2)
 
 
 FAMILIES = {cls.name: cls for cls in (Family, SDXL, SD3, Flux)}

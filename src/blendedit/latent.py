@@ -220,7 +220,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
                 # (duplicated objects, minutes on the CPU): resized to the native size and back
                 zoom = True
                 box = M.crop_box(M.mask_bbox(mask_full), (W, H), zoom_side, crop_context)
-        largest = self.adapter.largest_side(self.unet, self.vae_scale_factor)
+        largest = self.adapter.largest_side(self.vae_scale_factor)
         if not zoom and largest and max(box[2] - box[0], box[3] - box[1]) > largest:
             zoom = True  # beyond the denoiser's position table (SD3): generated at native size
             warnings.append(
@@ -245,7 +245,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         # 4. Encode the image: z_src = E(x)
         _sync(device)
         t0 = time.perf_counter()
-        # an inpainting model also sees the masked image: both encoded in one batch
+        # an inpainting model also sees the masked image (encode_image takes both)
         masked = fam.masked_image(x_pad, m_pad)
         z_both = self.encode_image(x_pad if masked is None else torch.cat([x_pad, masked]))
         z_src = z_both[:1].to(dtype)  # (1, 4, h/8, w/8)

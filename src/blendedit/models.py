@@ -387,7 +387,7 @@ def _load_pipeline(spec: str, kw: dict, local_files_only, config):
         from .single_file import check_input_width, flow_pipeline_from_file, single_file_family
 
         family = single_file_family(path, config, local_files_only)
-        check_input_width(path, family, config, local_files_only)
+        check_input_width(path, family, config)
         if family in ("sd3", "flux"):
             return flow_pipeline_from_file(family, path, config, kw, local_files_only)
         cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline

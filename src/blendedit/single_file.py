@@ -115,12 +115,13 @@ def flow_pipeline_from_file(family: str, path: Path, config, kw: dict, local_fil
         raise ModelNotFoundError(f"model: could not load --config {config!r}: {e}") from e
 
 
-#: The tensor that takes a single file's denoiser input, per family (original names), and the
-#: index of its input width: an SD / SDXL UNet's first convolution, Flux's input projection.
+#: The tensor that takes a single file's denoiser input, per family (original names, bare or
+#: under ``model.diffusion_model.``), its input width along dim 1: an SD / SDXL UNet's first
+#: convolution, Flux's input projection.
 INPUT_TENSORS = {
-    "sd": ("model.diffusion_model.input_blocks.0.0.weight", 1),
-    "sdxl": ("model.diffusion_model.input_blocks.0.0.weight", 1),
-    "flux": ("img_in.weight", 1),
+    "sd": "input_blocks.0.0.weight",
+    "sdxl": "input_blocks.0.0.weight",
+    "flux": "img_in.weight",
 }
 #: Hub ids of each family's inpainting checkpoints' configs, for messages.
 INPAINT_EXAMPLES = {
@@ -136,19 +137,19 @@ def _file_input_width(path: Path, family: str) -> int | None:
 
     if family not in INPUT_TENSORS or path.suffix.lower() != ".safetensors":
         return None
-    name, dim = INPUT_TENSORS[family]
+    name = INPUT_TENSORS[family]
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
             for key in (name, "model.diffusion_model." + name):
                 if key in keys:
-                    return int(f.get_slice(key).get_shape()[dim])
+                    return int(f.get_slice(key).get_shape()[1])
     except Exception:  # not a safetensors file: loading it says so
         return None
     return None
 
 
-def _config_input_width(config, family: str, local_files_only) -> tuple[int, int] | None:
+def _config_input_width(config, family: str) -> tuple[int, int] | None:
     """(input width, latent width) of the denoiser that ``config`` (folder or cached hub id)
     describes; None when it cannot be read here."""
     if not config:
@@ -164,12 +165,12 @@ def _config_input_width(config, family: str, local_files_only) -> tuple[int, int
     return cfg["in_channels"], cfg.get("out_channels") or cfg["in_channels"]
 
 
-def check_input_width(path: Path, family: str, config, local_files_only) -> None:
+def check_input_width(path: Path, family: str, config) -> None:
     """A :class:`ModelNotFoundError` when the file's denoiser is an inpainting one and
     ``config`` describes a text-to-image one, or the other way round (diffusers' own loader
     would fail on a tensor's shape, or load the wrong architecture)."""
     got = _file_input_width(path, family)
-    cfg = _config_input_width(config, family, local_files_only)
+    cfg = _config_input_width(config, family)
     if got is None or cfg is None or got == cfg[0]:
         return
     want, latent = cfg
