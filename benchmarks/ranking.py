@@ -27,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from blendedit import BlendedDiffusionPipeline, BlendedLatentDiffusionPipeline
@@ -84,6 +85,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--seed", type=int, default=0, help="task suite seed (default: 0)")
     add_study_flags(p, list(REGIONS), 120, 0, "benchmarks/out/ranking")
+    p.add_argument(
+        "--save-samples",
+        default=None,
+        help="also write every sample (uint8), its judged success and its task to this .npz "
+        "(the data of benchmarks/rank_study.py)",
+    )
     p.set_defaults(samples=8)
     args = p.parse_args(argv)
     pixel = args.pixel_model is not None
@@ -115,6 +122,7 @@ def main(argv=None) -> int:
     ok: list[list[bool]] = []
     scores: dict[str, list[list[float]]] = {s: [] for s in names}
     sample_s = score_s = 0.0
+    kept: list[np.ndarray] = []  # --save-samples: (samples, H, W, 3) uint8 per task
     t_all = time.perf_counter()
     for i, task in enumerate(tasks):
         t0 = time.perf_counter()
@@ -126,6 +134,8 @@ def main(argv=None) -> int:
             images = [images[r] for r in where]
             scores[LOSS].append([-out.clip_losses[r] for r in where])
         ok.append([judge(im, task.mask, task.prompt, source=task.image).success for im in images])
+        if args.save_samples:
+            kept.append(np.stack([np.asarray(im.convert("RGB")) for im in images]))
         x = torch.cat([pil_to_tensor(im) for im in images])
         m = mask_to_tensor(task.mask)
         t0 = time.perf_counter()
@@ -140,6 +150,16 @@ def main(argv=None) -> int:
             f"task {i + 1}/{len(tasks)} ({task.kind}): {sum(ok[-1])} of {args.samples}", flush=True
         )
 
+    if args.save_samples:
+        Path(args.save_samples).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            args.save_samples,
+            images=np.stack(kept),
+            ok=np.array(ok, bool),
+            task_seeds=np.array([t.seed for t in tasks]),
+            suite=json.dumps(dict(n=len(tasks), seed=args.seed, size=tasks[0].image.size[0])),
+            method="pixel" if pixel else "latent",
+        )
     clip_scored = len(scores) - (LOSS in scores)  # the rankings that ran CLIP (timed above)
     ns = sorted({n for n in (1, 2, 4, 8, 16, args.samples) if n <= args.samples})
     kinds = [t.kind for t in tasks]

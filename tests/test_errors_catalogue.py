@@ -975,7 +975,7 @@ def webui_nothing_painted(c):
 
 @case
 def webui_image_too_large(c):
-    return Case(None, _page_request(c, Image.new("RGB", (2100, 2000), (9, 9, 9))))
+    return Case(None, _page_request(c, Image.new("RGB", (5100, 5000), (9, 9, 9))))
 
 
 # --- the runner ----------------------------------------------------------------------------

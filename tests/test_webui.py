@@ -311,3 +311,53 @@ def test_uploads_over_the_limit_are_refused(server):
     big = b"\0" * (2 * 1024 * 1024)  # the test server's limit is 1 MB
     r = httpx.post(url.rstrip("/") + "/gradio_api/upload", files={"files": ("big.png", big)})
     assert r.status_code == 413, r.text
+
+
+@pytest.fixture(scope="module")
+def big_server(tmp_path_factory, browser):
+    from blendedit.webui import serve
+
+    out = tmp_path_factory.mktemp("serve-big")
+    app, url = serve(
+        ModelSpec(model="tiny-random"), "127.0.0.1", _free_port(), out=str(out), block=False
+    )
+    yield url, out
+    app.close()
+
+
+def test_a_12_mp_photo_edits_and_downloads_at_full_size(big_server, browser, tmp_path):
+    """Issue 44: a 4000x3000 photo goes up, is painted and edited, and the result that comes
+    down is the whole photo, every pixel outside the strokes the upload's."""
+    import zipfile
+    from urllib.parse import urljoin
+
+    url, out = big_server
+    yy, xx = np.mgrid[0:3000, 0:4000].astype(np.float32)
+    rgb = np.stack([xx / 4000, yy / 3000, 0.5 + 0.3 * np.sin(xx / 300) * np.cos(yy / 250)], -1)
+    photo = tmp_path / "photo.png"
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(photo, compress_level=1)
+    page = _open_with_scene(browser, url, photo)
+    _paint(page)
+    _edit(page, "a red circle")
+    page.wait_for_function(
+        "document.querySelector('#downloads').innerText.includes('.zip')", timeout=300_000
+    )
+    links = page.locator("#downloads a")
+    hrefs = [links.nth(i).get_attribute("href") for i in range(links.count())]
+    zipped = [h for h in hrefs if h and ".zip" in h]
+    assert zipped, hrefs
+    got = page.request.get(urljoin(url, zipped[0]))  # through the browser's own session
+    assert got.ok, got.status
+    archive = tmp_path / "results.zip"
+    archive.write_bytes(got.body())
+    folder = next(out.glob("edit-*/results/image.json")).parent.parent
+    src = np.asarray(Image.open(folder / "inputs" / "image.png"))
+    mask = np.asarray(Image.open(folder / "inputs" / "mask.png")) > 0
+    assert src.shape == (3000, 4000, 3) and 0 < mask.mean() < 0.5
+    meta = json.loads((folder / "results" / "image.json").read_text())
+    with zipfile.ZipFile(archive) as z:
+        best = np.asarray(Image.open(z.open(meta["results"][0]["file"])).convert("RGB"))
+    assert best.shape == src.shape  # the full photo, not the edited box
+    assert np.array_equal(best[~mask], src[~mask])
+    assert not np.array_equal(best[mask], src[mask])
+    page.close()

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     w.add_argument("--out", default=None, help="where edits are kept (default: a temporary folder)")
     w.add_argument(
-        "--max-file-size", default="10mb", help="largest upload accepted (default: 10mb)"
+        "--max-file-size", default="50mb", help="largest upload accepted (default: 50mb)"
     )
     w.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     w.add_argument(

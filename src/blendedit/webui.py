@@ -26,9 +26,9 @@ from .io import save_image
 from .runner import EditRequest, LoadedModel, ModelSpec, int_or_auto, load_pipeline, run_edit
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_MAX_FILE_SIZE = "10mb"
+DEFAULT_MAX_FILE_SIZE = "50mb"
 #: Images over this many pixels are refused in the web UI (the CLI's limit is larger).
-WEB_MAX_PIXELS = 4_000_000
+WEB_MAX_PIXELS = 25_000_000  # a 24-MP camera; the crop to the mask keeps edits fast
 PREVIEW_EVERY = 1  # decode a preview at most every N steps (and about 10 in all)
 EDITOR_CANVAS = (800, 800)
 #: The page's "Edit area" choices: their crop_to_mask values.
