@@ -50,6 +50,7 @@ from blendedit.tiny import (  # noqa: E402
     build_tiny_sdxl_components,
     inpainting_denoiser,
     special_ids,
+    t5_encoder,
 )
 from blendedit.tokenizer import build_clip_tokenizer  # noqa: E402
 
@@ -129,21 +130,9 @@ def real_components(family: str) -> dict:
             tokenizer_3=None,
             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
         )
-    from transformers import T5Config, T5EncoderModel
-
     from blendedit.tokenizer import build_t5_like_tokenizer
 
     t5_tok = build_t5_like_tokenizer(list(WORDS))
-    t5 = T5Config(
-        vocab_size=len(t5_tok),
-        d_model=4096,
-        d_kv=128,
-        d_ff=4096,
-        num_layers=2,
-        num_heads=32,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
     tiny = build_tiny_flux_components()
     return dict(
         transformer=diffusers.FluxTransformer2DModel(
@@ -161,7 +150,7 @@ def real_components(family: str) -> dict:
         vae=_vae16(0.3611, 0.1159),
         text_encoder=_clip_text(tok, 768, 4, 12),
         tokenizer=tok,
-        text_encoder_2=T5EncoderModel(t5),
+        text_encoder_2=t5_encoder(t5_tok, width=4096, head_dim=128, ff=4096, heads=32),
         tokenizer_2=t5_tok,
         scheduler=tiny["scheduler"],
     )

@@ -26,7 +26,7 @@ from ranking import best_of, pair_accuracy  # noqa: E402
 
 from blendedit import masks as M  # noqa: E402
 from blendedit.io import mask_to_tensor  # noqa: E402
-from blendedit.ranking import builtin_ranker  # noqa: E402
+from blendedit.ranking import _features, builtin_ranker  # noqa: E402
 from blendedit.toy.judge import MIN_IOU, judge  # noqa: E402
 from blendedit.toy.tasks import task_suite  # noqa: E402
 from blendedit.toy.world import SHAPES  # noqa: E402
@@ -71,33 +71,29 @@ print("crops", time.time() - t0, Xtr.shape, Ytr.float().mean(), (Str >= 0).float
 model = copy.deepcopy(rk.model)
 tok = rk.tokenizer
 prompts = sorted(set(Ptr) | set(Pbe))
-with torch.no_grad():
+
+
+@torch.no_grad()
+def text_embeds(texts: list[str]) -> torch.Tensor:
     ids = tok(
-        prompts,
+        texts,
         padding="max_length",
         truncation=True,
         return_tensors="pt",
         max_length=model.config.text_config.max_position_embeddings,
     )
-    from blendedit.ranking import _features
+    return Fn.normalize(_features(model.get_text_features(input_ids=ids.input_ids)).float(), dim=-1)
 
-    temb = Fn.normalize(_features(model.get_text_features(input_ids=ids.input_ids)).float(), dim=-1)
+
+temb = text_embeds(prompts)
 pidx = {p: i for i, p in enumerate(prompts)}
 # the prompt with each shape in place of its own
 alt = {}
 for p in prompts:
     w = p.split()
     alt[p] = [" ".join(w[:-1] + [s]) for s in SHAPES]
-with torch.no_grad():
-    allp = sorted({a for p in prompts for a in alt[p]})
-    ids = tok(
-        allp,
-        padding="max_length",
-        truncation=True,
-        return_tensors="pt",
-        max_length=model.config.text_config.max_position_embeddings,
-    )
-    aemb = Fn.normalize(_features(model.get_text_features(input_ids=ids.input_ids)).float(), dim=-1)
+allp = sorted({a for p in prompts for a in alt[p]})
+aemb = text_embeds(allp)
 aidx = {p: i for i, p in enumerate(allp)}
 
 train_layers = args.layers

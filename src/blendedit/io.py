@@ -332,7 +332,12 @@ def tensor_to_mask(m: torch.Tensor) -> Image.Image:
     return Image.fromarray((m[0, 0].detach().cpu().numpy() * 255).round().astype(np.uint8), "L")
 
 
-def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) float in [0, 1] -> list of PIL RGB images (rounded, not truncated)."""
-    a = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    return [Image.fromarray(im.cpu().numpy(), "RGB") for im in a]
+def tensor_to_pil(x: torch.Tensor, order=None) -> list[Image.Image]:
+    """(B, 3, H, W) float in [0, 1] -> list of PIL RGB images (rounded, not truncated), in
+    ``order`` (indices; default: as they are). One image's copy at a time, rounded in place:
+    a 12-MP batch needs no batch-sized temporaries."""
+    out = []
+    for k in range(len(x)) if order is None else order:
+        a = x[k].detach().float().clamp(0, 1).mul_(255).round_().to(torch.uint8)
+        out.append(Image.fromarray(a.permute(1, 2, 0).cpu().numpy(), "RGB"))
+    return out

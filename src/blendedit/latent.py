@@ -305,7 +305,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
 
         # 11. Output
         return BlendedLatentDiffusionOutput(
-            images=tensor_to_pil(frames[order]),
+            images=tensor_to_pil(frames, order),
             scores=scores,
             order=order,
             latents=z[order].cpu(),
@@ -386,8 +386,9 @@ class BlendedLatentDiffusionPipeline(LatentModel):
                 box_of = (..., slice(y0, y1), slice(x0, x1))
                 region = B.keep_outside(region, x_full[box_of], mask_full[box_of])
         frames = x_full.expand(n, -1, -1, -1).clone()
-        frames[..., y0:y1, x0:x1] = region
-        frames = (frames * 255).round() / 255  # what is saved is what gets ranked
+        # what is saved is what gets ranked: the region rounded to 8 bits (the rest of the
+        # frame is the source's 8-bit values already)
+        frames[..., y0:y1, x0:x1] = (region * 255).round() / 255
         _sync(self.device)
         timings["background"] = time.perf_counter() - t0
 
@@ -437,7 +438,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         timings["total"] = time.perf_counter() - t_total
         return replace(
             output,
-            images=tensor_to_pil(frames[order]),
+            images=tensor_to_pil(frames, order),
             scores=scores,
             order=[output.order[k] for k in order],
             latents=z[order].cpu(),

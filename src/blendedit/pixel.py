@@ -382,7 +382,7 @@ class BlendedDiffusionPipeline(OnUNet):
         timings["total"] = time.perf_counter() - t_total
         clip_l = torch.cat(losses)
         return BlendedDiffusionOutput(
-            images=tensor_to_pil(frames[order]),
+            images=tensor_to_pil(frames, order),
             scores=[float(s_all[k]) for k in order],
             order=order,
             mask=tensor_to_mask(mask_full),

@@ -303,22 +303,10 @@ def build_tiny_sd3_components(*, seed: int = 0, t5: bool = False) -> dict:
     ).eval()
     text_encoder_3 = tokenizer_3 = None
     if t5:
-        from transformers import T5Config, T5EncoderModel
-
         from .tokenizer import build_t5_like_tokenizer
 
         tokenizer_3 = build_t5_like_tokenizer(list(WORDS))
-        cfg = T5Config(
-            vocab_size=len(tokenizer_3),
-            d_model=96,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_heads=4,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-        text_encoder_3 = T5EncoderModel(cfg).eval()
+        text_encoder_3 = t5_encoder(tokenizer_3, width=96, head_dim=16, ff=128, heads=4).eval()
     vae_cfg = dict(_vae_config("tiny", 1, 8), latent_channels=16)
     vae_cfg.update(scaling_factor=1.5305, shift_factor=0.0609)
     vae = AutoencoderKL(**vae_cfg, use_quant_conv=False, use_post_quant_conv=False).eval()
@@ -333,6 +321,24 @@ def build_tiny_sd3_components(*, seed: int = 0, t5: bool = False) -> dict:
         tokenizer_3=tokenizer_3,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
+
+
+def t5_encoder(tokenizer, *, width: int, head_dim: int, ff: int, heads: int, layers: int = 2):
+    """A random ``T5EncoderModel`` of these sizes over ``tokenizer``'s vocabulary (pad 0, eos 1,
+    as :func:`blendedit.tokenizer.build_t5_like_tokenizer`'s)."""
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=head_dim,
+        d_ff=ff,
+        num_layers=layers,
+        num_heads=heads,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(cfg)
 
 
 def save_tiny_sd3(folder: str | Path, *, seed: int = 0, t5: bool = False) -> Path:
