@@ -339,5 +339,5 @@ def tensor_to_pil(x: torch.Tensor, order=None) -> list[Image.Image]:
     out = []
     for k in range(len(x)) if order is None else order:
         a = x[k].detach().float().clamp(0, 1).mul_(255).round_().to(torch.uint8)
-        out.append(Image.fromarray(a.permute(1, 2, 0).cpu().numpy(), "RGB"))
+        out.append(Image.fromarray(a.permute(1, 2, 0).contiguous().cpu().numpy(), "RGB"))
     return out
