@@ -43,6 +43,16 @@ def box_mask():
     return m
 
 
+def random_frame(w=64, h=64, box=(16, 16, 44, 40)):
+    """A random RGB image of ``w`` x ``h`` and a boolean mask of ``box`` (x0, y0, x1, y1)."""
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8), "RGB")
+    mask = np.zeros((h, w), bool)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = True
+    return image, mask
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

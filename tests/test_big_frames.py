@@ -6,29 +6,21 @@ import json
 
 import numpy as np
 import torch
+from conftest import random_frame
 from PIL import Image
 
 from blendedit.cli import main
 from blendedit.latent import AUTO_ZOOM_AREA
 
 
-def _frame(w, h, box):
-    rng = np.random.RandomState(0)
-    image = Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
-    m = np.zeros((h, w), bool)
-    x0, y0, x1, y1 = box
-    m[y0:y1, x0:x1] = True
-    return image, m
-
-
 def test_auto_zooms_a_large_mask_and_crops_a_small_one_at_native_scale(pipe):
     native = pipe.native_size  # 64 px, the tiny model
-    image, big = _frame(600, 400, (200, 150, 350, 250))  # box at native scale: 300 px a side
+    image, big = random_frame(600, 400, (200, 150, 350, 250))  # box at native scale: 300 px a side
     out = pipe("a red cat", image, big, num_inference_steps=2, generator=torch.Generator())
     (x0, y0, x1, y1) = out.crop_box
     assert out.zoomed and (x1 - x0) * (y1 - y0) > AUTO_ZOOM_AREA * native**2
     assert np.array_equal(np.asarray(out.images[0])[~big], np.asarray(image)[~big])
-    image, small = _frame(600, 400, (300, 200, 320, 216))
+    image, small = random_frame(600, 400, (300, 200, 320, 216))
     out = pipe("a red cat", image, small, num_inference_steps=2, generator=torch.Generator())
     (x0, y0, x1, y1) = out.crop_box
     assert not out.zoomed and (x1 - x0, y1 - y0) == (native, native)
@@ -39,7 +31,7 @@ def test_auto_zooms_a_large_mask_and_crops_a_small_one_at_native_scale(pipe):
 def _big_frame_edit(folder) -> list[str]:
     """`blendedit edit` arguments (but --out) for a 600x400 frame with a 150x100 mask saved in
     ``folder``."""
-    image, big = _frame(600, 400, (200, 150, 350, 250))
+    image, big = random_frame(600, 400, (200, 150, 350, 250))
     image.save(folder / "in.png")
     Image.fromarray(big.astype(np.uint8) * 255).save(folder / "m.png")
     args = ["edit", str(folder / "in.png"), "--mask", str(folder / "m.png"), "--prompt"]
@@ -62,7 +54,7 @@ def test_the_web_ui_says_when_the_region_was_zoomed(pipe, tmp_path):
     loaded = LoadedModel(pipe, ModelSpec(model="tiny-random"), "tiny ranker", "cpu", "float32")
     session = EditSession(loaded, tmp_path / "serve")
     session.out_root.mkdir(parents=True)
-    image, big = _frame(600, 400, (200, 150, 350, 250))
+    image, big = random_frame(600, 400, (200, 150, 350, 250))
     layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
     layer.paste((255, 0, 0, 255), (200, 150, 350, 250))
     value = {"background": image.convert("RGBA"), "layers": [layer], "composite": None}

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import random_frame
 
 from blendedit import BlendedDiffusionPipeline, BlendedLatentDiffusionPipeline
 
@@ -52,15 +52,6 @@ def folders(tmp_path_factory):
     return {k: root / k for k in KINDS}
 
 
-def scene(w=64, h=64, box=(16, 16, 44, 40)):
-    rng = np.random.RandomState(0)
-    image = Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
-    mask = np.zeros((h, w), bool)
-    x0, y0, x1, y1 = box
-    mask[y0:y1, x0:x1] = True
-    return image, mask
-
-
 def edit_twice(pipe, image, mask, **kw):
     """Two edits with the same seeds: equal images, finite latents, the background exact."""
 
@@ -91,7 +82,7 @@ def latent_pipe(folder, dtype):
 def test_every_family_edits_on_the_device(folders, kind, dtype):
     pipe = latent_pipe(folders[kind], dtype)
     assert next(pipe.unet.parameters()).device.type == torch.device(DEVICE).type
-    image, mask = scene()
+    image, mask = random_frame()
     out = edit_twice(pipe, image, mask, num_inference_steps=3)
     assert len(out.images) == 2 and out.images[0].size == image.size
     inside = np.asarray(out.images[0]).astype(int)[np.asarray(mask)]
@@ -101,7 +92,7 @@ def test_every_family_edits_on_the_device(folders, kind, dtype):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_pixel_method_edits_on_the_device(dtype):
     pipe = BlendedDiffusionPipeline.from_pretrained("tiny-random").to(DEVICE, DTYPES[dtype])
-    image, mask = scene(32, 32, (8, 8, 24, 24))
+    image, mask = random_frame(32, 32, (8, 8, 24, 24))
     out = edit_twice(pipe, image, mask, num_inference_steps=6, skip_timesteps=2)
     assert len(out.images) == 2
 
@@ -109,7 +100,7 @@ def test_pixel_method_edits_on_the_device(dtype):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_decoder_fine_tuning_on_the_device(folders, dtype):
     pipe = latent_pipe(folders["sd"], dtype)
-    image, mask = scene()
+    image, mask = random_frame()
     g = torch.Generator().manual_seed(0)
     raw = pipe("a red circle", image, mask, num_inference_steps=3, generator=g, background="none")
     g = torch.Generator().manual_seed(0)
@@ -136,7 +127,7 @@ def test_decoder_fine_tuning_on_the_device(folders, dtype):
 def test_crop_and_zoom_on_the_device(folders, crop):
     """A small mask on a big frame: the crop box edits at native scale (``auto`` zooms it)."""
     pipe = latent_pipe(folders["sd"], "float16")
-    image, mask = scene(320, 256, (150, 100, 260, 210))
+    image, mask = random_frame(320, 256, (150, 100, 260, 210))
     out = edit_twice(pipe, image, mask, num_inference_steps=3, crop_to_mask=crop)
     assert out.images[0].size == (320, 256)
 
