@@ -53,7 +53,7 @@ def photo(w: int, h: int, mw: int, mh: int) -> tuple[Image.Image, Image.Image]:
     return Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)), Image.fromarray(m, "L")
 
 
-def pipelines(padding: int):
+def pipelines():
     c = build_tiny_components("sd-shaped", width_div=4, sample_size=64)  # 512 px native
     parts = dict(unet=c["unet"], vae=c["vae"], text_encoder=c["text_encoder"])
     parts["tokenizer"] = c["tokenizer"]
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     image, mask = photo(*args.size, *args.mask)
-    ours, theirs = pipelines(args.padding)
+    ours, theirs = pipelines()
     fns = runs(ours, theirs, image, mask, args.steps, args.padding)
     if args.peak_of:  # the child process of peak_of
         fns[args.peak_of]()

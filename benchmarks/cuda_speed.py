@@ -40,6 +40,7 @@ from speed import PROMPT, paired_ratio, scene  # noqa: E402
 from blendedit import BlendedLatentDiffusionPipeline  # noqa: E402
 from blendedit.models import quiet_transformers  # noqa: E402
 from blendedit.tiny import (  # noqa: E402
+    FLUX_SCHEDULER,
     SD_SCHEDULER,
     WORDS,
     _unet_config,
@@ -133,7 +134,6 @@ def real_components(family: str) -> dict:
     from blendedit.tokenizer import build_t5_like_tokenizer
 
     t5_tok = build_t5_like_tokenizer(list(WORDS))
-    tiny = build_tiny_flux_components()
     return dict(
         transformer=diffusers.FluxTransformer2DModel(
             patch_size=1,
@@ -152,7 +152,7 @@ def real_components(family: str) -> dict:
         tokenizer=tok,
         text_encoder_2=t5_encoder(t5_tok, width=4096, head_dim=128, ff=4096, heads=32),
         tokenizer_2=t5_tok,
-        scheduler=tiny["scheduler"],
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
     )
 
 

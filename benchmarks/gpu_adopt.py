@@ -27,6 +27,11 @@ TOY = ROOT / "src" / "blendedit" / "assets" / "toy"
 PILOT_VAE = ROOT / "benchmarks" / "results" / "grid_pilot" / "vae4"
 
 
+#: what a run folder keeps beside model/ (card, loss log, commands), not part of the model
+RUN_FILES = ("card.md", "loss.csv", "commands.log")
+NOT_MODEL = shutil.ignore_patterns("*.md", "*.csv", "*.log", "gpu_run.json")
+
+
 def reassemble(parts_dir: Path, work: Path) -> Path:
     """The parts, in order, as one tar, unpacked into ``work``; the UNet folder."""
     parts = sorted(parts_dir.glob("unet.tar.part*"))
@@ -53,11 +58,10 @@ def candidate_pipeline(unet: Path, work: Path, toy: Path) -> tuple[Path, bool]:
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(toy / "pipeline", folder)
     shutil.rmtree(folder / "unet")
-    keep = shutil.ignore_patterns("*.md", "*.csv", "*.log", "gpu_run.json")
-    shutil.copytree(unet, folder / "unet", ignore=keep)
+    shutil.copytree(unet, folder / "unet", ignore=NOT_MODEL)
     if f4:
         shutil.rmtree(folder / "vae")
-        shutil.copytree(PILOT_VAE, folder / "vae", ignore=keep)
+        shutil.copytree(PILOT_VAE, folder / "vae", ignore=NOT_MODEL)
     return folder, f4
 
 
@@ -90,17 +94,18 @@ def ship(unet: Path, work: Path, f4: bool, toy: Path) -> None:
     out as the trainer's: model/ beside card.md, loss.csv and commands.log."""
     runs = work / "runs"
     shutil.rmtree(runs, ignore_errors=True)
-    keep = shutil.ignore_patterns("*.md", "*.csv", "*.log", "gpu_run.json")
-    shutil.copytree(unet, runs / "gpu-unet" / "model", ignore=keep)
-    for f in ("card.md", "loss.csv", "commands.log"):
-        if (unet / f).exists():
-            shutil.copy(unet / f, runs / "gpu-unet" / f)
+
+    def as_run(folder: Path, name: str) -> None:
+        shutil.copytree(folder, runs / name / "model", ignore=NOT_MODEL)
+        for f in RUN_FILES:
+            if (folder / f).exists():
+                shutil.copy(folder / f, runs / name / f)
+
+    as_run(unet, "gpu-unet")
     cmd = [sys.executable, "-m", "blendedit.toy.train", "assemble", "--work", str(runs)]
     cmd += ["--unet", "gpu-unet", "--dest", str(toy), "--only", "unet"]
     if f4:
-        shutil.copytree(PILOT_VAE, runs / "vae4" / "model", ignore=keep)
-        for f in ("card.md", "loss.csv", "commands.log"):
-            shutil.copy(PILOT_VAE / f, runs / "vae4" / f)
+        as_run(PILOT_VAE, "vae4")
         cmd += ["vae", "--vae", "vae4"]
     subprocess.run(cmd, check=True, cwd=ROOT)
 

@@ -101,7 +101,7 @@ def cuda_tests(rep: Report, work: Path, seconds: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rs"]
     cmd += ["-p", "no:cacheprovider", f"--junitxml={xml}"]
     code, tail = run_logged(cmd, rep, seconds)
-    res = dict(exit_code=code, seconds=round(seconds, 1))
+    res = dict(exit_code=code, budget_s=round(seconds, 1))
     if not xml.exists():
         return res | dict(error="no report", tail=tail[-1500:])
     suite = ET.parse(xml).getroot()

@@ -204,9 +204,7 @@ def diffusion_classifier(pipe, task, imgs, steps=(100, 300, 500, 700)) -> torch.
 
 def scorers(train: dict) -> dict:
     """name -> function(data) -> (T, N) scores; the weights and heads fitted on ``train``."""
-    k = len(CROPS)
-    d = 128  # the embedding product follows the scores
-    edge, seam = k + d, k + d + 2
+    edge, seam = -3, -1  # pixel_features' columns close every feature row
     out = {DEFAULT: lambda D: D["feats"][..., 0]}
     for i, (region, ctx) in enumerate(CROPS[1:], 1):
         name = f"CLIP, {region}" + (f" {ctx}" if region == "crop" else "")
@@ -260,7 +258,6 @@ def main(argv=None) -> int:
     p.add_argument("--sample-seconds", type=float, default=None, help="sampling s per task")
     p.add_argument("--out", default="benchmarks/results/ranking/study")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     ranker = builtin_ranker(args.clip)
     pipe = BlendedLatentDiffusionPipeline.from_pretrained(args.model) if args.model else None
     t0 = time.perf_counter()

@@ -31,7 +31,7 @@ pytestmark = [
 ]
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-#: family folder -> (builder, its argument)
+#: the tiny folders: each family, and the inpainting kinds of SD, SDXL and Flux
 KINDS = ["sd", "sdxl", "sd3", "flux", "sd-inpaint", "sdxl-inpaint", "flux-fill"]
 
 

@@ -53,7 +53,7 @@ def inpaint_kind(family: str, denoiser) -> str | None:
 
 
 #: A UNet's input goes in channels-last layout on the CPU up to this many latent cells: an
-#: SD-shaped UNet (batch 2) ran 2 % faster so at 32x32 and 1-3 % slower at 48x48 and 64x64 on
+#: SD-shaped UNet (batch 2) ran 2 % faster at 32x32 and 1-3 % slower at 48x48 and 64x64 on
 #: the project's 2-core CPU (benchmarks/big_photo.py's model).
 CHANNELS_LAST_CELLS = 32 * 32
 

@@ -38,6 +38,17 @@ SD_SCHEDULER = dict(
 )
 
 
+#: FLUX.1's flow-matching Euler scheduler: resolution-dependent shifting of the sigmas.
+FLUX_SCHEDULER = dict(
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
 def _groups(channels) -> int:
     """The largest GroupNorm group count <= 32 that divides every channel count."""
     return max(g for g in range(1, 33) if all(c % g == 0 for c in channels))
@@ -378,14 +389,7 @@ def build_tiny_flux_components(*, seed: int = 0, guidance_embeds: bool = True) -
     vae_cfg = dict(_vae_config("tiny", 1, 8), latent_channels=16)
     vae_cfg.update(scaling_factor=0.3611, shift_factor=0.1159)
     vae = AutoencoderKL(**vae_cfg, use_quant_conv=False, use_post_quant_conv=False).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     return dict(
         transformer=transformer,
         vae=vae,
