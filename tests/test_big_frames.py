@@ -79,3 +79,29 @@ def test_the_latents_file_keeps_the_boxs_part_of_the_mask_and_reconstructs(tmp_p
     again = json.loads((tmp_path / "a" / "in-paste.json").read_text())
     first = (tmp_path / "a" / meta["results"][0]["file"]).read_bytes()
     assert (tmp_path / "a" / again["results"][0]["file"]).read_bytes() == first
+
+
+def test_a_region_far_above_the_native_size_goes_through_the_vae_in_tiles(pipe):
+    """crop_to_mask="crop" keeps a 300x200 px box at its own scale, 15x the tiny model's
+    native area: the VAE encodes and decodes it in native-size tiles (its memory a tile's), the
+    background stays exact, and the VAE's own settings come back after."""
+    from conftest import edit_twice_and_check_paste
+
+    from blendedit.latent_model import VAE_TILE_AREA
+
+    seen = []  # the spatial size of every input the VAE's encoder and decoder get
+    for part in (pipe.vae.encoder, pipe.vae.decoder):
+        part.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    image, big = random_frame(600, 400, (200, 150, 350, 250))
+    out = edit_twice_and_check_paste(pipe, image, big, num_inference_steps=2, crop_to_mask="crop")
+    (x0, y0, x1, y1) = out.crop_box
+    assert (x1 - x0) * (y1 - y0) > VAE_TILE_AREA * pipe.native_size**2 and not out.zoomed
+    native, cells = pipe.native_size, pipe.native_size // pipe.vae_scale_factor
+    assert seen and all(max(s) <= native for s in seen)  # tiles, never the whole box
+    assert any(max(s) == cells for s in seen)  # the decoder's tiles: native-size latents
+    assert not pipe.vae.use_tiling
+    # a native-size edit is not tiled
+    seen.clear()
+    image, small = random_frame(64, 64)
+    pipe("a red cat", image, small, num_inference_steps=2)
+    assert seen == [(64, 64), (8, 8)]

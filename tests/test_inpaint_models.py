@@ -263,3 +263,16 @@ def test_an_sdxl_inpainting_model_takes_a_refiner(folders, tmp_path):
     image, mask = _inputs()
     edit_twice_and_check_paste(pipe, image, mask, num_inference_steps=4, refiner_fraction=0.5)
     assert calls and set(calls) == {4}  # latents only: no mask, no masked-image channels
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_detail_pass_gives_each_sample_its_own_conditioning(kind, pipes, monkeypatch):
+    """A detail pass (issue 44) encodes one region per sample: the inpainting channels come one
+    row per sample, and the denoiser takes them with classifier-free guidance's two halves."""
+    from conftest import random_frame
+
+    pipe = pipes[kind]  # a 64-px native size for all (the tiny Flux's is 1024 px): zoomed
+    monkeypatch.setattr(type(pipe), "native_size", property(lambda self: 64))
+    image, mask = random_frame(600, 400, (200, 150, 350, 250))
+    out = edit_twice_and_check_paste(pipe, image, mask, num_inference_steps=4, detail_strength=0.5)
+    assert out.zoomed and out.detailed

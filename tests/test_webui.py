@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from blendedit.demo import example_scene
 from blendedit.runner import LoadedModel, ModelSpec
@@ -221,14 +221,16 @@ def _open_with_scene(browser, url: str, scene: Path):
     return page
 
 
-def _paint(page) -> None:
+def _paint(page, left: int = -110) -> None:
+    """Brush strokes 70 px long from ``left`` px of the canvas's centre (by default over the
+    empty left part of the example scene)."""
     page.get_by_role("button", name="Brush", exact=True).click()
     box = page.locator("#editor canvas").first.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    for dy in range(-30, 31, 10):  # strokes over the empty left part of the scene
-        page.mouse.move(cx - 110, cy + dy)
+    for dy in range(-30, 31, 10):
+        page.mouse.move(cx + left, cy + dy)
         page.mouse.down()
-        page.mouse.move(cx - 40, cy + dy, steps=6)
+        page.mouse.move(cx + left + 70, cy + dy, steps=6)
         page.mouse.up()
 
 
@@ -326,18 +328,21 @@ def big_server(tmp_path_factory, browser):
 
 
 def test_a_12_mp_photo_edits_and_downloads_at_full_size(big_server, browser, tmp_path):
-    """Issue 44: a 4000x3000 photo goes up, is painted and edited, and the result that comes
-    down is the whole photo, every pixel outside the strokes the upload's."""
+    """Issue 44: a 4000x3000 camera JPEG stored on its side (EXIF orientation 6) goes up, is
+    painted and edited upright, and the result that comes down is the whole upright photo, every
+    pixel outside the strokes the upload's."""
     import zipfile
     from urllib.parse import urljoin
 
     url, out = big_server
     yy, xx = np.mgrid[0:3000, 0:4000].astype(np.float32)
     rgb = np.stack([xx / 4000, yy / 3000, 0.5 + 0.3 * np.sin(xx / 300) * np.cos(yy / 250)], -1)
-    photo = tmp_path / "photo.png"
-    Image.fromarray((rgb * 255).astype(np.uint8)).save(photo, compress_level=1)
+    photo = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to show
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(photo, quality=92, exif=exif)
     page = _open_with_scene(browser, url, photo)
-    _paint(page)
+    _paint(page, left=-35)  # the middle of the upright photo, narrower on the canvas
     _edit(page, "a red circle")
     page.wait_for_function(
         "document.querySelector('#downloads').innerText.includes('.zip')", timeout=300_000
@@ -353,7 +358,9 @@ def test_a_12_mp_photo_edits_and_downloads_at_full_size(big_server, browser, tmp
     folder = next(out.glob("edit-*/results/image.json")).parent.parent
     src = np.asarray(Image.open(folder / "inputs" / "image.png"))
     mask = np.asarray(Image.open(folder / "inputs" / "mask.png")) > 0
-    assert src.shape == (3000, 4000, 3) and 0 < mask.mean() < 0.5
+    assert src.shape == (4000, 3000, 3) and 0 < mask.mean() < 0.5  # upright
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(photo)), np.float32)
+    assert np.abs(src - upright).mean() < 2.0  # the same pixels (up to the JPEG decoder)
     meta = json.loads((folder / "results" / "image.json").read_text())
     with zipfile.ZipFile(archive) as z:
         best = np.asarray(Image.open(z.open(meta["results"][0]["file"])).convert("RGB"))

@@ -136,14 +136,14 @@ class Family:
             return None
         hard = (m >= 0.5).to(masked_latents.dtype)
         small = F.interpolate(hard, size=tuple(latent_hw))  # nearest, as diffusers
-        return torch.cat([small, masked_latents], dim=1)
+        return torch.cat([small.expand(len(masked_latents), -1, -1, -1), masked_latents], dim=1)
 
     # -- the denoiser ---------------------------------------------------------------------
 
     def call(self, model, x, t, embeds, added: dict | None, cond, guidance_scale: float):
         """One denoiser pass on ``x`` (B, C, h, w); ``cond`` the inpainting channels."""
         if cond is not None:
-            x = torch.cat([x, cond.expand(len(x), -1, -1, -1)], dim=1)
+            x = torch.cat([x, cond_rows(cond, len(x))], dim=1)
         kw = {"added_cond_kwargs": added} if added else {}
         if x.device.type == "cpu" and x.shape[-2] * x.shape[-1] <= CHANNELS_LAST_CELLS:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -286,7 +286,7 @@ class Flux(SD3):
         h, w = latent_hw
         f = hard.shape[-1] // w  # (1, 1, h f, w f) -> (1, f f, h, w): FluxFillPipeline's fold
         folded = hard[:, 0].view(1, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(1, f * f, h, w)
-        return torch.cat([masked_latents, folded], dim=1)
+        return torch.cat([masked_latents, folded.expand(len(masked_latents), -1, -1, -1)], dim=1)
 
     def call(self, model, x, t, embeds, added, cond, guidance_scale):
         b, c, h, w = x.shape
@@ -295,7 +295,7 @@ class Flux(SD3):
             g = torch.full((b,), guidance_scale, device=x.device, dtype=x.dtype)
         tokens = pack(x)
         if cond is not None:
-            tokens = torch.cat([tokens, pack(cond.expand(b, -1, -1, -1))], dim=-1)
+            tokens = torch.cat([tokens, pack(cond_rows(cond, b))], dim=-1)
         out = model(
             hidden_states=tokens,
             timestep=(t / 1000).expand(b).to(x.dtype),
@@ -310,6 +310,14 @@ class Flux(SD3):
 
     def own_parts(self, p) -> dict:
         return dict(transformer=p.unet, text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2)
+
+
+def cond_rows(cond: torch.Tensor, b: int) -> torch.Tensor:
+    """The inpainting channels for a batch of ``b`` latents: ``cond`` one row for all, or one
+    per latent (a detail pass's samples), repeated for the [uncond; cond] halves."""
+    if len(cond) == 1:
+        return cond.expand(b, -1, -1, -1)
+    return cond.repeat(b // len(cond), 1, 1, 1)
 
 
 FAMILIES = {cls.name: cls for cls in (Family, SDXL, SD3, Flux)}

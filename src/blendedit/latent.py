@@ -39,6 +39,11 @@ from .ranking import RANK_REGIONS
 #: crop_to_mask="auto" zooms (generates the box at the native size and resizes it back) where
 #: the box around the mask at native scale holds more than this many times the native area
 AUTO_ZOOM_AREA = 1.5
+#: the detail pass (``detail_strength``) of a zoomed edit runs at up to this many times the
+#: native size a side (the box's own size where smaller): 2x, the web UIs' "hires fix" scale;
+#: tiles of native size at the box's full scale (6x on big frames) measured worse: the shipped
+#: model drew small objects in every tile (docs/benchmarks.md#big-frames-issue-44)
+DETAIL_SCALE = 2
 
 
 @dataclass
@@ -58,6 +63,7 @@ class BlendedLatentDiffusionOutput:
     warnings: list[str] = field(default_factory=list)
     reconstruction: Any = None  # background="decoder": a background.DecoderTuning (losses ...)
     zoomed: bool = False  # crop_to_mask="zoom": crop_box was resized to the native size and back
+    detailed: bool = False  # a detail pass ran on the zoomed region (not in ``latents``)
 
 
 # --- the math, as small functions over tensors -----------------------------------------------
@@ -94,6 +100,12 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         _check_float("guidance_scale", self.guidance_or_default(opts.guidance_scale), 0.0, 1000.0)
         _check_float("crop_context", opts.crop_context, 0.0, 100.0)
         _check_float("refiner_fraction", opts.refiner_fraction, 0.0, 1.0)
+        _check_float("detail_strength", opts.detail_strength, 0.0, 1.0)
+        if opts.detail_strength and int(opts.num_inference_steps * opts.detail_strength) < 1:
+            raise ValueError(
+                f"detail_strength: {opts.detail_strength} x num_inference_steps "
+                f"{opts.num_inference_steps} runs no step; raise either, or 0 for no detail pass"
+            )
         _check_float("strength", opts.strength, 0.0, 1.0, low_open=True)
         if int(opts.num_inference_steps * opts.strength) < 1:
             raise ValueError(
@@ -156,6 +168,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         decoder_crop_margin: int = _D.decoder_crop_margin,
         crop_to_mask: Any = _D.crop_to_mask,
         crop_context: float = _D.crop_context,
+        detail_strength: float = _D.detail_strength,
         rank_region: str = _D.rank_region,
         micro_conditioning: str = _D.micro_conditioning,
         refiner_fraction: float = _D.refiner_fraction,
@@ -190,6 +203,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
             decoder_crop_margin=decoder_crop_margin,
             crop_to_mask=crop_to_mask,
             crop_context=crop_context,
+            detail_strength=detail_strength,
             rank_region=rank_region,
             micro_conditioning=micro_conditioning,
             refiner_fraction=refiner_fraction,
@@ -245,11 +259,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         # 4. Encode the image: z_src = E(x)
         _sync(device)
         t0 = time.perf_counter()
-        # an inpainting model also sees the masked image (encode_image takes both)
-        masked = fam.masked_image(x_pad, m_pad)
-        z_both = self.encode_image(x_pad if masked is None else torch.cat([x_pad, masked]))
-        z_src = z_both[:1].to(dtype)  # (1, 4, h/8, w/8)
-        cond = fam.inpaint_condition(z_both[1:].to(dtype), m_pad.to(device), z_src.shape[-2:])
+        z_src, cond = self._encode_region(x_pad, m_pad)  # (1, 4, h/8, w/8)
         _sync(device)
         timings["encode"] = time.perf_counter() - t0
 
@@ -264,42 +274,28 @@ class BlendedLatentDiffusionPipeline(LatentModel):
             shrink_iterations = M.auto_shrink_iterations(*m_lat.shape[-2:])
         schedule = [s.to(device, dtype) for s in M.shrink_schedule(m_lat, shrink_iterations)]
 
-        # 6. Timesteps and the start: z = q(z_src, t_start)
+        # 6-7. Timesteps, the start z = q(z_src, t_start), and the denoising, blending after
+        # every step with the background at the same noise level
         timesteps = self.timesteps_for(num_inference_steps, strength, z_src.shape[-2:])
-        noise = _randn((n, *z_src.shape[1:]), generator, device, dtype)  # (N, 4, h, w)
-        z = self.noised(z_src.expand(n, -1, -1, -1), noise, timesteps, 0)
-
-        # 7. Denoise, blending after every step with the background at the same noise level
-        # (inference mode: no autograd bookkeeping per op; z is cloned out of it at the end)
         t0 = time.perf_counter()
-        steps = len(timesteps)
-        switch = steps - round(steps * refiner_fraction) if self.refiner else steps
-        with torch.inference_mode():
-            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
-                z_in = fam.model_input(self.scheduler, z, t)
-                unet, emb, add = models[int(i >= switch)]
-                c = cond if unet is self.unet else None  # the refiner: a text-to-image UNet
-                eps = fam.guided(unet, z_in, t, emb, opts.guidance_scale, add, c)
-                z = self.scheduler.step(eps, t, z).prev_sample
-                if i + 1 < steps:
-                    bg_noise = (
-                        noise
-                        if background_noise == "fixed"
-                        else _randn(noise.shape, generator, device, dtype)
-                    )
-                    z_bg = self.noised(z_src, bg_noise, timesteps, i + 1)
-                else:
-                    z_bg = z_src  # clean background after the last step
-                z = blend(z, z_bg, schedule[M.schedule_index(i, steps, len(schedule))])
-                if callback is not None:
-                    callback(i, int(t), z)
-        z = z.clone()  # a normal tensor again: decoder fine-tuning backpropagates through D(z)
+        z = self._denoise(
+            z_src, schedule, timesteps, models, cond, opts, generator, n, callback, progress
+        )
         _sync(device)
         timings["sample"] = time.perf_counter() - t0
 
+        detail = None
+        if zoom and opts.detail_strength > 0 and self._detail_size(box, (h, w)):
+            box_of = (..., slice(box[1], box[3]), slice(box[0], box[2]))
+
+            def detail(region):
+                return self._detail(
+                    region, x_full[box_of], mask_full[box_of], models, opts, generator
+                )
+
         # 8-10. Decode, reconstruct the background, paste into the frame, rank
         frames, order, scores, info = self._finish(
-            z, x_full, box, x_pad, m_pad, (h, w), mask_full, prompt, opts, timings, zoom
+            z, x_full, box, x_pad, m_pad, (h, w), mask_full, prompt, opts, timings, zoom, detail
         )
         timings["total"] = time.perf_counter() - t_total
 
@@ -318,12 +314,90 @@ class BlendedLatentDiffusionPipeline(LatentModel):
             warnings=warnings,
             reconstruction=_reordered(info, order),
             zoomed=zoom,
+            detailed=detail is not None,
         )
 
-    def zoom_size(self, box) -> tuple[int, int]:
+    def _encode_region(self, x_pad, m_pad):
+        """z_src = E(x) of N region images (N, 3, H, W) and, for an inpainting denoiser, the
+        channels it takes beside the latents (its mask and E of the masked image; else None)."""
+        fam, k = self.adapter, len(x_pad)
+        # an inpainting model also sees the masked image (encode_image takes both)
+        masked = fam.masked_image(x_pad, m_pad)
+        z_both = self.encode_image(x_pad if masked is None else torch.cat([x_pad, masked]))
+        z_src = z_both[:k].to(self.dtype)
+        m = m_pad.to(self.device)
+        return z_src, fam.inpaint_condition(z_both[k:].to(self.dtype), m, z_src.shape[-2:])
+
+    def _denoise(
+        self, z_src, schedule, timesteps, models, cond, opts, generator, n, callback, progress
+    ):
+        """Blended Latent Diffusion's loop (Alg. 1): from z = q(z_src, t_start) (``z_src`` one
+        latent, or one per sample), denoise over ``timesteps`` and after every step blend with
+        the background at the same noise level under the mask ``schedule``; returns the final
+        (n, C, h, w) latents (inference mode: no autograd bookkeeping per op; cloned out of it
+        at the end, as decoder fine-tuning backpropagates through D(z))."""
+        fam, device, dtype = self.adapter, self.device, self.dtype
+        noise = _randn((n, *z_src.shape[1:]), generator, device, dtype)  # (N, 4, h, w)
+        z = self.noised(z_src.expand(n, -1, -1, -1), noise, timesteps, 0)
+        steps = len(timesteps)
+        switch = steps - round(steps * opts.refiner_fraction) if self.refiner else steps
+        with torch.inference_mode():
+            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
+                z_in = fam.model_input(self.scheduler, z, t)
+                unet, emb, add = models[int(i >= switch)]
+                c = cond if unet is self.unet else None  # the refiner: a text-to-image UNet
+                eps = fam.guided(unet, z_in, t, emb, opts.guidance_scale, add, c)
+                z = self.scheduler.step(eps, t, z).prev_sample
+                if i + 1 < steps:
+                    bg_noise = (
+                        noise
+                        if opts.background_noise == "fixed"
+                        else _randn(noise.shape, generator, device, dtype)
+                    )
+                    z_bg = self.noised(z_src, bg_noise, timesteps, i + 1)
+                else:
+                    z_bg = z_src  # clean background after the last step
+                z = blend(z, z_bg, schedule[M.schedule_index(i, steps, len(schedule))])
+                if callback is not None:
+                    callback(i, int(t), z)
+        return z.clone()
+
+    def _detail(self, region, x_box, m_box, models, opts, generator):
+        """The detail pass of a zoomed edit: ``region`` (N, 3, h, w), the edit at the native
+        size, goes up to :data:`DETAIL_SCALE` x the native size (the box's own size where
+        smaller), the source's pixels outside the mask, and through a second blended pass of
+        ``detail_strength`` of the schedule there, the exact mask and no shrinking. Returns the
+        (N, 3, H, W) region at that size, or ``region`` where the box is not larger."""
+        bh, bw = x_box.shape[-2:]
+        size = self._detail_size((0, 0, bw, bh), region.shape[-2:])
+        if size is None:
+            return region
+        x_src = _resize(x_box, size)
+        m = _resize_mask(m_box, size)
+        x = m * _resize(region, size) + (1 - m) * x_src
+        z_src, cond = self._encode_region(x, m)
+        m_lat = M.downsample_mask(m, self.vae_scale_factor, opts.mask_downsample)
+        m_lat = m_lat.to(self.device, self.dtype)
+        timesteps = self.timesteps_for(
+            opts.num_inference_steps, opts.detail_strength, z_src.shape[-2:]
+        )
+        n = len(region)
+        z = self._denoise(z_src, [m_lat], timesteps, models, cond, opts, generator, n, None, False)
+        return self.decode_latents(z).cpu()[..., : size[0], : size[1]]
+
+    def _detail_size(self, box, zoomed_hw) -> tuple[int, int] | None:
+        """(h, w) of the detail pass over ``box``, zoomed to ``zoomed_hw``: up to
+        :data:`DETAIL_SCALE` x the native size, the box's own where smaller; None where that is
+        not larger than ``zoomed_hw`` (nothing to gain)."""
+        scale = min(DETAIL_SCALE, max(box[2] - box[0], box[3] - box[1]) / self.native_size)
+        size = self.zoom_size(box, scale)
+        return size if size[0] * size[1] > zoomed_hw[0] * zoomed_hw[1] else None
+
+    def zoom_size(self, box, scale: float = 1.0) -> tuple[int, int]:
         """(h, w) that ``box`` is resized to by ``crop_to_mask="zoom"``: its longer side the
-        native size, the other in proportion, both multiples of the VAE's factor."""
-        f, n = self.pad_multiple, self.native_size
+        native size (x ``scale``), the other in proportion, both multiples of the VAE's
+        factor."""
+        f, n = self.pad_multiple, self.native_size * scale
         bh, bw = box[3] - box[1], box[2] - box[0]
         return tuple(max(f, round(s * n / max(bh, bw) / f) * f) for s in (bh, bw))
 
@@ -335,18 +409,18 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         x, m = x_full[..., y0:y1, x0:x1], mask_full[..., y0:y1, x0:x1]
         if zoom:
             size = self.zoom_size(box)
-            # the mask: exact pixel centres when magnified, coverage when shrunk (no spread
-            # into latent cells the mask does not reach)
-            mode = "nearest-exact" if size[0] >= m.shape[-2] else "area"
-            return _resize(x, size), F.interpolate(m, size, mode=mode), size
+            return _resize(x, size), _resize_mask(m, size), size
         x_pad, hw = M.pad_to_multiple(x, self.pad_multiple, "reflect")
         m_pad, _ = M.pad_to_multiple(m, self.pad_multiple, "constant")
         return x_pad, m_pad, hw
 
-    def _finish(self, z, x_full, box, x_pad, m_pad, hw, mask_full, prompt, opts, timings, zoom):
+    def _finish(
+        self, z, x_full, box, x_pad, m_pad, hw, mask_full, prompt, opts, timings, zoom, detail=None
+    ):
         """Steps 8-10 of an edit: decode ``z``, reconstruct the background of the edited region,
-        paste it into the frame and rank. With ``zoom`` the region is resized back to ``box``
-        and, but for background="none", keeps the source's pixels outside the mask.
+        paste it into the frame and rank. With ``zoom`` the region goes through ``detail`` (the
+        detail pass, if any) and is resized back to ``box`` and, but for background="none",
+        keeps the source's pixels outside the mask.
         Returns (frames, order, scores, decoder info)."""
         (h, w), (x0, y0, x1, y1), n = hw, box, z.shape[0]
         _sync(self.device)
@@ -381,6 +455,10 @@ class BlendedLatentDiffusionPipeline(LatentModel):
                 opts.background, edit[crop], x_pad[crop], m_pad[crop], feather=opts.feather
             )
         if zoom:
+            if detail is not None:
+                t1 = time.perf_counter()
+                region = detail(region)
+                timings["detail"] = time.perf_counter() - t1
             region = _resize(region, (y1 - y0, x1 - x0))
             if opts.background != "none":
                 box_of = (..., slice(y0, y1), slice(x0, x1))
@@ -390,7 +468,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         # frame is the source's 8-bit values already)
         frames[..., y0:y1, x0:x1] = (region * 255).round() / 255
         _sync(self.device)
-        timings["background"] = time.perf_counter() - t0
+        timings["background"] = time.perf_counter() - t0 - timings.get("detail", 0.0)
 
         t0 = time.perf_counter()
         scores, order = None, list(range(n))
@@ -419,6 +497,11 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         if unknown:
             raise ValueError(f"options: not background options: {', '.join(unknown)}")
         opts = LatentEditOptions(**options)
+        if output.detailed:
+            raise ValueError(
+                "reconstruct: this edit ran a detail pass (detail_strength), whose results its "
+                "latents do not hold; edit again with the background options instead"
+            )
         image = _as_pil(image, "image")
         if image.size != output.mask.size:
             raise ValueError(
@@ -453,6 +536,13 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _resize_mask(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A mask to ``size``: exact pixel centres when magnified, coverage when shrunk (no spread
+    into latent cells the mask does not reach)."""
+    mode = "nearest-exact" if size[0] >= m.shape[-2] else "area"
+    return F.interpolate(m, size, mode=mode)
 
 
 def _reordered(info, order):

@@ -102,6 +102,13 @@ class LatentEditOptions:
         "source's pixels, but for background=none)",
     )
     crop_context: float = _opt(0.5, "context around the mask in the crop box, x the mask's side")
+    detail_strength: float = _opt(
+        0.0,
+        "zoomed edits only: a second blended pass of this fraction of the schedule over the "
+        "region at up to 2x the native size (the box's own where smaller) before it is resized "
+        "back (the web UIs' 'hires fix'); 0 = off, the default: on the Shapes World big frames "
+        "it made nothing sharper nor more successful (docs/benchmarks.md#big-frames-issue-44)",
+    )
     rank_region: str = _opt(
         "crop", "what CLIP ranking scores: crop (mask box with context), masked, full", RANK_REGIONS
     )

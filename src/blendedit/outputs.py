@@ -81,6 +81,7 @@ def latents_bytes(result, image_sha256: str) -> bytes:
         "mask_size": json.dumps([result.mask.width, result.mask.height]),
         "crop_box": json.dumps(list(result.crop_box)),
         "zoomed": json.dumps(result.zoomed),
+        "detailed": json.dumps(result.detailed),
         "order": json.dumps(list(result.order)),
         "image_sha256": image_sha256,
     }
@@ -135,6 +136,7 @@ def write_results(
     sidecar["crop_box"] = list(result.crop_box)
     if hasattr(result, "zoomed"):  # the latent method: was the box resized to the native size?
         sidecar["zoomed"] = bool(result.zoomed)
+        sidecar["detailed"] = bool(result.detailed)  # a detail pass ran on the zoomed region
     if getattr(result, "mask_schedule", None) is not None:  # the latent method's shrinking,
         sidecar["shrink_iterations_used"] = len(result.mask_schedule) - 1  # "auto" resolved
     sidecar["timings"] = {k: round(v, 4) for k, v in result.timings.items()}

@@ -418,6 +418,7 @@ def read_edit(sidecar_path: str | Path, image: str | Path | None = None):
         crop_box=tuple(json.loads(info["crop_box"])),
         timings={},
         zoomed=json.loads(info.get("zoomed", "false")),  # absent in files of before zoom
+        detailed=json.loads(info.get("detailed", "false")),
     )
     return meta, source, out
 
