@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,22 +86,21 @@ def main(argv=None) -> int:
         return child(int(side), tiled == "tiled", save if save != "-" else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, tmp = [], tempfile.mkdtemp(prefix="vae_tiles-")  # the decodes to compare
     for side in args.sizes:
         row = dict(side=side)
         for mode in ("untiled", "tiled"):
-            save = str(out / f"_{mode}.pt")
+            save = str(Path(tmp) / f"{mode}.pt")
             cmd = [sys.executable, __file__, "--child", str(side), mode, save]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             row[mode] = json.loads(res.strip().splitlines()[-1])
-        a = torch.load(out / "_untiled.pt", weights_only=True)
-        b = torch.load(out / "_tiled.pt", weights_only=True)
+        a = torch.load(Path(tmp) / "untiled.pt", weights_only=True)
+        b = torch.load(Path(tmp) / "tiled.pt", weights_only=True)
         row["max_abs_diff_255"] = float((a - b).abs().max()) * 255
         row["mean_abs_diff_255"] = float((a - b).abs().mean()) * 255
-        for mode in ("untiled", "tiled"):
-            (out / f"_{mode}.pt").unlink()
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+    shutil.rmtree(tmp)
     fid = fidelity()
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     save_json(

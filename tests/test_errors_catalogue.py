@@ -870,6 +870,73 @@ def reconstruct_wrong_image(c):
     return _reconstruct_case(c, sidecar, "--image", str(other))
 
 
+# --- LoRA files -------------------------------------------------------------------------------
+
+
+def _lora_case(c, spec: str, *flags) -> Case:
+    argv = c.argv(c.image(), c.mask(), "--lora", spec, *flags)
+    return Case(argv, lambda: c.pipe.load_lora_weights(spec, None))
+
+
+@case
+def lora_missing(c):
+    return _lora_case(c, "./nope.safetensors")
+
+
+@case
+def lora_not_a_lora(c):
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in c.pipe.vae.state_dict().items()}
+    save_file(state, str(c.d / "vae.safetensors"))
+    return _lora_case(c, str(c.d / "vae.safetensors"))
+
+
+@case
+def lora_other_family(c):
+    from blendedit.tiny import save_tiny_sdxl
+    from blendedit.tiny_lora import save_random_lora
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sdxl = BlendedLatentDiffusionPipeline.from_pretrained(str(save_tiny_sdxl(Path(tmp))))
+    return _lora_case(c, str(save_random_lora(sdxl, c.d / "sdxl-lora")))
+
+
+@case
+def lora_scale_not_a_number(c):
+    return _lora_case(c, "style.safetensors:strong")
+
+
+@case
+def lora_hub_not_cached(c):
+    return _lora_case(c, "nobody/no-such-lora")
+
+
+@case
+def lora_pixel_method(c):
+    from blendedit.runner import ModelSpec, load_pipeline
+
+    spec = ModelSpec(model="tiny-random", method="pixel", loras=("style.safetensors",))
+    argv = c.argv(c.image(), c.mask(), "--method", "pixel", "--lora", "style.safetensors")
+    return Case(argv, lambda: load_pipeline(spec))
+
+
+@case
+def reconstruct_lora_changed(c):
+    from blendedit.runner import LoadedModel, ModelSpec, reconstruct_from_sidecar
+    from blendedit.tiny_lora import save_random_lora
+
+    lora = save_random_lora(c.pipe, c.d / "style")
+    sidecar = _earlier_edit(c)
+    meta = json.loads(sidecar.read_text())
+    meta["loras"] = [dict(file=lora.name, path=str(lora), sha256="0" * 64, scale=1.0)]
+    sidecar.write_text(json.dumps(meta))  # as if the file had other bytes when the edit ran
+    pipe = BlendedLatentDiffusionPipeline.from_pretrained("tiny-random", loras=[lora])
+    loaded = LoadedModel(pipe, ModelSpec("tiny-random"), None, "cpu", "float32")
+    argv = ["reconstruct", str(sidecar), "--out", str(c.out), "--model", "tiny-random"]
+    return Case(argv, lambda: reconstruct_from_sidecar(loaded, sidecar, c.out, {}))
+
+
 # --- batch manifests ----------------------------------------------------------------------
 
 

@@ -50,7 +50,7 @@ from .runner import (
 
 ALIASES = {"steps": "num_inference_steps", "n": "num_images_per_prompt"}
 REQUEST_FIELDS = ("mask_threshold", "invert_mask", "resize_mask", "max_pixels")
-ROW_FIELDS = ("image", "prompt", "mask", "mask_from_alpha", "seed", "id")
+ROW_FIELDS = ("image", "prompt", "mask", "mask_from_alpha", "seed", "id", "lora")
 SUMMARY_FIELDS = (
     "row",
     "id",
@@ -85,6 +85,7 @@ class Row:
     key: str = ""
     folder: Path | None = None
     error: str | None = None
+    loras: tuple = ()  # the row's own LoRAs (its `lora` column), on top of --lora's
 
     def entry(self, status: str, **kw) -> dict:
         """The row's summary entry."""
@@ -139,6 +140,20 @@ def _coerce(name: str, value, default):
     return option_from_text(name, value, default) if isinstance(value, str) else value
 
 
+def _model_ident(spec: ModelSpec) -> str:
+    """What of the model a row's key depends on: the model and the LoRAs and embeddings that
+    --lora / --embedding put on it (by their files' hashes: another file, another output)."""
+    from .lora import LoraSpec, parse_embedding, parse_lora
+
+    def ident(path: str, extra) -> str:
+        return f"{_sha256_file(Path(path)) if Path(path).is_file() else path}:{extra}"
+
+    loras = [parse_lora(t) if isinstance(t, str) else LoraSpec(*t) for t in spec.loras]
+    embeddings = [parse_embedding(t) if isinstance(t, str) else t for t in spec.embeddings]
+    parts = [ident(s.path, s.scale) for s in loras] + [ident(f, t) for f, t in embeddings]
+    return "|".join([spec.model, *parts])
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -172,10 +187,15 @@ def plan_row(
         if req.seed is None:  # from the inputs: the same row gets the same seed in any order
             h = hashlib.sha256(f"{image_sha}|{mask_sha}|{req.prompt}".encode()).hexdigest()
             r.request = req = replace(req, seed=int(h[:8], 16))
+        r.loras = _row_loras(raw.get("lora"), base)
         ident = dict(
             image=image_sha or str(req.image),
             mask=mask_sha or (str(req.mask) if req.mask else "alpha"),
             model=model,
+            loras=[
+                (_sha256_file(Path(s.path)) if Path(s.path).is_file() else s.path, s.scale)
+                for s in r.loras
+            ],
             method=method,
             **{k: v for k, v in asdict(req).items() if k not in ("image", "mask")},
         )
@@ -185,6 +205,20 @@ def plan_row(
         r.error = " ".join(str(e).split())
         r.key = r.key or hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
     return r
+
+
+def _row_loras(cell, base: Path) -> tuple:
+    """A row's `lora` cell: "FILE[:SCALE]" or a list of them (files relative to the manifest's
+    folder, as its images; hub ids as they are)."""
+    from .lora import LoraSpec, parse_lora
+
+    if cell in (None, ""):
+        return ()
+    cells = cell if isinstance(cell, list) else str(cell).split(";")
+    specs = [parse_lora(str(c).strip()) for c in cells if str(c).strip()]
+    return tuple(
+        LoraSpec(str(base / s.path), s.scale) if (base / s.path).is_file() else s for s in specs
+    )
 
 
 def _request(raw: dict, base: Path, defaults: EditRequest, method: str) -> EditRequest:
@@ -256,7 +290,14 @@ def do_row(loaded: LoadedModel, row: Row) -> dict:
     try:
         if row.folder.exists():  # an unfinished earlier attempt: start again from nothing
             shutil.rmtree(row.folder)
-        _, meta = run_edit(loaded, row.request, row.folder, command="batch", warn=lambda w: None)
+        from .lora import loras_for_a_while
+
+        if row.loras and loaded.spec.method != "latent":
+            raise ValueError("lora: the pixel method takes no LoRA")
+        with loras_for_a_while(loaded.pipe, row.loras):
+            _, meta = run_edit(
+                loaded, row.request, row.folder, command="batch", warn=lambda w: None
+            )
     except (ValueError, OSError) as e:
         row.error = " ".join(str(e).split())
         return row.entry("failed", seconds=round(time.perf_counter() - t0, 3))
@@ -328,7 +369,7 @@ def run_batch(
     if not raws:
         raise ManifestError(f"manifest: {str(manifest)!r} has no rows")
     rows = [
-        plan_row(r, i, manifest.parent, defaults, out, spec.model, spec.method)
+        plan_row(r, i, manifest.parent, defaults, out, _model_ident(spec), spec.method)
         for i, r in enumerate(raws, 1)
     ]
 

@@ -145,6 +145,7 @@ class BenchConfig:
     #: an inpainting checkpoint to run beside ``model`` (ours and diffusers' inpainting pipeline
     #: on it); None: toy-inpaint for the toy model when it is shipped, else none
     inpaint_model: str | None = None
+    loras: tuple = ()  # LoRA files fused into ``model`` ("FILE[:SCALE]" each)
     tasks: int = 120
     kinds: tuple[str, ...] = TASK_KINDS  # task kinds to run, in the suite's order
     steps: int = 25
@@ -183,7 +184,9 @@ class Runner:
         from .models import BUILTIN_MODELS, quiet_transformers
 
         self.cfg = cfg
-        self.ours = BlendedLatentDiffusionPipeline.from_pretrained(cfg.model, ranker=cfg.clip)
+        self.ours = BlendedLatentDiffusionPipeline.from_pretrained(
+            cfg.model, ranker=cfg.clip, loras=cfg.loras
+        )
         device, dtype = resolve_device()  # float32 on the CPU (shipped weights are float16)
         self.ours.to(device, getattr(torch, dtype))
         if self.ours.ranker is None:

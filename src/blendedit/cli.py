@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--rank-model", default=None, help="CLIP folder (built-in models bring their own)"
     )
+    _add_lora(q, embedding=False)
     q.add_argument("--quick", action="store_true", help="30 tasks, 20 steps, 5 methods")
     q.add_argument("--tasks", type=int, default=None, help="number of tasks (default: 120)")
     q.add_argument(
@@ -268,6 +269,28 @@ def _add_model_parts(p: argparse.ArgumentParser) -> None:
         "--refiner",
         help="latent method, SDXL: a refiner (diffusers folder or hub id) whose UNet runs the "
         "last --refiner-fraction of the steps (the web UI: the default 0.2)",
+    )
+    _add_lora(p)
+
+
+def _add_lora(p: argparse.ArgumentParser, embedding: bool = True) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="latent method: a LoRA (diffusers' or the A1111 / kohya-ss layout; or a hub "
+        "repository in the local cache) fused in at SCALE (default 1); repeat to stack",
+    )
+    if not embedding:  # bench: its prompts are Shapes World's
+        return
+    p.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE[:TOKEN]",
+        help="SD and SDXL: a textual inversion (A1111 .pt / .safetensors or diffusers' "
+        "learned_embeds) that TOKEN (default: its own, or the file's name) stands for in prompts",
     )
 
 
@@ -373,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                 refiner=args.refiner,
                 rank_model=args.rank_model,
                 device=args.device,
+                loras=tuple(args.lora),
+                embeddings=tuple(args.embedding),
             )
             serve(
                 spec,
@@ -449,19 +474,13 @@ def _demo(args) -> int:
 def _reconstruct(args) -> int:
     import json
 
-    from .runner import load_pipeline, read_edit, reconstruct_from_sidecar
+    from .runner import load_pipeline, read_edit, reconstruct_from_sidecar, recorded_spec
 
     edit = read_edit(args.sidecar, args.image)  # bad input fails before the model loads
     meta = edit[0]
     out = args.out or str(Path(args.sidecar).parent)
     check_output_folder(out)
-    spec = ModelSpec(
-        model=args.model or meta.get("model", DEFAULT_MODEL),
-        scheduler=_recorded_sampler(meta.get("scheduler")),
-        rank_model=_recorded_ranker(meta.get("rank_model")),
-        device=args.device,
-        dtype=args.dtype,
-    )
+    spec = recorded_spec(meta, args.model, device=args.device, dtype=args.dtype)
     loaded = load_pipeline(spec, len(meta["results"]))
     options = _given_options(args, BACKGROUND_OPTIONS)
     written, sidecar = reconstruct_from_sidecar(
@@ -474,19 +493,6 @@ def _reconstruct(args) -> int:
     return 0
 
 
-def _recorded_sampler(name) -> str:
-    """The ``--scheduler`` a sidecar's sampler names (a flow model's own sampler, recorded by
-    name, is what the default gives it)."""
-    return name if name in SCHEDULERS else "ddim"
-
-
-def _recorded_ranker(rank_model: str | None) -> str:
-    """The --rank-model that reproduces a sidecar's ``rank_model``."""
-    if rank_model is None:
-        return "none"
-    return "auto" if rank_model.endswith("(built-in)") else rank_model
-
-
 def _bench(args) -> int:
     from .bench import QUICK_METHODS, BenchConfig, run_bench
 
@@ -495,6 +501,7 @@ def _bench(args) -> int:
         clip=args.rank_model,
         pixel_model=args.pixel_model,
         inpaint_model=args.inpaint_model,
+        loras=tuple(args.lora),
         tasks=args.tasks or (30 if args.quick else 120),
         kinds=tuple(args.kinds or BenchConfig.kinds),
         steps=args.steps or (20 if args.quick else 25),
@@ -548,6 +555,8 @@ def model_spec(args) -> ModelSpec:
         rank_model=args.rank_model,
         device=args.device,
         dtype=args.dtype,
+        loras=tuple(args.lora),
+        embeddings=tuple(args.embedding),
     )
 
 

@@ -6,6 +6,7 @@ the forward noising). Family differences are asked of the family adapter
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from os import PathLike
 from typing import Any
 
 import torch
@@ -105,6 +106,8 @@ class LatentModel(OnUNet):
         self._adapter: tuple[Any, Family] | None = None  # (the denoiser it was built for, it)
         self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE  # from_pretrained: the model's own
         self.refiner: dict | None = None  # SDXL: models.load_refiner's parts
+        self.loras: list[dict] = []  # load_lora_weights' records, in loading order
+        self.embeddings: list[dict] = []  # load_textual_inversion's records
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # -- construction ---------------------------------------------------------------------
@@ -121,15 +124,21 @@ class LatentModel(OnUNet):
         config: str | None = None,
         vae: str | None = None,
         refiner: str | None = None,
+        loras=(),
+        embeddings=(),
     ) -> LatentModel:
         """Load from a built-in name, a diffusers folder, a single checkpoint file or a hub id.
 
         ``ranker``: a CLIP folder/hub id or a :class:`ClipRanker` for best-first ranking; built-in
         models bring their own. ``vae``: another VAE (an ``AutoencoderKL`` folder or hub id, e.g.
         an fp16-safe one for SDXL) in place of the model's. ``refiner``: an SDXL refiner (folder
-        or hub id) whose UNet runs the last ``refiner_fraction`` of the steps. See
+        or hub id) whose UNet runs the last ``refiner_fraction`` of the steps. ``loras``: LoRA
+        files to fuse in, each ``"FILE[:SCALE]"`` or ``(file, scale)`` (see
+        :meth:`load_lora_weights`); ``embeddings``: textual inversions, each ``"FILE[:TOKEN]"`` or
+        ``(file, token)`` (:meth:`load_textual_inversion`). See
         :func:`blendedit.models.load_sd_components`.
         """
+        from .lora import parse_embedding
         from .models import load_refiner, load_sd_components, load_vae
 
         c = load_sd_components(
@@ -158,7 +167,37 @@ class LatentModel(OnUNet):
             pipe.refiner = load_refiner(refiner, c["unet"], family, torch_dtype, local_files_only)
         pipe.set_scheduler(scheduler)
         pipe.default_guidance_scale = c.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        for emb in embeddings:  # "FILE[:TOKEN]" or (file, token)
+            pipe.load_textual_inversion(*(parse_embedding(emb) if isinstance(emb, str) else emb))
+        for lora in loras:
+            path, scale = (lora, None) if isinstance(lora, (str, PathLike)) else lora
+            pipe.load_lora_weights(path, scale)
         return pipe
+
+    def load_lora_weights(self, path, scale: float | None = 1.0, *, fuse: bool = True) -> dict:
+        """Load a LoRA (as diffusers names it): a file in diffusers' layout or the A1111 /
+        kohya-ss one, or a hub repository in the local cache, at ``scale`` (``path`` may be
+        ``"FILE:SCALE"`` when ``scale`` is None). Several stack. ``fuse`` (the default) adds it
+        into the weights, so a step costs what it does without it; ``fuse=False`` keeps peft's
+        adapter layers. Returns its record (also in :attr:`loras`: file name, SHA-256, scale).
+        A file that is not a LoRA for this model raises ``ValueError`` and leaves it unchanged."""
+        from .lora import LoraSpec, load_lora, parse_lora
+
+        if scale is None:
+            spec = parse_lora(str(path))
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ValueError(f"lora: scale {scale!r} of {str(path)!r} is not a number")
+        else:
+            spec = LoraSpec(str(path), float(scale))
+        return load_lora(self, spec, fuse=fuse)
+
+    def load_textual_inversion(self, path, token: str | None = None) -> dict:
+        """Load a textual-inversion embedding (as diffusers names it; SD 1.x/2.x and SDXL):
+        diffusers' ``learned_embeds`` or an A1111 ``.pt`` / ``.safetensors`` file, whose
+        ``token`` (default: the file's own, or its name) then stands for it in prompts."""
+        from .lora import load_embedding
+
+        return load_embedding(self, str(path), token)
 
     def guidance_or_default(self, guidance_scale: float | None) -> float:
         """``guidance_scale``, or when it is None the model's own default
@@ -243,6 +282,10 @@ class LatentModel(OnUNet):
 
         Returns (embeds, pooled, truncated): ``pooled`` the same rows of SDXL's pooled
         embedding (None for SD), ``truncated`` whether the prompt lost tokens."""
+        if self.embeddings:  # a multi-vector embedding's token becomes all its tokens
+            from .lora import expand_prompt
+
+            prompt, negative_prompt = (expand_prompt(self, p) for p in (prompt, negative_prompt))
         return self.adapter.encode_prompt(self, prompt, negative_prompt, n, cfg)
 
     @torch.no_grad()

@@ -34,6 +34,8 @@ class ModelSpec:
     rank_model: str = "auto"  # auto, none, or a CLIP folder / hub id
     device: str = "auto"
     dtype: str = "auto"
+    loras: tuple = ()  # latent method: "FILE[:SCALE]" each, fused in this order
+    embeddings: tuple = ()  # latent method, SD and SDXL: "FILE[:TOKEN]" each
 
 
 @dataclass
@@ -146,6 +148,9 @@ def load_pipeline(spec: ModelSpec, num_images: int = 1) -> LoadedModel:
     rank_model = spec.rank_model
     is_builtin = spec.model in models.BUILTIN_MODELS
     if spec.method == "pixel":  # its CLIP guides and ranks: it cannot be turned off
+        if spec.loras or spec.embeddings:
+            what = "lora" if spec.loras else "embedding"
+            raise ValueError(f"{what}: the pixel method takes no LoRA or embedding (not being SD)")
         if rank_model == "none":
             raise ValueError("rank_model: the pixel method needs a CLIP model (it guides with it)")
         clip = None if rank_model == "auto" and is_builtin else rank_model
@@ -165,6 +170,8 @@ def load_pipeline(spec: ModelSpec, num_images: int = 1) -> LoadedModel:
         vae=spec.vae,
         refiner=spec.refiner,
         ranker=None if rank_model == "none" or default_ranker else rank_model,
+        loras=spec.loras,
+        embeddings=spec.embeddings,
     )
     notes = []
     if default_ranker:  # a ranker nobody asked for never stops an edit
@@ -326,6 +333,12 @@ def run_edit(
         seed=seed,
         wall_seconds=round(wall, 3),
     )
+    if getattr(loaded.pipe, "loras", None):  # each file's name, SHA-256 and scale
+        from .lora import sidecar_records
+
+        meta["loras"] = sidecar_records(loaded.pipe)
+    if getattr(loaded.pipe, "embeddings", None):  # each file's name, SHA-256 and token
+        meta["embeddings"] = list(loaded.pipe.embeddings)
     inputs = [Path(req.image)] + ([Path(req.mask)] if req.mask is not None else [])
     written, sidecar = write_results(
         out_dir,
@@ -423,6 +436,24 @@ def read_edit(sidecar_path: str | Path, image: str | Path | None = None):
     return meta, source, out
 
 
+def recorded_spec(meta: dict, model: str | None = None, **where) -> ModelSpec:
+    """The :class:`ModelSpec` that reproduces a sidecar's edit: its model (or ``model``), the
+    sampler it names (a flow model's own sampler, recorded by name, is what the default gives
+    it), its ranker and its LoRAs (checked by their SHA-256 when the edit is reconstructed);
+    ``where``: device and dtype."""
+    from .options import SCHEDULERS
+
+    rank = meta.get("rank_model")
+    rank = "none" if rank is None else "auto" if rank.endswith("(built-in)") else rank
+    return ModelSpec(
+        model=model or meta.get("model", DEFAULT_MODEL),
+        scheduler=meta.get("scheduler") if meta.get("scheduler") in SCHEDULERS else "ddim",
+        rank_model=rank,
+        loras=tuple((r["path"], r["scale"]) for r in meta.get("loras", [])),
+        **where,
+    )
+
+
 def reconstruct_from_sidecar(
     loaded: LoadedModel,
     sidecar_path: str | Path,
@@ -442,6 +473,10 @@ def reconstruct_from_sidecar(
     from .outputs import write_results
 
     meta, source, earlier = edit if edit is not None else read_edit(sidecar_path, image)
+    if meta.get("loras") or getattr(loaded.pipe, "loras", None):
+        from .lora import check_recorded
+
+        check_recorded(loaded.pipe, meta.get("loras", []))  # the same files, by SHA-256
     out_dir = io.check_output_folder(out_dir)
     opts = dict(meta.get("options", {}))
     kept = {k: v for k, v in opts.items() if k in ("feather", "rank_region")}
