@@ -16,7 +16,7 @@ from blendedit.cli import main
 from blendedit.lora import expand_prompt
 from blendedit.tiny_lora import save_random_lora, to_kohya
 
-FAMILIES = ["sd", "sdxl", "sd3", "flux", "sd-inpaint"]
+FAMILIES = ["sd", "sdxl", "sd3", "flux", "sd-inpaint", "sdxl-inpaint", "flux-inpaint"]
 
 
 def _folder(kind, root):
@@ -24,8 +24,8 @@ def _folder(kind, root):
 
     if kind == "sd":
         return "tiny-random"
-    if kind == "sd-inpaint":
-        return str(tiny.save_tiny_inpaint(root / kind, "sd"))
+    if kind.endswith("-inpaint"):  # SD / SDXL inpainting UNets, Flux Fill
+        return str(tiny.save_tiny_inpaint(root / kind, kind.split("-")[0]))
     return str(getattr(tiny, f"save_tiny_{kind}")(root / kind))
 
 
