@@ -105,6 +105,21 @@ def test_the_guidance_slider_starts_at_the_models_default(session):
     app.close()
 
 
+def test_the_api_names_its_inputs_as_the_command_line_does(session):
+    """A gradio_client user calls /edit with the CLI's names (not the page's internal ones)."""
+    from blendedit.options import options_fields
+    from blendedit.pixel import PixelEditOptions
+    from blendedit.webui import build_app
+
+    app = build_app(session)
+    params = app.get_api_info()["named_endpoints"]["/edit"]["parameters"]
+    names = [p["parameter_name"] for p in params]
+    app.close()
+    assert names[:4] == ["image", "mask", "prompt", "method"]
+    known = {n for cls in (None, PixelEditOptions) for n, *_ in options_fields(cls)}
+    assert set(names[4:]) - {"seed"} <= known, set(names[4:]) - known
+
+
 def test_bad_input_is_a_value_error_naming_it(session):
     image, _ = example_scene()
     session.out_root.mkdir(parents=True)

@@ -320,40 +320,40 @@ def build_app(session: EditSession, examples: list[str] | None = None):
                 )
                 files = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
 
-        def edit(
-            ed,
-            mfile,
-            text,
-            k_method,
-            k_steps,
-            k_n,
-            k_seed,
-            k_strength,
-            k_guid,
-            k_shrink,
-            k_bg,
-            k_area,
-            k_clip,
+        def edit(  # the API's parameter names: the CLI's (gradio_client users see these)
+            image,
+            mask,
+            prompt,
+            method,
+            num_inference_steps,
+            num_images_per_prompt,
+            seed,
+            strength,
+            guidance_scale,
+            shrink_iterations,
+            background,
+            crop_to_mask,
+            clip_guidance_scale,
             progress=gr.Progress(),
         ):
-            how = "pixel" if k_method == PIXEL_LABEL else "latent"
+            how = "pixel" if method == PIXEL_LABEL else "latent"
             options = dict(
-                num_inference_steps=int(k_steps),
-                num_images_per_prompt=int(k_n),
-                strength=float(k_strength),
+                num_inference_steps=int(num_inference_steps),
+                num_images_per_prompt=int(num_images_per_prompt),
+                strength=float(strength),
             )
             if how == "latent":
                 options |= dict(
-                    guidance_scale=float(k_guid),
-                    shrink_iterations=int_or_auto("shrink_iterations", str(k_shrink)),
-                    background=k_bg,
-                    crop_to_mask=EDIT_AREAS[k_area],
+                    guidance_scale=float(guidance_scale),
+                    shrink_iterations=int_or_auto("shrink_iterations", str(shrink_iterations)),
+                    background=background,
+                    crop_to_mask=EDIT_AREAS[crop_to_mask],
                 )
             else:
-                options |= dict(clip_guidance_scale=float(k_clip))
-            seed_value = None if k_seed is None else int(k_seed)
+                options |= dict(clip_guidance_scale=float(clip_guidance_scale))
+            seed_value = None if seed is None else int(seed)
             total = planned_steps(options)
-            events = stream_request(session, ed, mfile, text, options, seed_value, how)
+            events = stream_request(session, image, mask, prompt, options, seed_value, how)
             for kind, payload in events:
                 if kind == "step":
                     i, img = payload
@@ -385,6 +385,7 @@ def build_app(session: EditSession, examples: list[str] | None = None):
             ],
             outputs=[preview, gallery, files],
             concurrency_limit=1,
+            api_name="edit",
         )
     return app
 
