@@ -290,3 +290,26 @@ def test_a_lora_repository_in_the_local_cache_loads_by_its_hub_id(made, tmp_path
     assert np.array_equal(_edit(by_id), _edit(load(folder, loras=[one])))
     with pytest.raises(ModelNotFoundError, match="local Hugging Face cache"):
         load(folder, loras=["someone/other-lora"])
+
+
+def test_a_lora_that_does_not_fit_is_one_line_on_stderr(made, tmp_path):
+    """diffusers' own report of the state dict (many lines) is not printed: the error is one
+    line that names the file and the first shape that does not fit (in a process of its own,
+    as a user runs it: diffusers' log handler writes to the real stderr)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    folder, _ = made["sd"]
+    image, mask = _inputs()
+    image.save(tmp_path / "in.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    sdxl_lora = made["sdxl"][1][0]
+    args = ["edit", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"), "--prompt"]
+    args += ["a red cat", "--model", folder, "--steps", "2", "--quiet", "--lora", str(sdxl_lora)]
+    cmd = [sys.executable, "-m", "blendedit.cli", *args, "--out", str(tmp_path / "a")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2
+    err = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(err) == 1 and "is not a LoRA for" in err[0] and "size mismatch" in err[0], err

@@ -127,7 +127,7 @@ def load_lora(pipe, spec: LoraSpec, *, fuse: bool = True) -> dict:
     name = f"blendedit_lora_{len(pipe.loras)}"
     loader = _loader(pipe)
     try:
-        with quiet_transformers():
+        with quiet_transformers(), _diffusers_silent():
             loader.load_lora_weights(str(hub_file or local), adapter_name=name)
         if not adapter_layers(pipe, name):
             raise ValueError("it adapts no layer of this model")
@@ -192,8 +192,25 @@ def _take_out(loader, name: str, keep_layers: bool) -> None:
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+    """The line of ``e``'s message that says what is wrong (a shape mismatch, when there is
+    one), shortened: error messages stay one line."""
+    text = [t.strip() for t in str(e).strip().splitlines() if t.strip()]
+    shapes = [t for t in text if t.startswith("size mismatch")]
+    return ((shapes or text or [type(e).__name__])[0])[:300]
+
+
+@contextmanager
+def _diffusers_silent():
+    """diffusers' own log off while a LoRA loads: a file that does not fit is reported once,
+    on one line, by the error raised here (diffusers logs the whole state-dict report)."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL + 10)
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def sidecar_records(pipe) -> list[dict]:
