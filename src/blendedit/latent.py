@@ -285,12 +285,13 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         timings["sample"] = time.perf_counter() - t0
 
         detail = None
-        if zoom and opts.detail_strength > 0 and self._detail_size(box, (h, w)):
+        size = self._detail_size(box, (h, w)) if zoom and opts.detail_strength > 0 else None
+        if size is not None:
             box_of = (..., slice(box[1], box[3]), slice(box[0], box[2]))
 
             def detail(region):
                 return self._detail(
-                    region, x_full[box_of], mask_full[box_of], models, opts, generator
+                    region, x_full[box_of], mask_full[box_of], size, models, opts, generator
                 )
 
         # 8-10. Decode, reconstruct the background, paste into the frame, rank
@@ -362,16 +363,11 @@ class BlendedLatentDiffusionPipeline(LatentModel):
                     callback(i, int(t), z)
         return z.clone()
 
-    def _detail(self, region, x_box, m_box, models, opts, generator):
+    def _detail(self, region, x_box, m_box, size, models, opts, generator):
         """The detail pass of a zoomed edit: ``region`` (N, 3, h, w), the edit at the native
-        size, goes up to :data:`DETAIL_SCALE` x the native size (the box's own size where
-        smaller), the source's pixels outside the mask, and through a second blended pass of
-        ``detail_strength`` of the schedule there, the exact mask and no shrinking. Returns the
-        (N, 3, H, W) region at that size, or ``region`` where the box is not larger."""
-        bh, bw = x_box.shape[-2:]
-        size = self._detail_size((0, 0, bw, bh), region.shape[-2:])
-        if size is None:
-            return region
+        size, goes up to ``size`` (:meth:`_detail_size`), the source's pixels outside the mask,
+        and through a second blended pass of ``detail_strength`` of the schedule there, the
+        exact mask and no shrinking. Returns the (N, 3, *size) region."""
         x_src = _resize(x_box, size)
         m = _resize_mask(m_box, size)
         x = m * _resize(region, size) + (1 - m) * x_src
@@ -383,7 +379,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         )
         n = len(region)
         z = self._denoise(z_src, [m_lat], timesteps, models, cond, opts, generator, n, None, False)
-        return self.decode_latents(z).cpu()[..., : size[0], : size[1]]
+        return self.decode_latents(z).cpu()  # size is a multiple of the VAE's factor
 
     def _detail_size(self, box, zoomed_hw) -> tuple[int, int] | None:
         """(h, w) of the detail pass over ``box``, zoomed to ``zoomed_hw``: up to
