@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .io import PROBE_PREFIX, check_output_folder, write_files_atomically
+from .io import PROBE_PREFIX, check_output_folder, file_sha256, write_files_atomically
 from .outputs import listed_files
 from .runner import (
     EditRequest,
@@ -145,21 +145,17 @@ def _model_ident(spec: ModelSpec) -> str:
     --lora / --embedding put on it (by their files' hashes: another file, another output)."""
     from .lora import LoraSpec, parse_embedding, parse_lora
 
-    def ident(path: str, extra) -> str:
-        return f"{_sha256_file(Path(path)) if Path(path).is_file() else path}:{extra}"
-
     loras = [parse_lora(t) if isinstance(t, str) else LoraSpec(*t) for t in spec.loras]
     embeddings = [parse_embedding(t) if isinstance(t, str) else t for t in spec.embeddings]
-    parts = [ident(s.path, s.scale) for s in loras] + [ident(f, t) for f, t in embeddings]
+    parts = [f"{_file_ident(s.path)}:{s.scale}" for s in loras]
+    parts += [f"{_file_ident(f)}:{t}" for f, t in embeddings]
     return "|".join([spec.model, *parts])
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _file_ident(path) -> str:
+    """A file's SHA-256 (what its bytes are), or the text itself where it names no file (a hub
+    id, or a file that is missing: the edit reports that)."""
+    return file_sha256(path) if Path(path).is_file() else str(path)
 
 
 def plan_row(
@@ -178,11 +174,11 @@ def plan_row(
     r = Row(row, raw)
     try:
         r.request = req = _request(raw, base, defaults, method)
-        image_sha = _sha256_file(Path(req.image)) if Path(req.image).is_file() else None
+        image_sha = file_sha256(req.image) if Path(req.image).is_file() else None
         mask_sha = (
             None
             if req.mask is None
-            else (_sha256_file(Path(req.mask)) if Path(req.mask).is_file() else None)
+            else (file_sha256(req.mask) if Path(req.mask).is_file() else None)
         )
         if req.seed is None:  # from the inputs: the same row gets the same seed in any order
             h = hashlib.sha256(f"{image_sha}|{mask_sha}|{req.prompt}".encode()).hexdigest()
@@ -192,10 +188,7 @@ def plan_row(
             image=image_sha or str(req.image),
             mask=mask_sha or (str(req.mask) if req.mask else "alpha"),
             model=model,
-            loras=[
-                (_sha256_file(Path(s.path)) if Path(s.path).is_file() else s.path, s.scale)
-                for s in r.loras
-            ],
+            loras=[(_file_ident(s.path), s.scale) for s in r.loras],
             method=method,
             **{k: v for k, v in asdict(req).items() if k not in ("image", "mask")},
         )

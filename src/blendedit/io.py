@@ -6,6 +6,7 @@ message starts with the argument's name (``image: ...``, ``mask: ...``) and says
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -313,6 +314,15 @@ def check_output_folder(out_dir: str | os.PathLike) -> Path:
             f"out: cannot write in {str(base)!r} ({e.strerror or e}); choose another folder"
         ) from e
     return out
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

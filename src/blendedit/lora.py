@@ -11,12 +11,12 @@ into this model, or fails half-way, is taken out again before the error: the mod
 
 from __future__ import annotations
 
-import hashlib
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .io import file_sha256
 from .sources import ModelNotFoundError
 
 
@@ -45,15 +45,6 @@ def parse_lora(text: str) -> LoraSpec:
     if not math.isfinite(scale):
         raise ValueError(f"lora: the scale of {text!r} is not a finite number")
     return LoraSpec(head, scale)
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _looks_like_hub_id(spec: str) -> bool:
