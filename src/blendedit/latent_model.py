@@ -24,14 +24,14 @@ VAE_TILE_AREA = 4
 
 
 @contextmanager
-def _tiled(vae, tile: int, on: bool):
-    """``vae`` with diffusers' tiling on in ``tile`` px tiles while ``on``; the VAE's own
-    settings come back after."""
+def _tiled(vae, tile: int, factor: int, on: bool):
+    """``vae`` with diffusers' tiling on in ``tile`` px tiles (``tile / factor`` latent cells)
+    while ``on``; the VAE's own settings come back after."""
     keep = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
     if on:
         vae.use_tiling = True
         vae.tile_sample_min_size = tile
-        vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
+        vae.tile_latent_min_size = tile // factor
     try:
         yield vae
     finally:
@@ -305,7 +305,7 @@ class LatentModel(OnUNet):
         x the native area (where the VAE has diffusers' tiling)."""
         if hasattr(self.vae, "tile_sample_min_size"):  # diffusers' AutoencoderKL
             big = pixels > VAE_TILE_AREA * self.native_size**2
-            return _tiled(self.vae, self.native_size, big)
+            return _tiled(self.vae, self.native_size, self.vae_scale_factor, big)
         return nullcontext(self.vae)
 
     @torch.no_grad()

@@ -32,9 +32,10 @@ def parse_lora(text: str) -> LoraSpec:
     """``FILE[:SCALE]`` -> :class:`LoraSpec`; the scale defaults to 1. A ``:`` whose tail is a
     number is the scale (unless the whole text names an existing file); any other tail is an
     error naming it, but a tail with a path separator (``C:\\...``) belongs to the path."""
-    head, sep, tail = str(text).rpartition(":")
-    if not sep or not head or Path(text).exists() or "/" in tail or "\\" in tail:
+    split = _suffix(text)
+    if split is None:
         return LoraSpec(str(text))
+    head, tail = split
     try:
         scale = float(tail)
     except ValueError:
@@ -229,10 +230,17 @@ def check_recorded(pipe, recorded: list[dict]) -> None:
 
 def parse_embedding(text: str) -> tuple[str, str | None]:
     """``FILE[:TOKEN]`` -> (file, token or None: the file's own)."""
+    split = _suffix(text)
+    return split if split is not None and split[1] else (str(text), None)
+
+
+def _suffix(text) -> tuple[str, str] | None:
+    """(head, tail) of ``HEAD:TAIL``; None where there is no ``:`` after some text, the whole
+    text names an existing file, or the tail holds a path separator (``C:\\...``)."""
     head, sep, tail = str(text).rpartition(":")
-    if sep and head and tail and not Path(text).exists() and "/" not in tail:
-        return head, tail
-    return str(text), None
+    if not sep or not head or Path(text).exists() or "/" in tail or "\\" in tail:
+        return None
+    return head, tail
 
 
 def _embedding_state(path: Path) -> dict:
@@ -289,7 +297,7 @@ def load_embedding(pipe, path: str, token: str | None = None) -> dict:
                     state[key], token=token, text_encoder=enc, tokenizer=tok
                 )
         else:
-            loader.load_textual_inversion(str(local), token=token)
+            loader.load_textual_inversion(state, token=token)  # the file is read once
     except ValueError as e:
         raise ValueError(
             f"embedding: {str(path)!r} is not a textual inversion for {pipe.adapter.label} "
