@@ -73,6 +73,18 @@ def save_sd_folder(folder, *, unet, vae, text_encoder, tokenizer, scheduler) -> 
     ).save_pretrained(folder)
 
 
+def tiny_folder(kind: str, root) -> str:
+    """A tiny random model of ``kind`` ("sd", "sdxl", "sd3", "flux", or one of them with
+    "-inpaint": SD / SDXL inpainting UNets, Flux Fill) saved under ``root``."""
+    from blendedit import tiny
+
+    if kind == "sd":
+        return "tiny-random"
+    if kind.endswith("-inpaint"):
+        return str(tiny.save_tiny_inpaint(root / kind, kind.split("-")[0]))
+    return str(getattr(tiny, f"save_tiny_{kind}")(root / kind))
+
+
 def edit_twice_and_check_paste(pipe, image, mask, **kw):
     """Edit twice with the same per-sample generators (seeds 1 and 2): the images are equal
     run to run, and every pixel outside ``mask`` (a bool array) is the input's. Returns the

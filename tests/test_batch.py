@@ -218,7 +218,7 @@ def test_manifest_values_take_the_options_words():
 
 def test_flags_and_manifest_cells_read_words_alike():
     # one parser serves both: a word the command line takes, a manifest takes as the same value
-    from blendedit.cli import _flag_type
+    from blendedit.cli_parser import _flag_type
     from blendedit.latent import LatentEditOptions
 
     defaults = asdict(LatentEditOptions())

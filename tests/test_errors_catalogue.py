@@ -362,6 +362,53 @@ def mask_and_alpha(c):
     return Case(c.argv(c.image(), c.mask(), "--mask-from-alpha"))
 
 
+# --- masks from words -------------------------------------------------------------------------
+
+
+def _found(c, text, *flags, **options):
+    """`edit --mask-prompt TEXT` on tiny-random, and ``pipe.mask_from_text`` (None: CLI only)."""
+    img = c.image()
+    argv = c.argv(img, None, "--mask-prompt", text, *flags)
+    return Case(argv, lambda: c.pipe.mask_from_text(Image.open(img), text, **options))
+
+
+@case
+def mask_prompt_empty(c):
+    return _found(c, " ")
+
+
+@case
+def mask_prompt_matches_nothing(c):
+    return _found(c, "a red circle")  # random weights: the text helps nowhere
+
+
+@case
+def mask_prompt_and_mask(c):
+    return Case(c.argv(c.image(), c.mask(), "--mask-prompt", "a red circle"))
+
+
+@case
+def mask_prompt_pixel_method(c):
+    return Case(c.argv(c.image(), None, "--mask-prompt", "a red circle", "--method", "pixel"))
+
+
+@case
+def mask_reference_is_the_text(c):
+    flags = ("--mask-reference", "a red circle")
+    return _found(c, "a red circle", *flags, references=("a red circle",))
+
+
+@case
+def mask_min_gain_out_of_range(c):
+    return _found(c, "a red circle", "--mask-min-gain", "1.5", min_gain=1.5)
+
+
+@case
+def mask_out_not_png(c):
+    argv = ["mask", str(c.image()), "--mask-prompt", "a red circle", "--model", "tiny-random"]
+    return Case([*argv, "--out", str(c.out / "mask.jpg")])
+
+
 @case
 def mask_threshold_out_of_range(c):
     m = c.mask()

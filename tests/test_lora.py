@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import edit_twice_and_check_paste, gen
+from conftest import edit_twice_and_check_paste, gen, tiny_folder
 
 from blendedit import BlendedLatentDiffusionPipeline
 from blendedit.cli import main
@@ -19,23 +19,13 @@ from blendedit.tiny_lora import save_random_lora, to_kohya
 FAMILIES = ["sd", "sdxl", "sd3", "flux", "sd-inpaint", "sdxl-inpaint", "flux-inpaint"]
 
 
-def _folder(kind, root):
-    from blendedit import tiny
-
-    if kind == "sd":
-        return "tiny-random"
-    if kind.endswith("-inpaint"):  # SD / SDXL inpainting UNets, Flux Fill
-        return str(tiny.save_tiny_inpaint(root / kind, kind.split("-")[0]))
-    return str(getattr(tiny, f"save_tiny_{kind}")(root / kind))
-
-
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """For each kind: its model folder and two random LoRA files (seeds 1 and 2)."""
     root = tmp_path_factory.mktemp("lora")
     out = {}
     for kind in FAMILIES:
-        folder = _folder(kind, root)
+        folder = tiny_folder(kind, root)
         pipe = BlendedLatentDiffusionPipeline.from_pretrained(folder)
         files = [save_random_lora(pipe, root / f"{kind}-{s}", seed=s) for s in (1, 2)]
         out[kind] = (folder, files)

@@ -383,3 +383,50 @@ def test_a_12_mp_photo_edits_and_downloads_at_full_size(big_server, browser, tmp
     assert np.array_equal(best[~mask], src[~mask])
     assert not np.array_equal(best[mask], src[mask])
     page.close()
+
+
+@pytest.fixture(scope="module")
+def toy_server(tmp_path_factory, browser):
+    from blendedit.webui import serve
+
+    out = tmp_path_factory.mktemp("serve-toy")
+    app, url = serve(ModelSpec(model="toy"), "127.0.0.1", _free_port(), out=str(out), block=False)
+    yield url, out
+    app.close()
+
+
+def test_find_the_region_paints_it_into_the_editor_and_edits_from_it(toy_server, browser):
+    """Issue 40: words find the region with the shipped model; it appears in the editor as a
+    painted layer (the user could correct it) and the edit runs with it as the mask."""
+    from blendedit.demo import EXAMPLE
+    from blendedit.toy.world import coverage
+
+    url, out = toy_server
+    page = _open_with_scene(browser, url, out / "example" / "scene.png")
+    page.locator("#find-text textarea, #find-text input").first.fill("a yellow triangle")
+    page.locator("#find-button").click()
+    import io
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:  # the found layer on screen, in the brush's colour (not just its swatch)
+        shot = np.asarray(Image.open(io.BytesIO(page.locator("#editor").screenshot())))
+        r, g, b = (shot[..., c].astype(int) for c in range(3))
+        if ((r > 200) & (g < 90) & (b > 50) & (b < 150)).sum() > 5000:
+            break
+        assert time.monotonic() < deadline, "the found region never appeared in the editor"
+        page.wait_for_timeout(500)
+    _edit(page, "a red circle")
+    page.wait_for_function(
+        "document.querySelector('#downloads').innerText.includes('.zip')", timeout=180_000
+    )
+    folder = next(out.glob("edit-*/results/image.json")).parent.parent
+    mask = np.asarray(Image.open(folder / "inputs" / "mask.png")) > 0
+    triangle, square = (coverage(o, mask.shape[0]) > 0.5 for o in EXAMPLE.objects[::-1])
+    assert (mask & triangle).sum() >= 0.8 * triangle.sum()  # the found region is the mask
+    assert not (mask & square).any() and mask.mean() < 0.2
+    meta = json.loads((folder / "results" / "image.json").read_text())
+    src = np.asarray(Image.open(folder / "inputs" / "image.png"))
+    best = np.asarray(Image.open(folder / "results" / meta["results"][0]["file"]))
+    assert np.array_equal(best[~mask], src[~mask])
+    page.close()

@@ -3,8 +3,9 @@
 A manifest is JSONL (one object per line) or CSV (a header row), a row per edit:
 
 - ``image`` (required), ``prompt`` (required), ``mask`` (a file; leave it out, or set
-  ``mask_from_alpha`` true, to edit where the image is transparent); relative paths are relative
-  to the manifest's folder;
+  ``mask_from_alpha`` true, to edit where the image is transparent) or ``mask_prompt`` (a text
+  naming the region: the model finds it, and writes it beside the results); relative paths are
+  relative to the manifest's folder;
 - optional ``seed`` (else derived from the row's inputs, so it does not depend on row order),
   ``id`` (recorded in the summary), ``mask_threshold``, ``invert_mask``, ``resize_mask``, and any
   edit option (:class:`blendedit.LatentEditOptions` field; ``steps`` and ``n`` are short names).
@@ -50,7 +51,7 @@ from .runner import (
 
 ALIASES = {"steps": "num_inference_steps", "n": "num_images_per_prompt"}
 REQUEST_FIELDS = ("mask_threshold", "invert_mask", "resize_mask", "max_pixels")
-ROW_FIELDS = ("image", "prompt", "mask", "mask_from_alpha", "seed", "id", "lora")
+ROW_FIELDS = ("image", "prompt", "mask", "mask_from_alpha", "mask_prompt", "seed", "id", "lora")
 SUMMARY_FIELDS = (
     "row",
     "id",
@@ -96,7 +97,7 @@ class Row:
             status=status,
             key=self.key,
             image=str(r.image) if r else self.raw.get("image"),
-            mask=(str(r.mask) if r.mask else "alpha of image") if r else self.raw.get("mask"),
+            mask=_mask_said(r) if r else self.raw.get("mask"),
             prompt=r.prompt if r else self.raw.get("prompt"),
             seed=r.seed if r else self.raw.get("seed"),
             folder=str(self.folder) if self.folder else None,
@@ -106,6 +107,12 @@ class Row:
 
 
 # --- the manifest -----------------------------------------------------------------------------
+
+
+def _mask_said(r: EditRequest) -> str:
+    if r.mask_prompt is not None:
+        return f"found from words: {r.mask_prompt}"
+    return str(r.mask) if r.mask else "alpha of image"
 
 
 def read_manifest(path: str | Path) -> list[dict | str]:
@@ -229,11 +236,14 @@ def _request(raw: dict, base: Path, defaults: EditRequest, method: str) -> EditR
         if name in option_defaults:
             options[name] = _coerce(name, v, option_defaults[name])
     mask_from_alpha = _coerce("mask_from_alpha", raw.get("mask_from_alpha", False), False)
-    mask = raw.get("mask")
-    if mask_from_alpha and mask:
-        raise ValueError("mask: give a mask file or mask_from_alpha, not both")
-    if not mask_from_alpha and not mask:
-        raise ValueError("mask: missing (give a mask file, or set mask_from_alpha to true)")
+    mask, mask_prompt = raw.get("mask"), raw.get("mask_prompt") or None
+    if sum(map(bool, (mask_from_alpha, mask, mask_prompt))) > 1:
+        raise ValueError("mask: give one of a mask file, mask_from_alpha and mask_prompt")
+    if not (mask_from_alpha or mask or mask_prompt):
+        raise ValueError(
+            "mask: missing (give a mask file, a mask_prompt naming the region, or set "
+            "mask_from_alpha to true)"
+        )
     seed = raw.get("seed", defaults.seed)
     seed = None if seed is None else _coerce("seed", seed, 0)
     extra = {k: _coerce(k, raw[k], getattr(defaults, k)) for k in REQUEST_FIELDS if k in raw}
@@ -241,7 +251,8 @@ def _request(raw: dict, base: Path, defaults: EditRequest, method: str) -> EditR
         defaults,
         image=str(base / raw["image"]),
         prompt=raw["prompt"],
-        mask=None if mask_from_alpha else str(base / mask),
+        mask=str(base / mask) if mask else None,
+        mask_prompt=None if mask_prompt is None else str(mask_prompt),
         seed=seed,
         options=asdict(edit_options(options, method)),  # all fields: the key sees every value
         **extra,

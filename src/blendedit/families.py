@@ -117,6 +117,14 @@ class Family:
         """``z`` at the noise level of ``timesteps[k]`` (the scheduler's forward process)."""
         return scheduler.add_noise(z, noise, timesteps[k : k + 1])
 
+    def target(self, scheduler, z, noise, t) -> torch.Tensor:
+        """What the denoiser should predict for ``z`` noised with ``noise`` at ``t``: the noise,
+        or for a v-prediction model sqrt(a) noise - sqrt(1 - a) z."""
+        if scheduler.config.get("prediction_type", "epsilon") != "v_prediction":
+            return noise
+        a = scheduler.alphas_cumprod[int(t)].to(z.device, z.dtype)
+        return a.sqrt() * noise - (1 - a).sqrt() * z
+
     # -- inpainting checkpoints ----------------------------------------------------------
 
     def masked_image(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor | None:
@@ -225,6 +233,10 @@ class SD3(Family):
 
     def model_input(self, scheduler, z, t):
         return z
+
+    def target(self, scheduler, z, noise, t) -> torch.Tensor:
+        """The velocity noise - z."""
+        return noise - z
 
     def noised(self, scheduler, z, noise, timesteps, k: int) -> torch.Tensor:
         """(1 - sigma) z + sigma noise at the sampler's exact sigma of ``timesteps[k]``."""

@@ -64,6 +64,7 @@ class BlendedLatentDiffusionOutput:
     reconstruction: Any = None  # background="decoder": a background.DecoderTuning (losses ...)
     zoomed: bool = False  # crop_to_mask="zoom": crop_box was resized to the native size and back
     detailed: bool = False  # a detail pass ran on the zoomed region (not in ``latents``)
+    mask_info: dict | None = None  # mask_prompt: how the mask was found (TextMask.info)
 
 
 # --- the math, as small functions over tensors -----------------------------------------------
@@ -147,8 +148,10 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         self,
         prompt: str,
         image,
-        mask,
+        mask=None,
         *,
+        mask_prompt: str | None = None,
+        mask_options: dict | None = None,
         negative_prompt: str | None = None,
         num_inference_steps: int = _D.num_inference_steps,
         guidance_scale: float | None = _D.guidance_scale,
@@ -181,6 +184,9 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         HxW array or tensor, nonzero = edit (soft values are used as blend weights).
         ``generator``: one ``torch.Generator`` or a list of ``num_images_per_prompt`` (sample i
         then depends only on generator i). ``callback(step, t, latents)`` runs after every step.
+        ``mask_prompt``: in place of ``mask``, a text naming the region to edit; the mask is
+        found with this model (:meth:`mask_from_text`, with ``mask_options``; the output's
+        ``mask_info`` says how).
         See :class:`LatentEditOptions` for the other arguments.
         """
         t_total = time.perf_counter()
@@ -208,7 +214,13 @@ class BlendedLatentDiffusionPipeline(LatentModel):
             micro_conditioning=micro_conditioning,
             refiner_fraction=refiner_fraction,
         )
-        # 1. Check inputs
+        # 1. Check inputs (the mask found from words first, where it is asked for)
+        found = None
+        if (mask is None) == (mask_prompt is None):
+            raise ValueError("mask: give either a mask or a mask_prompt (a text naming the region)")
+        if mask_prompt is not None:
+            found = self.mask_from_text(image, mask_prompt, **(mask_options or {}))
+            mask = found.mask
         image, mask_full = self.check_inputs(prompt, image, mask, opts, generator, callback)
         device, dtype, n = self.device, self.dtype, num_images_per_prompt
         timings: dict[str, float] = {}
@@ -316,6 +328,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
             reconstruction=_reordered(info, order),
             zoomed=zoom,
             detailed=detail is not None,
+            mask_info=found.info if found else None,
         )
 
     def _encode_region(self, x_pad, m_pad):

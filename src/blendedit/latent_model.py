@@ -199,6 +199,21 @@ class LatentModel(OnUNet):
 
         return load_embedding(self, str(path), token)
 
+    def mask_from_text(self, image, text: str, **options):
+        """The region of ``image`` (PIL image, array or tensor) that ``text`` names, found with
+        this model's own predictions (:mod:`blendedit.text_mask`); returns a ``TextMask``
+        (``.mask``: PIL "L", 255 = the region; ``.info``). ``options``: the fields of
+        :class:`~blendedit.text_mask.TextMaskOptions` (references, grow, ...). A text that
+        names nothing raises :class:`~blendedit.text_mask.NothingFoundError` (a ValueError).
+
+        >>> found = pipe.mask_from_text(image, "the blue square")
+        >>> out = pipe("a red circle", image, found.mask)
+        """
+        from .checks import _as_pil
+        from .text_mask import TextMaskOptions, mask_from_text
+
+        return mask_from_text(self, _as_pil(image, "image"), text, TextMaskOptions(**options))
+
     def guidance_or_default(self, guidance_scale: float | None) -> float:
         """``guidance_scale``, or when it is None the model's own default
         (:attr:`default_guidance_scale`: its folder's ``blendedit.json``, else 7.5)."""

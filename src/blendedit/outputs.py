@@ -108,7 +108,9 @@ def write_results(
     names = result_names(stem, result.scores, result.order, seed)
     sheet_path, sidecar_path = out_dir / f"{stem}-sheet.png", out_dir / f"{stem}.json"
     extra = [out_dir / f"{stem}-latents.safetensors"] if latents is not None else []
-    paths = [out_dir / n for n in names] + [sheet_path, *extra, sidecar_path]
+    # a mask found from words (mask_prompt) is written beside the results
+    found = [out_dir / f"{stem}-mask.png"] if getattr(result, "mask_info", None) else []
+    paths = [out_dir / n for n in names] + [sheet_path, *found, *extra, sidecar_path]
     for p in paths:
         for src in inputs:
             if _same_file(p, src) or p.resolve() == src.resolve():
@@ -143,6 +145,9 @@ def write_results(
     sidecar["warnings"] = result.warnings
     sidecar["contact_sheet"] = sheet_path.name
     files[sheet_path] = image_bytes(sheet, sheet_path)
+    if found:
+        sidecar["mask"] = found[0].name
+        files[found[0]] = image_bytes(result.mask, found[0])
     if extra:
         sidecar["latents"] = extra[0].name
         files[extra[0]] = latents_bytes(result, latents)

@@ -45,13 +45,15 @@ class EditRequest:
 
     image: str
     prompt: str
-    mask: str | None = None  # None: the image's transparency is the mask
+    mask: str | None = None  # None: the image's transparency is the mask (or mask_prompt's)
     seed: int | None = None  # None: random, recorded in the sidecar
     options: dict = field(default_factory=dict)
     mask_threshold: float = 0.5
     invert_mask: bool = False
     resize_mask: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    mask_prompt: str | None = None  # a text naming the region: the mask is found from it
+    mask_finding: dict = field(default_factory=dict)  # TextMaskOptions fields (references, grow)
 
 
 @dataclass
@@ -219,6 +221,13 @@ def load_inputs(req: EditRequest):
     if not isinstance(req.max_pixels, int) or req.max_pixels < 1:
         raise ValueError(f"max_pixels: must be a positive integer, got {req.max_pixels!r}")
     image = io.load_image(req.image, max_pixels=req.max_pixels)
+    if req.mask_prompt is not None:  # found by the model when the edit runs
+        from .text_mask import TextMaskOptions
+
+        if req.mask is not None:
+            raise ValueError("mask_prompt: give either a mask or a mask_prompt, not both")
+        TextMaskOptions(**req.mask_finding).check(req.mask_prompt)
+        return image, None
     mask = io.load_mask(
         req.image if req.mask is None else req.mask,
         image=image,
@@ -229,6 +238,16 @@ def load_inputs(req: EditRequest):
         max_pixels=req.max_pixels,
     )
     return image, mask
+
+
+def check_mask_prompt(req: EditRequest, method: str) -> None:
+    """A mask found from words needs a text-conditioned (latent) model."""
+    if req.mask_prompt is not None and method != "latent":
+        raise ValueError(
+            "mask_prompt: the region is found with a text-conditioned (latent) model; the "
+            "pixel method's takes no text: pass --mask, or find it first with `blendedit "
+            "mask IMAGE --mask-prompt TEXT --out MASK.png`"
+        )
 
 
 def options_class(method: str):
@@ -309,6 +328,9 @@ def run_edit(
     kwargs = asdict(opts)
     if method == "latent":
         kwargs["negative_prompt"] = opts.negative_prompt or None
+    if req.mask_prompt is not None:
+        check_mask_prompt(req, method)
+        kwargs |= dict(mask_prompt=req.mask_prompt, mask_options=req.mask_finding)
     t0 = time.perf_counter()
     result = loaded.pipe(
         req.prompt, image, mask, generator=gens, progress=progress, callback=callback, **kwargs
@@ -320,6 +342,7 @@ def run_edit(
         command=command,
         image=str(req.image),
         mask=str(req.mask) if req.mask is not None else "alpha of image",
+        **({"mask_prompt": result.mask_info} if getattr(result, "mask_info", None) else {}),
         prompt=req.prompt,
         model=loaded.spec.model,
         method=method,

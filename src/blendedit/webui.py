@@ -80,9 +80,14 @@ class EditSession:
         return Path(tempfile.mkdtemp(prefix="edit-", dir=self.out_root))
 
 
+#: A composite pixel further than this (8-bit levels) from the image's is painted.
+PAINT_TOLERANCE = 24
+
+
 def mask_from_editor(value) -> tuple[Image.Image, Image.Image]:
     """(image, mask) from a Gradio ImageEditor value: the background is the image, every painted
-    pixel of every layer (alpha > 0) is the mask. ``EditError`` names what is missing."""
+    pixel of every layer (alpha > 0), and every pixel where the composite the page shows is not
+    the image, is the mask. ``EditError`` names what is missing."""
     if not value or value.get("background") is None:
         raise EditError("image: upload an image (or pick the example) first")
     bg = value["background"]
@@ -108,6 +113,12 @@ def mask_from_editor(value) -> tuple[Image.Image, Image.Image]:
             layer = layer.resize(size, Image.NEAREST)
         a = np.asarray(layer.convert("RGBA"))[..., 3]
         painted |= a > 0
+    comp = value.get("composite")
+    if comp is not None:  # a found region is drawn on the canvas but not always in ``layers``
+        comp = comp if isinstance(comp, Image.Image) else Image.open(comp)
+        if comp.size == size:
+            on = np.asarray(comp.convert("RGB"), np.int16) - np.asarray(bg.convert("RGB"))
+            painted |= np.abs(on).max(-1) > PAINT_TOLERANCE
     return bg.convert("RGB"), Image.fromarray(painted.astype(np.uint8) * 255, "L")
 
 
@@ -222,6 +233,23 @@ def stream_request(
             return
 
 
+#: The brush's colour (the editor's layer): a found mask is painted in it too.
+BRUSH_RGB = (0xFF, 0x20, 0x60)
+
+
+def find_region(session: EditSession, editor_value, text: str) -> dict:
+    """The editor's value with the region ``text`` names painted in as its layer (the found
+    mask, in the brush's colour, for the user to correct before pressing Edit)."""
+    image, _ = mask_from_editor(editor_value)
+    with session.lock:  # the shared model, one job at a time
+        found = session.loaded.pipe.mask_from_text(image, text or "")
+    layer = Image.new("RGBA", image.size, (*BRUSH_RGB, 0))
+    layer.paste(Image.new("RGBA", image.size, (*BRUSH_RGB, 255)), mask=found.mask)
+    composite = image.convert("RGBA")
+    composite.alpha_composite(layer)
+    return {"background": image.convert("RGBA"), "layers": [layer], "composite": composite}
+
+
 def build_app(session: EditSession, examples: list[str] | None = None):
     """The Gradio Blocks app over ``session`` (not launched)."""
     import gradio as gr
@@ -232,8 +260,9 @@ def build_app(session: EditSession, examples: list[str] | None = None):
     with gr.Blocks(title="blendedit") as app:
         gr.Markdown(
             "# blendedit\nUpload an image, **paint the region to edit** with the brush (or "
-            "upload a mask: white = edit), describe what should be there, press **Edit**. "
-            "Everything outside the mask is kept, pixel for pixel."
+            "type what it shows and press **Find the region**, or upload a mask: white = edit), "
+            "describe what should be there, press **Edit**. Everything outside the mask is "
+            "kept, pixel for pixel."
         )
         with gr.Row():
             with gr.Column():
@@ -246,10 +275,21 @@ def build_app(session: EditSession, examples: list[str] | None = None):
                     transforms=[],
                     layers=False,
                     canvas_size=EDITOR_CANVAS,
-                    brush=gr.Brush(colors=["#ff2060"], color_mode="fixed", default_size=12),
+                    brush=gr.Brush(
+                        colors=["#" + bytes(BRUSH_RGB).hex()], color_mode="fixed", default_size=12
+                    ),
                     eraser=gr.Eraser(default_size=12),
                     elem_id="editor",
                 )
+                with gr.Row():
+                    find_text = gr.Textbox(
+                        label="Or find the region from words",
+                        placeholder="the blue square",
+                        elem_id="find-text",
+                        max_lines=1,
+                        scale=3,
+                    )
+                    find_button = gr.Button("Find the region", elem_id="find-button", scale=1)
                 mask_file = gr.File(
                     label="Or upload a mask (white = edit)",
                     file_types=["image"],
@@ -366,6 +406,19 @@ def build_app(session: EditSession, examples: list[str] | None = None):
                     items, paths = payload
                     yield items[0][0], items, paths
 
+        def find(image, mask_prompt):
+            try:
+                return find_region(session, image, mask_prompt)
+            except ValueError as e:  # EditError, an empty text, a text that matches nothing
+                raise gr.Error(" ".join(str(e).split()), duration=None) from None
+
+        find_button.click(
+            find,
+            inputs=[editor, find_text],
+            outputs=[editor],
+            concurrency_limit=1,
+            api_name="find_region",
+        )
         button.click(
             edit,
             inputs=[
