@@ -141,7 +141,7 @@ def _mask(args) -> int:
         embeddings=tuple(args.embedding),
     )
     pipe = load_pipeline(spec).pipe
-    found = pipe.mask_from_text(image, args.mask_prompt, **asdict(opts))
+    found = pipe.mask_from_text(image, args.mask_prompt, not args.quiet, **asdict(opts))
     print(save_image(found.mask, out))
     if not args.quiet:
         print(f"mask: {json.dumps(found.info)}", file=sys.stderr)

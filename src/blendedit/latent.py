@@ -219,7 +219,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         if (mask is None) == (mask_prompt is None):
             raise ValueError("mask: give either a mask or a mask_prompt (a text naming the region)")
         if mask_prompt is not None:
-            found = self.mask_from_text(image, mask_prompt, **(mask_options or {}))
+            found = self.mask_from_text(image, mask_prompt, progress, **(mask_options or {}))
             mask = found.mask
         image, mask_full = self.check_inputs(prompt, image, mask, opts, generator, callback)
         device, dtype, n = self.device, self.dtype, num_images_per_prompt

@@ -199,7 +199,7 @@ class LatentModel(OnUNet):
 
         return load_embedding(self, str(path), token)
 
-    def mask_from_text(self, image, text: str, **options):
+    def mask_from_text(self, image, text: str, progress: bool = False, **options):
         """The region of ``image`` (PIL image, array or tensor) that ``text`` names, found with
         this model's own predictions (:mod:`blendedit.text_mask`); returns a ``TextMask``
         (``.mask``: PIL "L", 255 = the region; ``.info``). ``options``: the fields of
@@ -212,7 +212,8 @@ class LatentModel(OnUNet):
         from .checks import _as_pil
         from .text_mask import TextMaskOptions, mask_from_text
 
-        return mask_from_text(self, _as_pil(image, "image"), text, TextMaskOptions(**options))
+        opts = TextMaskOptions(**options)
+        return mask_from_text(self, _as_pil(image, "image"), text, opts, progress)
 
     def guidance_or_default(self, guidance_scale: float | None) -> float:
         """``guidance_scale``, or when it is None the model's own default

@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .io import pil_to_tensor
+from .options import LatentEditOptions
 
 #: The contrast of the default references: a text's hue word is swapped for each other one.
 HUES = ("red", "orange", "yellow", "green", "blue", "purple")
@@ -116,12 +118,10 @@ def _work_size(pipe, w: int, h: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def maps(pipe, image: Image.Image, text: str, references, opts: TextMaskOptions):
+def maps(pipe, image: Image.Image, text: str, references, opts: TextMaskOptions, progress=False):
     """Maps on the latent grid of the image at native scale: the difference between the text's
     predictions and the references', the classifier map (how much lower the text's error is)
     and the references' own error (the classifier map's scale)."""
-    from .latent import LatentEditOptions
-
     fam, device, dtype = pipe.adapter, pipe.device, pipe.dtype
     ww, wh = _work_size(pipe, *image.size)
     x = pil_to_tensor(image.convert("RGB").resize((ww, wh), Image.BICUBIC))
@@ -137,7 +137,7 @@ def maps(pipe, image: Image.Image, text: str, references, opts: TextMaskOptions)
     diff = torch.zeros(hw, device=device)
     cls = torch.zeros(hw, device=device)
     base = torch.zeros(hw, device=device)
-    for level in opts.noise_levels:
+    for level in tqdm(opts.noise_levels, disable=not progress, desc="find", leave=False):
         ts = _at_level(pipe, steps, level, hw)
         noise = torch.randn((k, *z.shape[1:]), generator=g).to(device, dtype)
         z_t = pipe.noised(z.expand(k, -1, -1, -1), noise, ts, 0)
@@ -167,8 +167,9 @@ CALL_CELLS = 64 * 64 * 4
 
 
 def _predict(fam, model, z_in, t, rows, cond, guidance) -> list[torch.Tensor]:
-    """The denoiser's prediction for ``z_in`` (k draws) under each text's conditioning, in
-    calls of at most :data:`CALL_CELLS` latent cells (texts of one length batched together)."""
+    """The denoiser's prediction for ``z_in`` (k draws) under each text's conditioning: texts of
+    one length batched together while a call stays within :data:`CALL_CELLS` latent cells, else
+    one text (k rows) a call."""
     k, per = len(z_in), max(1, CALL_CELLS // (z_in.shape[-2] * z_in.shape[-1]))
     same = len({e.shape for e, _ in rows}) == 1 and per >= 2 * k
     if not same:
@@ -237,13 +238,15 @@ def region(diff, cls, base, threshold: float, text: str, min_gain: float = 0.3):
     return fill_holes(_reach(keep & above, above)), gain
 
 
-def mask_from_text(pipe, image: Image.Image, text: str, opts: TextMaskOptions | None = None):
+def mask_from_text(
+    pipe, image: Image.Image, text: str, opts: TextMaskOptions | None = None, progress=False
+):
     """The region of ``image`` that ``text`` names, as a :class:`TextMask` (see the module)."""
     opts = opts or TextMaskOptions()
     opts.check(text)
     references = list(opts.references) if opts.references is not None else None
     references = references if references is not None else default_references(text)
-    diff, cls, base = maps(pipe, image, text, references, opts)
+    diff, cls, base = maps(pipe, image, text, references, opts, progress)
     (w, h), (ww, wh) = image.size, _work_size(pipe, *image.size)
     s = min(1.0, GRID / max(ww, wh))  # the parts on a grid of at most GRID cells a side
     grid = (max(1, round(wh * s)), max(1, round(ww * s)))
