@@ -30,6 +30,7 @@ from PIL import Image
 
 from blendedit import BlendedLatentDiffusionPipeline
 from blendedit.io import pil_to_tensor, save_json
+from blendedit.masks import dilate
 from blendedit.text_mask import (
     NothingFoundError,
     TextMaskOptions,
@@ -55,8 +56,7 @@ def scenes(n: int, seed: int) -> list:
 
 
 def grow(b: np.ndarray, k: int) -> np.ndarray:
-    t = torch.from_numpy(b.astype(np.float32))[None, None]
-    return F.max_pool2d(t, 2 * k + 1, 1, k)[0, 0].numpy() > 0
+    return dilate(torch.from_numpy(b.astype(np.float32))[None, None], 2 * k + 1)[0, 0].numpy() > 0
 
 
 def biggest_mass(heat: torch.Tensor, threshold: float = 0.5) -> np.ndarray:

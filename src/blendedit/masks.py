@@ -30,11 +30,14 @@ def downsample_mask(mask: torch.Tensor, factor: int, mode: str = "max") -> torch
 
 
 def dilate(mask: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Dilation with a square ``kernel x kernel`` structuring element (kernel odd)."""
+    """Dilation with a square ``kernel x kernel`` structuring element (kernel odd), as a row
+    then a column maximum (the same result, and cheap for wide kernels on big masks)."""
     assert kernel % 2 == 1, kernel
     if kernel == 1:
         return mask
-    return F.max_pool2d(mask, kernel_size=kernel, stride=1, padding=kernel // 2)
+    r = kernel // 2
+    rows = F.max_pool2d(mask, kernel_size=(1, kernel), stride=1, padding=(0, r))
+    return F.max_pool2d(rows, kernel_size=(kernel, 1), stride=1, padding=(r, 0))
 
 
 def erode(mask: torch.Tensor, kernel: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .io import pil_to_tensor
+from .masks import dilate
 from .options import LatentEditOptions
 
 #: The contrast of the default references: a text's hue word is swapped for each other one.
@@ -244,8 +245,10 @@ def mask_from_text(
     """The region of ``image`` that ``text`` names, as a :class:`TextMask` (see the module)."""
     opts = opts or TextMaskOptions()
     opts.check(text)
-    references = list(opts.references) if opts.references is not None else None
-    references = references if references is not None else default_references(text)
+    if opts.references is None:
+        references = default_references(text)
+    else:
+        references = list(opts.references)
     diff, cls, base = maps(pipe, image, text, references, opts, progress)
     (w, h), (ww, wh) = image.size, _work_size(pipe, *image.size)
     s = min(1.0, GRID / max(ww, wh))  # the parts on a grid of at most GRID cells a side
@@ -256,10 +259,8 @@ def mask_from_text(
     grow = opts.grow
     if grow is None:  # 1/64 of the native size at the native scale, in the image's pixels
         grow = round(pipe.native_size / 64 * w / ww)
-    if grow:  # a square margin of ``grow`` px, separable
-        m = full[None, None].float()
-        m = F.max_pool2d(m, (1, 2 * grow + 1), 1, (0, grow))
-        full = F.max_pool2d(m, (2 * grow + 1, 1), 1, (grow, 0))[0, 0] > 0
+    if grow:  # a square margin of ``grow`` px
+        full = dilate(full[None, None].float(), 2 * grow + 1)[0, 0] > 0
     arr = (full.numpy() * 255).astype("uint8")
     info = dict(
         text=text,
