@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint bench-speed clean
+.PHONY: demo test test-fast lint bench-speed clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/pytest
+
+# The fast suite: the same without the tests marked slow (browser end-to-end runs, training
+# runs, the GPU run's smoke), for the edit-test loop; CI runs `make test`.
+test-fast: $(TEST_STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/pytest -m "not slow"
 
 bench-speed: $(TEST_STAMP)
 	$(BIN)/python benchmarks/speed.py

@@ -96,6 +96,7 @@ def test_seeds_do_not_depend_on_row_order(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_sigkill_half_way_then_the_same_command_finishes_each_row_once(tmp_path):
     n = 16
     manifest = write_manifest(tmp_path / "in", n, size=64)

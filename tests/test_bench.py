@@ -4,9 +4,12 @@ the report for the shipped model lives in benchmarks/results/quality/)."""
 import json
 
 import pytest
+from PIL import Image
 
 from blendedit.bench import (
+    BIG_FRAME_METHODS,
     METHODS,
+    NATIVE_FRAMES,
     BenchConfig,
     against_raw_decode,
     compare_defaults,
@@ -74,7 +77,9 @@ def test_model_label_quotes_the_shipped_card_for_its_name_and_folder(tmp_path, m
 def test_default_methods_leave_out_the_explicit_k_that_auto_already_is():
     assert "ours k=0" not in default_methods(0) and "ours k=3" in default_methods(0)
     assert "ours k=3" not in default_methods(3) and "ours k=0" in default_methods(3)
-    assert len(default_methods(2)) == len(METHODS)  # no explicit k=2 method: nothing left out
+    # no explicit k=2 method: only the big-frames reference is left out (it runs on big frames)
+    assert default_methods(2) == [m for m in METHODS if m != NATIVE_FRAMES]
+    assert default_methods(2, frame_scale=6) == BIG_FRAME_METHODS
 
 
 def test_sign_test_and_the_paired_defaults_study():
@@ -164,3 +169,30 @@ def test_bench_without_the_shipped_model_says_what_to_do(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "TOY_DIR", tmp_path / "none")
     assert main(["bench", "--quick", "--out", str(tmp_path / "b")]) == 2
+
+
+def test_big_frames_edit_larger_renders_judge_at_native_size_and_pair_with_native(
+    tmp_path, monkeypatch
+):
+    import diffusers
+
+    seen = []  # the keyword arguments of diffusers' inpainting calls
+    call = diffusers.StableDiffusionInpaintPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(dict(kwargs, image_size=kwargs["image"].size))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.StableDiffusionInpaintPipeline, "__call__", spy)
+    r = bench_cli(tmp_path, "--frame-scale", "4", "--steps", "2")
+    assert r["config"]["frame_scale"] == 4 and r["config"]["methods"] == BIG_FRAME_METHODS
+    # diffusers' inpainting got the big frame, its crop-and-resize at the native size
+    assert [s["image_size"] for s in seen] == [(256, 256)] * 2
+    assert all(s["padding_mask_crop"] == 32 and s["height"] == 64 for s in seen)
+    big = r["big_frames"]
+    assert big["time_ratio"] > 0 and set(big["paired"]) >= {"only_a", "only_b", "p"}
+    text = (tmp_path / "report.md").read_text()
+    assert "frames 4x the native size" in text and "## Big frames: the tasks at 4x" in text
+    # the grid of examples shows the results brought back to the native size (64 px cells)
+    assert Image.open(tmp_path / "examples.png").size == (64 * 3, 64 * 4)
+    assert main(["bench", "--frame-scale", "0", "--out", str(tmp_path / "x")]) == 2

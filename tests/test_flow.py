@@ -289,7 +289,7 @@ def test_a_single_original_format_file_edits_as_its_folder(family, request, tmp_
     assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", pytest.param("flux", marks=pytest.mark.slow)])
 def test_bench_runs_with_diffusers_baselines_of_the_family(family, request, tmp_path):
     check_bench_with_baselines(request.getfixturevalue(f"{family}_folder"), tmp_path)
 

@@ -21,6 +21,7 @@ from blendedit.toy import train as T  # noqa: E402
 from blendedit.toy.data import build_dataset  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+pytestmark = pytest.mark.slow  # a subprocess smoke run of every step (about 2 min)
 
 
 @pytest.fixture(scope="module")

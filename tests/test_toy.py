@@ -99,6 +99,7 @@ def _single_object_case(rng, shape, colour, r_range):
     return o, img, m
 
 
+@pytest.mark.slow
 def test_judge_is_right_on_rendered_ground_truth_at_least_98_percent():
     """Colours x shapes x sizes (small, big) x random rotations and backgrounds: the right prompt
     succeeds, a wrong shape or a wrong colour fails."""

@@ -67,6 +67,7 @@ def _parts(vae, eps, prediction_type="epsilon"):
     return dict(vae=vae, unet=unet, scheduler=sched, tokenizer=tokenizer, text_encoder=text_encoder)
 
 
+@pytest.mark.slow
 def test_denoise_shapes_kept_tells_a_denoiser_that_keeps_shapes_from_one_that_does_nothing():
     vae = _StandInVAE()
     # the oracle predicts the very noise that was added: its x0 is the render

@@ -237,6 +237,7 @@ def _vision_args(data, out, steps, stop_at=None):
     return T.build_parser().parse_args(argv + (["--stop-at", str(stop_at)] if stop_at else []))
 
 
+@pytest.mark.slow
 def test_vision_stage_trains_resumes_and_starts_the_clip(single_dir, data_dir, tmp_path):
     T.train_vision(_vision_args(single_dir, tmp_path / "v", 2, stop_at=1))
     assert not (tmp_path / "v" / "model").exists()
@@ -686,6 +687,7 @@ def test_object_band_covers_objects_and_their_edges_and_weights_the_loss():
     assert torch.isclose(T._weighted_rec_loss(rec, x, torch.ones(2, 1, 64, 64)), plain)
 
 
+@pytest.mark.slow
 def test_vae_init_from_continues_a_vae_with_the_object_weighted_loss(
     data_dir, tmp_path, monkeypatch
 ):
@@ -718,6 +720,7 @@ def test_vae_init_from_continues_a_vae_with_the_object_weighted_loss(
         T.train_vae(T.build_parser().parse_args(argv + ["--decoder-only", str(tmp_path / "start")]))
 
 
+@pytest.mark.slow
 def test_vae_denoised_by_decodes_the_unets_one_step_predictions(data_dir, tmp_path, monkeypatch):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -839,6 +842,7 @@ def test_unet_limit_encodes_and_draws_only_the_first_images(data_dir, tmp_path, 
         T.train_unet(T.build_parser().parse_args(argv))
 
 
+@pytest.mark.slow
 def test_vae_factor_4_gives_32x32_latents_and_the_unet_takes_the_32x32_layout(
     data_dir, tmp_path, monkeypatch
 ):

@@ -297,6 +297,7 @@ def test_page_without_a_mask_shows_the_error(server, browser):
     page.close()
 
 
+@pytest.mark.slow
 def test_two_pages_edit_at_once(server, browser):
     url, out = server
     pages = [_open_with_scene(browser, url, out / "example" / "scene.png") for _ in range(2)]
@@ -342,6 +343,7 @@ def big_server(tmp_path_factory, browser):
     app.close()
 
 
+@pytest.mark.slow
 def test_a_12_mp_photo_edits_and_downloads_at_full_size(big_server, browser, tmp_path):
     """Issue 44: a 4000x3000 camera JPEG stored on its side (EXIF orientation 6) goes up, is
     painted and edited upright, and the result that comes down is the whole upright photo, every
@@ -395,6 +397,7 @@ def toy_server(tmp_path_factory, browser):
     app.close()
 
 
+@pytest.mark.slow
 def test_find_the_region_paints_it_into_the_editor_and_edits_from_it(toy_server, browser):
     """Issue 40: words find the region with the shipped model; it appears in the editor as a
     painted layer (the user could correct it) and the edit runs with it as the mask."""

@@ -30,10 +30,12 @@ import torch
 from PIL import Image
 
 from . import background as B
+from .bench_report import report, write_plots
 from .bench_stats import (  # noqa: F401 (bench's public names)
     INPAINT_OURS,
     INPAINT_THEIRS,
     METHODS,
+    NATIVE_FRAMES,
     RAW_DECODE,
     against_raw_decode,
     compare_defaults,
@@ -56,10 +58,20 @@ QUICK_METHODS = [
 ]
 
 
-def default_methods(auto_k: int) -> list[str]:
+#: a big-frames run's methods (``frame_scale`` > 1): ours (its region zoomed to the model's
+#: scale), diffusers' inpainting with its own answer to big frames (``padding_mask_crop``), and
+#: ours on the same tasks at the native size, the reference of the time and success figures
+BIG_FRAME_METHODS = ["ours", "diffusers inpaint", NATIVE_FRAMES]
+#: diffusers' ``padding_mask_crop`` in a big-frames run, in native pixels (times the scale)
+PADDING_MASK_CROP = 8
+
+
+def default_methods(auto_k: int, frame_scale: int = 1) -> list[str]:
     """Every method but the explicit "ours k=N" that ``shrink_iterations="auto"`` (``ours``)
-    already is on the model (``auto_k``)."""
-    return [m for m in METHODS if m != f"ours k={auto_k}"]
+    already is on the model (``auto_k``); on big frames :data:`BIG_FRAME_METHODS`."""
+    if frame_scale > 1:
+        return list(BIG_FRAME_METHODS)
+    return [m for m in METHODS if m not in (f"ours k={auto_k}", NATIVE_FRAMES)]
 
 
 def machine_facts() -> dict:
@@ -155,6 +167,9 @@ class BenchConfig:
     #: is on this model (k = 0 on the toy model's 16x16 latents, 3 on 512 px Stable Diffusion)
     methods: list[str] | None = None
     seed: int = 0
+    #: big frames (issue 44): the tasks rendered this many times larger, their mask with them;
+    #: every result is brought back to the native size and judged there
+    frame_scale: int = 1
     examples: int = 6  # tasks shown in the grid of example edits
     label: str = ""  # a line for the report: what model this is, where it stands
 
@@ -258,6 +273,10 @@ class Runner:
             return out.images[0]
         g = task_generators(task.seed, n)
         if kind in ("inpaint", "inpaint_im"):
+            big = c.frame_scale > 1  # its crop-and-resize, at the model's native size
+            if big:
+                common["padding_mask_crop"] = PADDING_MASK_CROP * c.frame_scale
+                size = self.ours.native_size
             images = (self.inpaint if kind == "inpaint" else self.inpaint_im)(
                 task.prompt,
                 image=task.image,
@@ -294,6 +313,18 @@ class Runner:
         return self.best(pasted, task.prompt, task.mask)
 
 
+def big_frames_pairs(rows: dict[str, list[dict]]) -> dict | None:
+    """Ours on the big frames against ours at the native size, on the same tasks: the median
+    of same-task time ratios and the paired success (None without both methods)."""
+    import statistics
+
+    big, native = rows.get("ours"), rows.get(NATIVE_FRAMES)
+    if not big or not native:
+        return None
+    ratio = statistics.median(b["seconds"] / a["seconds"] for a, b in zip(native, big))
+    return dict(time_ratio=ratio, paired=paired(big, native))
+
+
 def model_label(model: str) -> str:
     """For the shipped toy model (the built-in name ``toy`` or its pipeline folder), a line for
     a report with the figures its model card's measured section holds (what the shipped models
@@ -325,6 +356,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; known: {list(METHODS)}")
     check_kinds(cfg.kinds)  # a bad kind fails before any model loads
+    if not isinstance(cfg.frame_scale, int) or not 1 <= cfg.frame_scale <= 32:
+        raise ValueError(f"frame_scale: a whole number from 1 to 32, got {cfg.frame_scale!r}")
     if not cfg.label:
         cfg = replace(cfg, label=model_label(cfg.model))
     out = Path(out)
@@ -333,7 +366,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
     auto_k = runner.auto_shrink()
     whole_frame = ("t2i", "sdedit")  # diffusers' pipelines an inpainting checkpoint cannot run
     if cfg.methods is None:
-        methods = default_methods(auto_k)
+        methods = default_methods(auto_k, cfg.frame_scale)
         if runner.t2i is None:
             methods = [m for m in methods if METHODS[m][0] not in whole_frame]
         cfg = replace(cfg, methods=methods)
@@ -344,17 +377,29 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
         )
     methods = [m for m in cfg.methods if METHODS[m][0] != "pixel" or runner.pixel is not None]
     methods = [m for m in methods if not METHODS[m][0].endswith("_im") or runner.ours_im]
-    tasks = task_suite(cfg.tasks, size=runner.ours.native_size, seed=cfg.seed, kinds=cfg.kinds)
+    native = runner.ours.native_size
+    tasks = task_suite(cfg.tasks, size=native, seed=cfg.seed, kinds=cfg.kinds)
+    # big frames: the same tasks rendered larger; results come back to the native size
+    frames = tasks
+    if cfg.frame_scale > 1:
+        frames = task_suite(cfg.tasks, native * cfg.frame_scale, seed=cfg.seed, kinds=cfg.kinds)
     rows: dict[str, list[dict]] = {}
     peaks: dict[str, float] = {}
     examples: dict[str, list[Image.Image]] = {}
     for name in methods:
         reset_peak_rss()
         rows[name], examples[name] = [], []
-        for task in tqdm(tasks, desc=name, disable=not progress, leave=False):
+        for task, frame in tqdm(
+            list(zip(tasks, tasks if name == NATIVE_FRAMES else frames)),
+            desc=name,
+            disable=not progress,
+            leave=False,
+        ):
             t0 = time.perf_counter()
-            img = runner.run(name, task)
+            img = runner.run(name, frame)
             dt = time.perf_counter() - t0
+            if img.size != task.image.size:
+                img = img.resize(task.image.size, Image.BICUBIC)
             v = judge(img, task.mask, task.prompt, source=task.image)
             m = mask_to_tensor(task.mask)
             clip = float(runner.ours.ranker.score(pil_to_tensor(img), task.prompt, m, "crop")[0])
@@ -393,196 +438,9 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, log=prin
     results["defaults"] = compare_defaults(results["methods"], results["per_task"])
     results["against_raw_decode"] = against_raw_decode(results["per_task"])
     results["inpainting"] = inpainting_pairs(results["per_task"])
+    results["big_frames"] = big_frames_pairs(rows) if cfg.frame_scale > 1 else None
     out.mkdir(parents=True, exist_ok=True)
     save_json(results, out / "results.json")
     plots = write_plots(results, examples, tasks, out)
     (out / "report.md").write_text(report(results, plots))
     return results
-
-
-def write_plots(results: dict, examples: dict, tasks, out: Path) -> list[str]:
-    """success vs time, background error per method, a grid of example edits; [] without
-    matplotlib (the report says so)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    m = results["methods"]
-    names = list(m)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in names:
-        lo, hi = m[name]["ci"]
-        y = m[name]["success"]
-        ax.errorbar(m[name]["seconds"], y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3)
-        ax.annotate(
-            name, (m[name]["seconds"], y), fontsize=7, xytext=(4, 2), textcoords="offset points"
-        )
-    ax.set_xlabel("seconds per edit (median)")
-    ax.set_ylabel("judged success (95 % CI)")
-    ax.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(out / "success_vs_time.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    vals = [min(m[n]["psnr_outside"], 60.0) for n in names]
-    ax.barh(names, vals)
-    ax.set_xlabel("PSNR outside the mask, dB (median; exact = shown as 60)")
-    fig.tight_layout()
-    fig.savefig(out / "background_error.png", dpi=110)
-    plt.close(fig)
-    from PIL import ImageDraw
-
-    cols = len(tasks[: len(next(iter(examples.values()), []))])
-    size = tasks[0].image.width
-    grid = Image.new("RGB", (size * (cols + 1), size * (len(names) + 1)), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, size // 2), "task (mask red)", fill=(0, 0, 0))
-    for i, name in enumerate(names):
-        for k, part in enumerate(name.replace(" + ", " +\n").replace("=", "=\n").split("\n")):
-            draw.text((4, size * (i + 1) + size // 2 - 8 + 12 * k), part, fill=(0, 0, 0))
-    for j in range(cols):
-        src = tasks[j].image.copy()
-        overlay = Image.composite(
-            Image.new("RGB", src.size, (255, 0, 64)), src, tasks[j].mask.point(lambda v: v // 2)
-        )
-        grid.paste(overlay, (size * (j + 1), 0))
-    for i, name in enumerate(names):
-        for j, img in enumerate(examples[name][:cols]):
-            grid.paste(img, (size * (j + 1), size * (i + 1)))
-    grid.save(out / "examples.png")
-    labels = "\n".join(f"row {i + 1}: {n}" for i, n in enumerate(names))
-    (out / "examples.txt").write_text("row 0: the tasks (mask in red)\n" + labels + "\n")
-    return ["success_vs_time.png", "background_error.png", "examples.png"]
-
-
-def _kinds_phrase(kinds) -> str:
-    words = {"replace": "replace", "add": "add", "small": "small masks"}
-    kinds = list(kinds or TASK_KINDS)
-    return ", ".join(words[k] for k in kinds) + (" only" if len(kinds) < len(TASK_KINDS) else "")
-
-
-def _inpainting_section(pairs: list[dict]) -> list[str]:
-    """Does blending still help a model trained to inpaint? The paired comparisons."""
-    if not pairs:
-        return []
-    lines = [
-        "## The inpainting model: does blending still help?",
-        "",
-        f"`{INPAINT_OURS}`: Blended Latent Diffusion with the inpainting checkpoint (its own "
-        f"mask and masked-image input, the blend on top); `{INPAINT_THEIRS}`: diffusers' "
-        "inpainting pipeline on the same checkpoint (no blend); `ours`: the plain model. On the "
-        "same tasks, the tasks only the first edits, only the second, exact sign test:",
-        "",
-    ]
-    for d in pairs:
-        lines.append(
-            f"- {d['a']} against {d['b']}: {d['only_a']} against {d['only_b']}, p = {d['p']:.3f}"
-            + (" (beyond noise)" if d["p"] < 0.05 else " (within noise)")
-        )
-    return lines + [""]
-
-
-def report(r: dict, plots: list[str]) -> str:
-    c = r["config"]
-    lines = [
-        "# Quality and speed: every method on the same Shapes World edits",
-        "",
-        f"{len(r['tasks'])} tasks ({_kinds_phrase(c.get('kinds'))}; every fourth touching the "
-        "border), "
-        f"model `{c['model']}`, {c['steps']} steps, {c['samples']} samples per edit (ranked "
-        f"methods return the best by the model's CLIP, the others the first), guidance "
-        f"{c['guidance_scale']}, seed {c['seed']}. Whole run {r['wall_seconds']:.0f} s."
-        + (
-            f' `ours` is the defaults; its `shrink_iterations="auto"` is k = '
-            f"{c['auto_shrink_iterations']} on this model's latent grid."
-            if "auto_shrink_iterations" in c
-            else ""
-        ),
-        "",
-        *([c["label"], ""] if c.get("label") else []),
-        "| method | success [95 % CI] | replace / add / small | PSNR outside (dB) | every pixel "
-        "kept | band PSNR (dB) | seam error | background in mask (dB) | CLIP | s / edit | "
-        "peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, s in r["methods"].items():
-        bk = s["by_kind"]
-        kinds = " / ".join(f"{bk[k]:.0%}" if k in bk else "-" for k in TASK_KINDS)
-        lines.append(
-            f"| {name} | {s['success']:.0%} [{s['ci'][0]:.0%}, {s['ci'][1]:.0%}] | {kinds} | "
-            f"{s['psnr_outside']:.1f} | {'yes' if s['all_exact_outside'] else 'no'} | "
-            f"{s['psnr_seam']:.1f} | {s['seam_error']:.2f} | "
-            f"{s.get('continuation_psnr', float('nan')):.1f} | {s['clip']:.3f} | "
-            f"{s['seconds']:.2f} | {s['peak_mb']:.0f} |"
-        )
-    lines += [
-        "",
-        "PSNR outside: median over tasks, pixels outside the mask against the source. Band PSNR: "
-        "the 3 px band just outside the mask. Seam error: the step across the mask border minus "
-        "the source's step there, mean absolute 0-255 levels (lower is better; a hard paste "
-        "shows here although every pixel outside is kept). Background in mask: PSNR against "
-        "the ground truth inside the mask away from the asked-for object (median; how well the "
-        "background continues where no object was asked for).",
-        "",
-        *_inpainting_section(r.get("inpainting") or []),
-        "## Background reconstruction cost",
-        "",
-        "Seconds of the background step over seconds of sampling, timed within the same edit "
-        "(median over tasks):",
-        "",
-    ]
-    for name, s in r["methods"].items():
-        if s.get("background_ratio") is not None:
-            lines.append(f"- {name}: {s['background_ratio']:.2f}x")
-    vs_raw = r.get("against_raw_decode") or {}
-    if vs_raw:
-        lines += [
-            "",
-            f"Edits kept against the raw decode (`{RAW_DECODE}`) on the same tasks: the tasks "
-            "only this method edits, only the raw decode edits, exact sign test (p < 0.05: "
-            "beyond noise):",
-            "",
-        ]
-        for name, d in vs_raw.items():
-            lines.append(
-                f"- {name}: {d['only_a']} against {d['only_b']}, p = {d['p']:.2f}"
-                + (" (beyond noise)" if d["p"] < 0.05 else " (within noise)")
-            )
-    lines += [
-        "",
-        "## Defaults, from these runs",
-        "",
-    ]
-    for d in r["defaults"]:
-        verdict = "the default is best" if d["default_is_best"] else f"**{d['other']} is better**"
-        if "p" in d:
-            paired = (
-                f"on the same tasks {d['default']} alone edits {d['only_default']}, "
-                f"{d['other']} alone {d['only_other']}, exact sign test p = {d['p']:.2f}"
-            )
-            verdict += (
-                f" ({paired}: beyond noise)"
-                if d["significant"]
-                else f" (within noise: {paired}; the default stays)"
-            )
-        elif not d.get("significant", True):
-            verdict += " (within noise: the 95 % intervals overlap; the default stays)"
-        lines.append(
-            f"- `{d['option']}`: {d['default']} {d['default_success']:.0%} against {d['other']} "
-            f"{d['other_success']:.0%}: {verdict}."
-        )
-    if not r["defaults"]:
-        lines.append("- (no option study in this run)")
-    lines += [""]
-    if plots:
-        lines += [f"![{p}]({p})" for p in plots] + [
-            "",
-            "examples.png: top row the tasks (mask in red), then one row per method in the "
-            "order of the table.",
-        ]
-    else:
-        lines.append("(no plots: `pip install matplotlib`)")
-    return "\n".join(lines) + "\n"

@@ -11,6 +11,9 @@ INPAINT_THEIRS = "diffusers inpaint, inpainting model"
 INPAINT_RAW = "ours background=none, inpainting model"
 
 #: name -> (kind, options). ``ours*`` are our latent method with these options over its defaults.
+#: a big-frames run's reference method: ours on the same tasks rendered at the native size
+NATIVE_FRAMES = "ours, native frames"
+
 METHODS: dict[str, tuple[str, dict]] = {
     "ours": ("ours", {}),
     "ours k=3": ("ours", {"shrink_iterations": 3}),
@@ -32,6 +35,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     INPAINT_OURS: ("ours_im", {}),
     INPAINT_RAW: ("ours_im", {"background": "none"}),  # the blend alone, before any paste
     INPAINT_THEIRS: ("inpaint_im", {}),
+    # big frames (``frame_scale`` > 1): the reference, ours on the same tasks at the native size
+    NATIVE_FRAMES: ("ours", {}),
 }
 
 

@@ -185,7 +185,8 @@ def _bench(args) -> int:
         samples=args.samples,
         guidance_scale=args.guidance_scale,
         seed=args.seed,
-        methods=args.methods or (QUICK_METHODS if args.quick else None),
+        frame_scale=args.frame_scale,
+        methods=args.methods or (QUICK_METHODS if args.quick and args.frame_scale == 1 else None),
         label=args.label,
     )
     if cfg.model == "toy":

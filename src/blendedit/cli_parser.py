@@ -245,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="task kinds: replace, add, small (default: all three in turn; e.g. `--kinds small` "
         "for the small-mask study)",
     )
+    q.add_argument(
+        "--frame-scale",
+        type=int,
+        default=1,
+        help="big frames: the tasks rendered N times larger, each result judged at the native "
+        "size; runs ours, diffusers' inpainting with padding_mask_crop and ours on the native "
+        "frames unless --methods says otherwise (default: 1)",
+    )
     q.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25)")
     q.add_argument("--samples", type=int, default=4, help="samples per edit (default: 4)")
     q.add_argument(
