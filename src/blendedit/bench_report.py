@@ -108,7 +108,8 @@ def _big_frames_section(c: dict, d: dict | None) -> list[str]:
         "edited there; each result was brought back to the native size and judged against the "
         f"native task. `{NATIVE_FRAMES}` is ours on the native tasks; `diffusers inpaint` ran "
         "with its `padding_mask_crop` (the masked box cropped with padding and resized to the "
-        "model's size).",
+        "model's size). The resize back to the native size resamples every pixel, so the "
+        "columns of pixels outside the mask measure that resampling here, not the edit.",
         "",
     ]
     if d is None:
