@@ -143,6 +143,17 @@ def test_pipeline_call_takes_mask_prompt(toy):
         toy("a red circle", image)
 
 
+def test_a_bad_option_fails_before_the_mask_is_searched_for(toy, monkeypatch):
+    searched = []
+    monkeypatch.setattr(toy, "mask_from_text", lambda *a, **k: searched.append(a))
+    image = W.render(_scene(), toy.native_size)
+    with pytest.raises(ValueError, match="strength"):
+        toy("a red circle", image, mask_prompt="a blue square", strength=1.5)
+    with pytest.raises(ValueError, match="num_images_per_prompt"):
+        toy("a red circle", image, mask_prompt="a blue square", num_images_per_prompt=0)
+    assert searched == []
+
+
 def test_bad_mask_prompts_are_named_errors(tmp_path, capsys):
     W.render(_scene(), 128).save(tmp_path / "in.png")
     base = ["mask", str(tmp_path / "in.png"), "--model", "toy"]

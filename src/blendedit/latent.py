@@ -91,6 +91,12 @@ class BlendedLatentDiffusionPipeline(LatentModel):
 
     def check_inputs(self, prompt, image, mask, opts: LatentEditOptions, generator, callback):
         """Validate every argument once; returns (PIL image, float mask (1, 1, H, W))."""
+        self.check_options(prompt, opts, generator, callback)
+        image = _as_pil(image, "image")
+        return image, _as_mask(mask, image)
+
+    def check_options(self, prompt, opts: LatentEditOptions, generator, callback) -> None:
+        """Validate every argument but the image and the mask (before a mask is searched for)."""
         check_prompt(prompt)
         checks.check_negative_prompt(opts.negative_prompt, self.distilled_guidance)
         _check_int("num_inference_steps", opts.num_inference_steps, 1, 10_000)
@@ -136,10 +142,6 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         check_generator(generator, n, f"num_images_per_prompt={n}")
         if callback is not None and not callable(callback):
             raise ValueError(f"callback: expected a callable, got {type(callback).__name__}")
-
-        image = _as_pil(image, "image")
-        m = _as_mask(mask, image)
-        return image, m
 
     # -- the edit ------------------------------------------------------------------------
 
@@ -214,11 +216,12 @@ class BlendedLatentDiffusionPipeline(LatentModel):
             micro_conditioning=micro_conditioning,
             refiner_fraction=refiner_fraction,
         )
-        # 1. Check inputs (the mask found from words first, where it is asked for)
+        # 1. Check inputs (the options before any mask is searched for from words)
         found = None
         if (mask is None) == (mask_prompt is None):
             raise ValueError("mask: give either a mask or a mask_prompt (a text naming the region)")
         if mask_prompt is not None:
+            self.check_options(prompt, opts, generator, callback)
             found = self.mask_from_text(image, mask_prompt, progress, **(mask_options or {}))
             mask = found.mask
         image, mask_full = self.check_inputs(prompt, image, mask, opts, generator, callback)
