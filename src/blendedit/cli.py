@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from .cli_parser import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OUTPUT, build_parser
@@ -28,18 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .webui import serve
 
-            spec = ModelSpec(
-                model=args.model,
-                config=args.config,
-                vae=args.vae,
-                refiner=args.refiner,
-                rank_model=args.rank_model,
-                device=args.device,
-                loras=tuple(args.lora),
-                embeddings=tuple(args.embedding),
-            )
             serve(
-                spec,
+                model_spec(args),
                 args.host,
                 args.port,
                 out=args.out,
@@ -130,17 +120,7 @@ def _mask(args) -> int:
         raise OutputError(f"out: {str(out)!r} is the input image; choose another path")
     check_output_folder(out.parent)
     image = load_image(args.image, max_pixels=args.max_pixels)
-    spec = ModelSpec(
-        model=args.model,
-        config=args.config,
-        vae=args.vae,
-        rank_model="none",
-        device=args.device,
-        dtype=args.dtype,
-        loras=tuple(args.lora),
-        embeddings=tuple(args.embedding),
-    )
-    pipe = load_pipeline(spec).pipe
+    pipe = load_pipeline(model_spec(args, rank_model="none")).pipe  # finding ranks nothing
     found = pipe.mask_from_text(image, args.mask_prompt, not args.quiet, **asdict(opts))
     print(save_image(found.mask, out))
     if not args.quiet:
@@ -221,21 +201,13 @@ def _given_options(args, names) -> dict:
     return {f: v for f in names if (v := getattr(args, f, None)) is not None}
 
 
-def model_spec(args) -> ModelSpec:
-    """The model flags (see :func:`_add_model_flags`) as a :class:`ModelSpec`."""
-    return ModelSpec(
-        model=args.model,
-        method=args.method,
-        config=args.config,
-        vae=args.vae,
-        refiner=args.refiner,
-        scheduler=args.scheduler,
-        rank_model=args.rank_model,
-        device=args.device,
-        dtype=args.dtype,
-        loras=tuple(args.lora),
-        embeddings=tuple(args.embedding),
-    )
+def model_spec(args, **over) -> ModelSpec:
+    """The model flags a command has (see :func:`_add_model_flags`) as a :class:`ModelSpec`,
+    the defaults for those it lacks; ``over`` replaces fields."""
+    flags = {f.name: getattr(args, f.name) for f in fields(ModelSpec) if hasattr(args, f.name)}
+    flags.update(loras=tuple(getattr(args, "lora", ())))
+    flags.update(embeddings=tuple(getattr(args, "embedding", ())))
+    return ModelSpec(**(flags | over))
 
 
 def edit_request(args, **over) -> EditRequest:
