@@ -104,10 +104,11 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=6, help="Flux Fill's transformer blocks")
     p.add_argument("--heads", type=int, default=6, help="Flux Fill's attention heads (x 32)")
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 9)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--out", default="benchmarks/results/speed_inpaint")
     args = p.parse_args(argv)
-    steps, rounds = (6, 3) if args.quick else (20, args.rounds or 9)
+    steps, rounds = (6, 3) if args.quick else (args.steps, args.rounds or 9)
     t_all = time.time()
     image, mask = scene(args.size, args.size * 3 // 8)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
