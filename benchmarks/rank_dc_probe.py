@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from blendedit import BlendedLatentDiffusionPipeline
-from blendedit.bench import paired
 from blendedit.io import mask_to_tensor
 from blendedit.options import LatentEditOptions
 from blendedit.text_mask import HUES, _at_level, _predict
@@ -34,7 +33,7 @@ from blendedit.toy.tasks import task_suite
 from blendedit.toy.world import SHAPES
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ranking import best_of, pair_accuracy  # noqa: E402
+from rank_study import evaluate  # noqa: E402
 
 
 def contrasts(prompt: str, hues: bool) -> list[str]:
@@ -47,10 +46,10 @@ def contrasts(prompt: str, hues: bool) -> list[str]:
 
 
 @torch.no_grad()
-def errors(pipe, imgs, mask, texts, levels, draws, seed):
-    """(levels, draws, texts, N) mean squared error in the mask's latent cells."""
+def errors(pipe, x, mask, texts, levels, draws, seed):
+    """(levels, draws, texts, N) mean squared error in the mask's latent cells of the samples
+    ``x`` (N, 3, H, W)."""
     fam = pipe.adapter
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
     n = len(x)
     z, cond = pipe._encode_region(x, torch.ones_like(x[:, :1]))
     hw = tuple(z.shape[-2:])
@@ -98,11 +97,11 @@ def main(argv=None) -> int:
     errs, clip, dc_s = [], [], 0.0
     for i, (task, imgs) in enumerate(zip(tasks[:n_tasks], d["images"])):
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
-        clip.append(pipe.ranker.score(x, task.prompt, mask_to_tensor(task.mask), "crop", 0.25))
+        m = mask_to_tensor(task.mask)
+        clip.append(pipe.ranker.score(x, task.prompt, m, "crop", 0.25))
         texts = [task.prompt, *contrasts(task.prompt, a.hues)]
         t0 = time.perf_counter()
-        m = mask_to_tensor(task.mask)
-        errs.append(errors(pipe, imgs, m, texts, levels, a.draws, task.seed))
+        errs.append(errors(pipe, x, m, texts, levels, a.draws, task.seed))
         dc_s += time.perf_counter() - t0
         if i % 20 == 0:
             print(i, f"{dc_s:.1f}s", flush=True)
@@ -110,33 +109,25 @@ def main(argv=None) -> int:
     E = torch.stack(errs)  # (T, L, D, texts, N)
     if a.save:
         torch.save(dict(E=E, levels=levels), a.save)
-    ok = ok[:n_tasks].tolist()
-    clip_default = torch.stack(clip).tolist()
-    show_default = True
+    ok = torch.from_numpy(ok[:n_tasks])
+    clip_default = torch.stack(clip)
     lines = [
         f"{n_tasks} tasks x {E.shape[-1]} samples, {len(texts) - 1} contrasts, levels {levels}, "
         f"{a.draws} draws: {sec:.2f} s a task",
-        "oracle " + " ".join(f"best{n} {np.mean([any(y[:n]) for y in ok]):.3f}" for n in (4, 8)),
+        "oracle "
+        + " ".join(f"best{n} {float(ok[:, :n].any(1).float().mean()):.3f}" for n in (4, 8)),
     ]
     print("\n".join(lines))
 
-    def show(name, s):
-        s = s.tolist()
-        row = [f"{name:40s}"]
-        for n in (4, 8):
-            row.append(f"best{n} {np.mean(best_of(s, ok, n)):.3f}")
-        row.append(f"pair {pair_accuracy(s, ok)[0]:.3f}")
-        if clip_default is not None:
-            r = paired(
-                [dict(success=v) for v in best_of(s, ok, 4)],
-                [dict(success=v) for v in best_of(clip_default, ok, 4)],
-            )
-            row.append(str(r))
-        lines.append("  ".join(row))
+    def show(name, s):  # rank_study's figures, paired at n = 4 against CLIP's pick
+        r = evaluate(s, {"ok": ok}, clip_default)
+        lines.append(
+            f"{name:40s}  best4 {r['best_of_4']:.3f}  best8 {r['best_of_8']:.3f}  "
+            f"pair {r['pair_accuracy'][0]:.3f}  {r['vs_default_4']}"
+        )
         print(lines[-1], flush=True)
 
-    if show_default:
-        show("CLIP (default)", torch.tensor(clip_default))
+    show("CLIP (default)", clip_default)
     for sub in [list(range(len(levels)))] + [[i] for i in range(len(levels))]:
         e = E[:, sub].mean((1, 2))  # (T, texts, N)
         gain = (e[:, 1:].mean(1) - e[:, 0]) / e[:, 1:].mean(1)

@@ -273,8 +273,7 @@ class Runner:
             return out.images[0]
         g = task_generators(task.seed, n)
         if kind in ("inpaint", "inpaint_im"):
-            big = c.frame_scale > 1  # its crop-and-resize, at the model's native size
-            if big:
+            if c.frame_scale > 1:  # its crop-and-resize, at the model's native size
                 common["padding_mask_crop"] = PADDING_MASK_CROP * c.frame_scale
                 size = self.ours.native_size
             images = (self.inpaint if kind == "inpaint" else self.inpaint_im)(

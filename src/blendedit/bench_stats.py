@@ -10,10 +10,10 @@ INPAINT_OURS = "ours, inpainting model"
 INPAINT_THEIRS = "diffusers inpaint, inpainting model"
 INPAINT_RAW = "ours background=none, inpainting model"
 
-#: name -> (kind, options). ``ours*`` are our latent method with these options over its defaults.
 #: a big-frames run's reference method: ours on the same tasks rendered at the native size
 NATIVE_FRAMES = "ours, native frames"
 
+#: name -> (kind, options). ``ours*`` are our latent method with these options over its defaults.
 METHODS: dict[str, tuple[str, dict]] = {
     "ours": ("ours", {}),
     "ours k=3": ("ours", {"shrink_iterations": 3}),

@@ -220,11 +220,12 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         found = None
         if (mask is None) == (mask_prompt is None):
             raise ValueError("mask: give either a mask or a mask_prompt (a text naming the region)")
+        self.check_options(prompt, opts, generator, callback)
         if mask_prompt is not None:
-            self.check_options(prompt, opts, generator, callback)
             found = self.mask_from_text(image, mask_prompt, progress, **(mask_options or {}))
             mask = found.mask
-        image, mask_full = self.check_inputs(prompt, image, mask, opts, generator, callback)
+        image = _as_pil(image, "image")
+        mask_full = _as_mask(mask, image)
         device, dtype, n = self.device, self.dtype, num_images_per_prompt
         timings: dict[str, float] = {}
         warnings: list[str] = []
