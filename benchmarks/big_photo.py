@@ -12,6 +12,7 @@ warm-up and one edit).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -57,7 +58,8 @@ def pipelines():
     c = build_tiny_components("sd-shaped", width_div=4, sample_size=64)  # 512 px native
     parts = dict(unet=c["unet"], vae=c["vae"], text_encoder=c["text_encoder"])
     parts["tokenizer"] = c["tokenizer"]
-    ours = BlendedLatentDiffusionPipeline(scheduler=DDIMScheduler(**SD_SCHEDULER), **parts)
+    own = copy.deepcopy(parts)  # ours: its own copy of the weights, as each tool loads them
+    ours = BlendedLatentDiffusionPipeline(scheduler=DDIMScheduler(**SD_SCHEDULER), **own)
     theirs = StableDiffusionInpaintPipeline(
         scheduler=DDIMScheduler(**SD_SCHEDULER),
         safety_checker=None,

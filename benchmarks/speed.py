@@ -18,6 +18,7 @@ weights can be downloaded here. Writes ``report.md`` and ``results.json`` to ``-
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -65,7 +66,8 @@ def pipelines(width_div: int, sample_size: int) -> dict:
     t2i = StableDiffusionPipeline(scheduler=sched(), **shared, **off)
     for p in (inpaint, t2i):
         p.set_progress_bar_config(disable=True)
-    ours = BlendedLatentDiffusionPipeline(scheduler=sched(), ranker=None, **shared)
+    own = copy.deepcopy(shared)  # ours: its own copy of the weights, as each tool loads them
+    ours = BlendedLatentDiffusionPipeline(scheduler=sched(), ranker=None, **own)
     params = {
         k: sum(p.numel() for p in m.parameters())
         for k, m in shared.items()

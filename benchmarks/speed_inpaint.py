@@ -6,9 +6,12 @@ FluxFillPipeline (Flux Fill, 384 input features).
 Random models of the families' shapes (``blendedit.tiny``'s ``sd-shaped`` and ``sdxl-shaped``
 presets, and the tiny Flux with a wider, deeper transformer as in ``speed_flow.py``), each
 denoiser given an inpainting checkpoint's inputs (``blendedit.tiny.inpainting_denoiser``).
-Ours and diffusers' share the model, steps, size, guidance and seed and alternate in one process
-(the order rotates every round); the ratio is the median of same-round ratios (``speed.py``).
-Ours blends after every step on top of the model's own conditioning; theirs does not.
+Ours and diffusers' get the same weights (each pipeline its own copy, as each tool loads the
+checkpoint: ours keeps a UNet's weights channels-last on the CPU, diffusers' as loaded), steps,
+size, guidance and seed, and alternate in one process (the order rotates every round); the
+ratio is the median of same-round ratios (``speed.py``). Ours blends after every step on top of
+the model's own conditioning; theirs does not. ``--channels-last-theirs`` adds diffusers'
+pipeline with its UNet put in channels-last layout by hand (what that layout alone is worth).
 
     python benchmarks/speed_inpaint.py [--quick] [--out benchmarks/results/speed_inpaint]
 """
@@ -16,6 +19,7 @@ Ours blends after every step on top of the model's own conditioning; theirs does
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import sys
@@ -41,6 +45,7 @@ from speed_flow import pair  # noqa: E402  (the two runs of one model, from the 
 with quiet_transformers():
     import diffusers
 
+CL = "diffusers_inpaint_channels_last"  # diffusers' pipeline, its UNet made channels-last
 KINDS = {  # kind: (family, diffusers' inpainting pipeline, guidance)
     "sd-inpaint": ("sd", "StableDiffusionInpaintPipeline", 7.5),
     "sdxl-inpaint": ("sdxl", "StableDiffusionXLInpaintPipeline", 5.0),
@@ -77,11 +82,20 @@ def components(kind: str, size: int, layers: int, heads: int) -> dict:
     return c
 
 
-def pipelines(kind: str, size: int, layers: int, heads: int):
+def pipelines(kind: str, size: int, layers: int, heads: int, channels_last: bool = False):
+    """(ours, diffusers' pipeline, its denoiser, and with ``channels_last`` diffusers' pipeline
+    over another copy whose UNet is channels-last, else None): each its own copy of one model."""
     family, cls, _ = KINDS[kind]
     c = components(kind, size, layers, heads)
+    theirs_cl = None
+    if channels_last and family != "flux":
+        cl = copy.deepcopy(c)
+        cl["unet"].to(memory_format=torch.channels_last)
+        theirs_cl = getattr(diffusers, cls)(**cl)
+        theirs_cl.set_progress_bar_config(disable=True)
     theirs = getattr(diffusers, cls)(**c)
     theirs.set_progress_bar_config(disable=True)
+    c = copy.deepcopy(c)  # ours: its own copy of the weights
     names = ("text_encoder_2", "tokenizer_2")
     sched = c["scheduler"]
     ours = BlendedLatentDiffusionPipeline(
@@ -94,7 +108,73 @@ def pipelines(kind: str, size: int, layers: int, heads: int):
         **{k: c[k] for k in names if k in c},
     )
     assert ours.inpaint is not None
-    return ours, theirs, c.get("unet") or c["transformer"]
+    return ours, theirs, c.get("unet") or c["transformer"], theirs_cl
+
+
+def _denoiser(pipe):
+    return getattr(pipe, "unet", None) or pipe.transformer
+
+
+def decompose(runs: dict, pipes: dict, rounds: int, log) -> dict:
+    """A noise-robust account of the same comparison, in two parts each alternated finely:
+    the work outside the denoiser (every edit with its denoiser's forward a stub that returns
+    zeros, ``5 x rounds`` alternating rounds of these short edits) and one denoiser call (each
+    pipeline's own copy with the inputs it gave in a real edit, ``3 x rounds`` alternating
+    pairs of calls). Returns their medians, the calls per edit, and the edit's ratio they
+    predict: (calls x call + outside) of ours over the same of theirs, ours' call taken as
+    theirs x the median of same-pair ratios (steadier than two medians' ratio)."""
+    seen: dict = {}
+    hooks = []
+    for name, pipe in pipes.items():
+
+        def record(module, args, kwargs, name=name):
+            seen.setdefault(name, []).append((args, kwargs))
+
+        hooks.append(_denoiser(pipe).register_forward_pre_hook(record, with_kwargs=True))
+    with torch.inference_mode():
+        for name in pipes:
+            runs[name]()
+    for h in hooks:
+        h.remove()
+    calls = {name: len(v) for name, v in seen.items()}
+
+    def call(name):
+        args, kwargs = seen[name][len(seen[name]) // 2]
+        return lambda: _denoiser(pipes[name])(*args, **kwargs)
+
+    with torch.inference_mode():
+        call_times, _ = alternate({n: call(n) for n in pipes}, 3 * rounds, lambda m: None)
+    for pipe in pipes.values():
+        model = _denoiser(pipe)
+        out_ch = model.config.out_channels or model.config.in_channels
+
+        def stub(*args, out_ch=out_ch, **kwargs):
+            x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+            shape = (*x.shape[:-1], out_ch) if x.ndim == 3 else (len(x), out_ch, *x.shape[2:])
+            return (x.new_zeros(shape),)
+
+        model.forward = stub  # an instance attribute: the class's forward is untouched
+    try:
+        outside, _ = alternate(runs, 5 * rounds, lambda m: None)
+    finally:
+        for pipe in pipes.values():
+            del _denoiser(pipe).forward
+    med = {
+        k: {n: statistics.median(v) for n, v in d.items()}
+        for k, d in (("call", call_times), ("outside", outside))
+    }
+    a, b = list(pipes)
+    call_ratio = paired_ratio(call_times, a, b)  # ours' call over theirs', pair by pair
+    theirs = calls[b] * med["call"][b]
+    ours = calls[a] * med["call"][b] * call_ratio  # theirs' call time x the paired ratio
+    log(f"  parts: calls {calls}, call {med['call']}, outside {med['outside']}")
+    return dict(
+        calls=calls,
+        call_s=med["call"],
+        call_ratio=call_ratio,
+        outside_s=med["outside"],
+        predicted_ratio=(ours + med["outside"][a]) / (theirs + med["outside"][b]),
+    )
 
 
 def main(argv=None) -> int:
@@ -106,6 +186,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 9)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument(
+        "--channels-last-theirs",
+        action="store_true",
+        help="also time diffusers' pipeline with its UNet channels-last by hand (UNet kinds)",
+    )
+    p.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time the work outside the denoiser and one denoiser call, each alternated "
+        "finely (robust where whole edits scatter)",
+    )
     p.add_argument("--out", default="benchmarks/results/speed_inpaint")
     args = p.parse_args(argv)
     steps, rounds = (6, 3) if args.quick else (args.steps, args.rounds or 9)
@@ -115,9 +206,12 @@ def main(argv=None) -> int:
     size = dict(height=args.size, width=args.size)
     res = dict(size=args.size, steps=steps, rounds=rounds, kinds={})
     for kind in args.kinds:
-        ours, theirs, denoiser = pipelines(kind, args.size, args.layers, args.heads)
+        built = pipelines(kind, args.size, args.layers, args.heads, args.channels_last_theirs)
+        ours, theirs, denoiser, theirs_cl = built
         common = dict(num_inference_steps=steps, guidance_scale=KINDS[kind][2])
         runs = pair(ours, theirs, image, mask, common, size)
+        if theirs_cl is not None:
+            runs[CL] = pair(ours, theirs_cl, image, mask, common, size)["diffusers_inpaint"]
         log(f"{kind}: {args.size}px, {steps} steps, {rounds} rounds")
         times, cpu = alternate(runs, rounds, log)
         res["kinds"][kind] = dict(
@@ -128,6 +222,12 @@ def main(argv=None) -> int:
             cpu_ratio=paired_ratio(cpu, "ours", "diffusers_inpaint"),
             faster_rounds=sum(a < b for a, b in zip(times["ours"], times["diffusers_inpaint"])),
         )
+        if CL in times:
+            res["kinds"][kind]["ratio_cl"] = paired_ratio(times, "ours", CL)
+        if args.parts:
+            pipes = {"ours": ours, "diffusers_inpaint": theirs}
+            both = {n: runs[n] for n in pipes}
+            res["kinds"][kind]["parts"] = decompose(both, pipes, rounds, log)
     res["machine"] = (
         f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
@@ -153,6 +253,33 @@ def main(argv=None) -> int:
             f"{r['median']['diffusers_inpaint']:.3f} ({KINDS[kind][1]}) | **{r['ratio']:.3f}x** "
             f"(CPU {r['cpu_ratio']:.3f}x) | {r['faster_rounds']} of {rounds} |"
         )
+    cl = {k: r["ratio_cl"] for k, r in res["kinds"].items() if "ratio_cl" in r}
+    if cl:
+        lines += ["", "Against diffusers' pipeline with its UNet made channels-last by hand:", ""]
+        lines += [
+            f"- {k}: {res['kinds'][k]['median'][CL]:.3f} s; ours / it **{v:.3f}x**"
+            for k, v in cl.items()
+        ]
+    parts = {k: r["parts"] for k, r in res["kinds"].items() if "parts" in r}
+    if parts:
+        lines += [
+            "",
+            "In parts, each alternated finely (`--parts`): the work outside the denoiser (its "
+            f"forward a stub; {5 * rounds} rounds) and one denoiser call (each pipeline's own "
+            f"copy and inputs; {3 * rounds} pairs), and the edit's ratio they predict:",
+            "",
+            "| kind | calls per edit | one call, ours / theirs (ms) | call ratio | "
+            "outside the denoiser, ours / theirs (s) | predicted ours / theirs |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k, q in parts.items():
+            c, o = q["call_s"], q["outside_s"]
+            lines.append(
+                f"| {k} | {q['calls']['ours']} / {q['calls']['diffusers_inpaint']} | "
+                f"{1000 * c['ours']:.1f} / {1000 * c['diffusers_inpaint']:.1f} | "
+                f"{q['call_ratio']:.3f}x | {o['ours']:.3f} / {o['diffusers_inpaint']:.3f} | "
+                f"**{q['predicted_ratio']:.3f}x** |"
+            )
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -11,6 +11,7 @@ order rotates every round); ratios are medians of same-round ratios, as in ``spe
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import sys
@@ -39,6 +40,7 @@ def pipelines(width_div: int, sample_size: int) -> dict:
     t2i = StableDiffusionXLPipeline(scheduler=fresh(), **c)
     for p in (inpaint, t2i):
         p.set_progress_bar_config(disable=True)
+    c = copy.deepcopy(c)  # ours: its own copy of the weights, as each tool loads them
     ours = BlendedLatentDiffusionPipeline(
         c["unet"],
         c["vae"],

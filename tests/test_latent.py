@@ -349,3 +349,36 @@ def test_v_prediction_models_blend_the_same_way(pipe, image, box_mask, scheduler
     outside = (out.latent_mask == 0).expand_as(out.latents)
     assert torch.equal(out.latents[outside], out.source_latents.expand_as(out.latents)[outside])
     assert not torch.allclose(out.latents, eps_out.latents)  # the prediction type is honoured
+
+
+def test_the_unet_is_channels_last_on_the_cpu_and_edits_as_in_the_default_layout(
+    tiny_components, image, box_mask, monkeypatch
+):
+    """On the CPU the pipeline keeps its UNet's weights channels-last (faster convolutions);
+    the edit is the one the default layout gives, up to float rounding; another device gets
+    the default layout back."""
+    import copy
+
+    from blendedit import BlendedLatentDiffusionPipeline
+
+    c = tiny_components
+    parts = [c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]]
+
+    def build(unet):
+        return BlendedLatentDiffusionPipeline(copy.deepcopy(unet), *parts)
+
+    def channels_last(p):
+        return p.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+    fast = build(c["unet"])
+    assert channels_last(fast)
+    monkeypatch.setattr(BlendedLatentDiffusionPipeline, "_layout", lambda self: None)
+    plain = build(copy.deepcopy(c["unet"]).to(memory_format=torch.contiguous_format))
+    assert not channels_last(plain) and plain.unet.conv_in.weight.is_contiguous()
+    a, b = (run(p, image, box_mask, background="none") for p in (fast, plain))
+    assert torch.allclose(a.latents, b.latents, atol=1e-4)
+    assert np.abs(px(a.images[0]) - px(b.images[0])).max() <= 1
+    monkeypatch.undo()
+    fast.unet.to("meta")  # not the CPU: the layout as loaded
+    fast._layout()
+    assert not channels_last(fast) and fast.unet.conv_in.weight.is_contiguous()

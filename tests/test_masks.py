@@ -63,6 +63,33 @@ def test_feather_is_zero_outside_one_inside_and_keeps_thin_lines():
     assert torch.all(w_line[line_mask() > 0] > 0)
 
 
+def test_feather_on_the_box_equals_the_whole_frames_erosions():
+    """feather erodes only the mask's box and a 1 px ring: the weights must be those of the
+    erosions over the whole frame, for masks touching each border, in corners, soft, several
+    islands, across a batch, and empty."""
+
+    def whole_frame(mask, radius):
+        binary = (mask > 0).to(mask.dtype)
+        depth, current = torch.zeros_like(binary), binary
+        for _ in range(radius):
+            depth, current = depth + current, M.erode(current, 3)
+        return mask * (depth / radius)
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 30, 30), (2, 17, 41), (1, 1, 9), (1, 40, 3)]
+    for b, h, w in shapes:
+        for trial in range(12):
+            m = torch.zeros(b, 1, h, w)
+            for _ in range(trial % 4):  # 0 (empty) to 3 rectangles, some at the borders
+                y, x = (int(torch.randint(0, n, (1,), generator=g)) for n in (h, w))
+                dy, dx = (int(torch.randint(1, n + 1, (1,), generator=g)) for n in (h, w))
+                m[trial % b, :, y : y + dy, x : x + dx] = 0.2 + 0.8 * torch.rand(1, generator=g)
+            if trial == 5:
+                m[..., 0, :] = 1  # a whole border row
+            for radius in (1, 3, 8):
+                assert torch.equal(M.feather(m, radius), whole_frame(m, radius)), (b, h, w, trial)
+
+
 def test_crop_box_contains_mask_has_min_side_and_stays_inside():
     box = M.crop_box((1000, 10, 1020, 30), (1024, 768), min_side=256, context=0.5)
     x0, y0, x1, y1 = box

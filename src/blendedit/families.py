@@ -52,12 +52,6 @@ def inpaint_kind(family: str, denoiser) -> str | None:
     )
 
 
-#: A UNet's input goes in channels-last layout on the CPU up to this many latent cells: an
-#: SD-shaped UNet (batch 2) ran 2 % faster at 32x32 and 1-3 % slower at 48x48 and 64x64 on
-#: the project's 2-core CPU (benchmarks/big_photo.py's model).
-CHANNELS_LAST_CELLS = 32 * 32
-
-
 class Family:
     """Stable Diffusion 1.x/2.x: epsilon or v prediction at the scheduler's discrete levels."""
 
@@ -153,8 +147,6 @@ class Family:
         if cond is not None:
             x = torch.cat([x, cond_rows(cond, len(x))], dim=1)
         kw = {"added_cond_kwargs": added} if added else {}
-        if x.device.type == "cpu" and x.shape[-2] * x.shape[-1] <= CHANNELS_LAST_CELLS:
-            x = x.contiguous(memory_format=torch.channels_last)
         return model(x, t, encoder_hidden_states=embeds, return_dict=False, **kw)[0].contiguous()
 
     def guided(self, model, z, t, embeds, guidance_scale: float, added=None, cond=None):
@@ -267,6 +259,7 @@ class Flux(SD3):
     def __init__(self, denoiser):
         super().__init__(denoiser)
         self.distilled = is_guidance_distilled(denoiser)  # FLUX.1-dev; schnell takes CFG
+        self._cond_tokens: tuple | None = None  # (cond, rows, its packed tokens): see call
         if self.inpaint == "fill":  # diffusers' FluxFillPipeline is its inpainting pipeline
             self.baselines = ("FluxFillPipeline", None, None)
 
@@ -306,8 +299,11 @@ class Flux(SD3):
         if self.distilled:
             g = torch.full((b,), guidance_scale, device=x.device, dtype=x.dtype)
         tokens = pack(x)
-        if cond is not None:
-            tokens = torch.cat([tokens, pack(cond_rows(cond, b))], dim=-1)
+        if cond is not None:  # the same at every step: packed once per cond and batch
+            memo = self._cond_tokens
+            if memo is None or memo[0] is not cond or memo[1] != b:
+                memo = self._cond_tokens = (cond, b, pack(cond_rows(cond, b)))
+            tokens = torch.cat([tokens, memo[2]], dim=-1)
         out = model(
             hidden_states=tokens,
             timestep=(t / 1000).expand(b).to(x.dtype),

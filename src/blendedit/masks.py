@@ -87,9 +87,17 @@ def feather(mask: torch.Tensor, radius: int) -> torch.Tensor:
         return mask
     binary = (mask > 0).to(mask.dtype)
     depth = torch.zeros_like(binary)
-    current = binary
+    rows, cols = (binary.amax(dim=(0, 1, k)).nonzero() for k in (3, 2))
+    if len(rows) == 0:
+        return mask * depth
+    # the erosions run on the mask's box and a ring of 1 px of the unmasked frame around it
+    # (the frame's own border counts as masked, as in the whole frame): the same depths, at
+    # the cost of the box instead of the frame (a small mask on a 12-MP photo)
+    y0, x0 = max(int(rows[0]) - 1, 0), max(int(cols[0]) - 1, 0)
+    box = (..., slice(y0, int(rows[-1]) + 2), slice(x0, int(cols[-1]) + 2))
+    current = binary[box]
     for _ in range(radius):
-        depth = depth + current
+        depth[box] += current
         current = erode(current, 3)
     return mask * (depth / radius)
 
