@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -23,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-from blendedit.io import save_json
 from blendedit.models import BUILTIN_MODELS, toy_shipped
 from blendedit.tiny import build_tiny_components, build_tiny_sdxl_components
+
+sys.path.insert(0, str(Path(__file__).parent))
+from speed import machine, write_report  # noqa: E402
 
 #: (name, latent sides, samples): the shipped toy UNet at its own 16x16 grid (4 samples, the
 #: default) and zoomed/big grids; the random SD 1.x-shaped UNet (channels / 4) at 256-768 px.
@@ -37,15 +38,19 @@ CASES = (
 )
 
 
-def unet_and_inputs(name: str, side: int, samples: int):
-    """The UNet of ``name`` and the keyword inputs of one guided call on a side x side grid."""
+def build_unet(name: str):
+    """The UNet of ``name``: a shipped model or a random preset of :mod:`blendedit.tiny`."""
     if name in BUILTIN_MODELS:
         unet = BUILTIN_MODELS[name]()["unet"]
     elif name == "sdxl-shaped":
-        unet = build_tiny_sdxl_components(name, sample_size=side)["unet"]
+        unet = build_tiny_sdxl_components(name)["unet"]
     else:
-        unet = build_tiny_components(name, sample_size=side)["unet"]
-    unet = unet.float().eval()
+        unet = build_tiny_components(name)["unet"]
+    return unet.float().eval()
+
+
+def call_inputs(unet, side: int, samples: int) -> dict:
+    """The keyword inputs of one guided call of ``unet`` on a side x side latent grid."""
     g = torch.Generator().manual_seed(0)
     b = 2 * samples
     kw = dict(
@@ -61,7 +66,7 @@ def unet_and_inputs(name: str, side: int, samples: int):
             text_embeds=torch.randn(b, pooled, generator=g),
             time_ids=torch.tensor([[8.0 * side] * 2 + [0.0] * 2 + [8.0 * side] * 2] * b),
         )
-    return unet, kw
+    return kw
 
 
 def compare(unet, kw: dict, calls: int) -> dict:
@@ -98,8 +103,9 @@ def main(argv=None) -> int:
         if name in BUILTIN_MODELS and not toy_shipped():
             print(f"{name}: the shipped model is missing, skipped", file=sys.stderr)
             continue
+        unet = build_unet(name)  # once: its weights do not depend on the grid
         for side in sides:
-            unet, kw = unet_and_inputs(name, side, samples)
+            kw = call_inputs(unet, side, samples)
             calls = max(4, round(args.calls * min(1.0, 32 * 32 / side**2)))  # fewer on big grids
             r = compare(unet, kw, calls)
             r.update(model=name, side=side, samples=samples)
@@ -111,16 +117,13 @@ def main(argv=None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    res = dict(rows=rows, machine=machine, wall_seconds=round(time.time() - t_all, 1))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(res, out / "results.json")
+    res = dict(rows=rows, machine=machine(), wall_seconds=round(time.time() - t_all, 1))
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# The channels-last UNet layout on the CPU",
         "",
-        f"`python benchmarks/cpu_layout.py {cmd}` on {machine}; {res['wall_seconds']} s in all. "
+        f"`python benchmarks/cpu_layout.py {cmd}` on {res['machine']}; "
+        f"{res['wall_seconds']} s in all. "
         "One UNet call (guidance's 2 rows per sample), the same weights in the default and the "
         "channels-last layout, called alternately; the ratio is the median of same-pair ratios.",
         "",
@@ -134,8 +137,7 @@ def main(argv=None) -> int:
             f"{r['ms']['default']:.1f} | {r['ms']['channels_last']:.1f} | **{r['ratio']:.3f}x** | "
             f"{r['won']} of {r['calls']} | {r['max_abs_diff']:.1e} |"
         )
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, res, lines)
     return 0
 
 

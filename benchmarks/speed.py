@@ -110,6 +110,21 @@ def alternate(runs: dict, rounds: int, log) -> tuple[dict, dict]:
     return wall, cpu
 
 
+def machine() -> str:
+    """This machine as the speed reports name it: architecture, torch's threads and version."""
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write_report(out, res: dict, lines: list[str]) -> None:
+    """``res`` as ``out/results.json`` and ``lines`` as ``out/report.md`` (``out`` created),
+    the report also printed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(res, out / "results.json")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def vs_baselines(size: int, steps: int, rounds: int, width_div: int, log) -> dict:
     P = pipelines(width_div, size // 8)
     image, mask = scene(size, size * 3 // 8)

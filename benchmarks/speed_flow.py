@@ -13,7 +13,6 @@ rotates every round); the ratio is the median of same-round ratios, as in ``spee
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -22,12 +21,11 @@ from pathlib import Path
 import torch
 
 from blendedit import BlendedLatentDiffusionPipeline
-from blendedit.io import save_json
 from blendedit.models import quiet_transformers
 from blendedit.tiny import build_tiny_flux_components, build_tiny_sd3_components
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import PROMPT, alternate, paired_ratio, scene  # noqa: E402
+from speed import PROMPT, alternate, machine, paired_ratio, scene, write_report  # noqa: E402
 
 with quiet_transformers():
     from diffusers import (
@@ -142,13 +140,8 @@ def main(argv=None) -> int:
             ratio=paired_ratio(times, "ours", "diffusers_inpaint"),
             cpu_ratio=paired_ratio(cpu, "ours", "diffusers_inpaint"),
         )
-    res["machine"] = (
-        f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    res["machine"] = machine()
     res["wall_seconds"] = round(time.time() - t_all, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(res, out / "results.json")
     names = {"sd3": "StableDiffusion3InpaintPipeline", "flux": "FluxInpaintPipeline"}
     lines = [
         "# Speed on flow-matching models (issue 30)",
@@ -170,8 +163,7 @@ def main(argv=None) -> int:
             f"{r['median']['diffusers_inpaint']:.3f} ({names[family]}) | **{r['ratio']:.3f}x** "
             f"(CPU {r['cpu_ratio']:.3f}x) |"
         )
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, res, lines)
     return 0
 
 

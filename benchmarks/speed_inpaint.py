@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +28,6 @@ from pathlib import Path
 import torch
 
 from blendedit import BlendedLatentDiffusionPipeline
-from blendedit.io import save_json
 from blendedit.models import quiet_transformers
 from blendedit.tiny import (
     build_tiny_components,
@@ -39,7 +37,7 @@ from blendedit.tiny import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import alternate, paired_ratio, scene  # noqa: E402
+from speed import alternate, machine, paired_ratio, scene, write_report  # noqa: E402
 from speed_flow import pair  # noqa: E402  (the two runs of one model, from the same seed)
 
 with quiet_transformers():
@@ -228,13 +226,8 @@ def main(argv=None) -> int:
             pipes = {"ours": ours, "diffusers_inpaint": theirs}
             both = {n: runs[n] for n in pipes}
             res["kinds"][kind]["parts"] = decompose(both, pipes, rounds, log)
-    res["machine"] = (
-        f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    res["machine"] = machine()
     res["wall_seconds"] = round(time.time() - t_all, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(res, out / "results.json")
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Speed on inpainting checkpoints (issue 39)",
@@ -280,8 +273,7 @@ def main(argv=None) -> int:
                 f"{q['call_ratio']:.3f}x | {o['ours']:.3f} / {o['diffusers_inpaint']:.3f} | "
                 f"**{q['predicted_ratio']:.3f}x** |"
             )
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, res, lines)
     return 0
 
 
