@@ -354,9 +354,9 @@ def test_v_prediction_models_blend_the_same_way(pipe, image, box_mask, scheduler
 def test_the_unet_is_channels_last_on_the_cpu_and_edits_as_in_the_default_layout(
     tiny_components, image, box_mask, monkeypatch
 ):
-    """On the CPU the pipeline keeps its UNet's weights channels-last (faster convolutions);
-    the edit is the one the default layout gives, up to float rounding; another device gets
-    the default layout back."""
+    """On the CPU the pipeline keeps its UNet's and VAE's weights channels-last (faster
+    convolutions); the edit is the one the default layout gives, up to float rounding; another
+    device gets the default layout back."""
     import copy
 
     from blendedit import BlendedLatentDiffusionPipeline
@@ -365,10 +365,14 @@ def test_the_unet_is_channels_last_on_the_cpu_and_edits_as_in_the_default_layout
     parts = [c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]]
 
     def build(unet):
-        return BlendedLatentDiffusionPipeline(copy.deepcopy(unet), *parts)
+        vae = copy.deepcopy(c["vae"]).to(memory_format=torch.contiguous_format)
+        return BlendedLatentDiffusionPipeline(copy.deepcopy(unet), vae, *parts[1:])
 
     def channels_last(p):
-        return p.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        convs = (p.unet.conv_in, p.vae.encoder.conv_in, p.vae.decoder.conv_out)
+        layouts = {w.weight.is_contiguous(memory_format=torch.channels_last) for w in convs}
+        assert len(layouts) == 1  # all or none
+        return layouts.pop()
 
     fast = build(c["unet"])
     assert channels_last(fast)
@@ -380,5 +384,6 @@ def test_the_unet_is_channels_last_on_the_cpu_and_edits_as_in_the_default_layout
     assert np.abs(px(a.images[0]) - px(b.images[0])).max() <= 1
     monkeypatch.undo()
     fast.unet.to("meta")  # not the CPU: the layout as loaded
+    fast.vae.to("meta")
     fast._layout()
     assert not channels_last(fast) and fast.unet.conv_in.weight.is_contiguous()

@@ -186,11 +186,13 @@ class _Head(torch.nn.Module):
 
 def _split_decoder(vae, layers: str):
     """(frozen prefix: z -> features, the module to tune: features -> pixels, the prefix's
-    upscale factor); the module is the loaded decoder's, not yet copied."""
-    whole = _Decode(vae)
+    upscale factor), both on a copy of the loaded decoder (which is never touched) in the
+    default layout: on the CPU the pipeline keeps the VAE channels-last, and torch 2.13's CPU
+    backward through that layout crashed on some odd sizes."""
+    whole = copy.deepcopy(_Decode(vae)).to(memory_format=torch.contiguous_format)
     if layers == "all":
         return (lambda z: z), whole, 1
-    dec = vae.decoder
+    dec = whole.decoder
     if not all(hasattr(dec, a) for a in ("conv_in", "mid_block", "up_blocks", "conv_out")):
         raise ValueError(
             f"decoder_layers: {layers!r} needs a diffusers AutoencoderKL decoder; use 'all'"
@@ -321,9 +323,10 @@ def decoder_finetune(
     info = DecoderTuning(latent_box=box)
     for k in range(latents.shape[0]):
         target = (edit[k : k + 1, :, px[1] : px[3], px[0] : px[2]] * 2 - 1).to(device).float()
-        dec = copy.deepcopy(base).float().train(False)  # the loaded VAE is never touched
+        dec = copy.deepcopy(base).float().train(False)  # one sample's own copy
         # the frozen layers run once, on the whole frame (identity for layers='all')
         z = prefix(unscale_latents(vae, latents[k : k + 1]).to(device, torch.float32))
+        z = z.contiguous()  # the default layout, as the decoder's copy
         if cropped:  # normalize the crop by the whole frame's statistics, then crop
             fix_group_norms(dec, z)
             z = z[..., ly0 * up : ly1 * up, lx0 * up : lx1 * up]

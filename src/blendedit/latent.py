@@ -20,6 +20,7 @@ from . import background as B
 from . import checks
 from . import conditioning as C
 from . import masks as M
+from .attention import cross_attention_cache
 from .checks import _as_mask, _as_pil, _check_float, _check_int, check_generator, check_prompt
 from .io import mask_to_tensor, pil_to_tensor, tensor_to_mask, tensor_to_pil
 from .latent_model import Generator, LatentModel, OnUNet, _randn, _sync  # noqa: F401
@@ -359,7 +360,7 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         z = self.noised(z_src.expand(n, -1, -1, -1), noise, timesteps, 0)
         steps = len(timesteps)
         switch = steps - round(steps * opts.refiner_fraction) if self.refiner else steps
-        with torch.inference_mode():
+        with torch.inference_mode(), cross_attention_cache():
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
                 z_in = fam.model_input(self.scheduler, z, t)
                 unet, emb, add = models[int(i >= switch)]

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import attention
 from . import background as B
 from .families import Family, adapter
 from .options import DEFAULT_GUIDANCE_SCALE, SCHEDULERS
@@ -260,19 +261,26 @@ class LatentModel(OnUNet):
         return self
 
     def _layout(self) -> None:
-        """A UNet's weights (and so its activations) in channels-last layout on the CPU, where
-        its convolutions run faster on average: 0-5 % a call, varying from run to run, and
-        slower beyond noise in none of the shipped, SD- and SDXL-shaped UNets measured
-        (benchmarks/cpu_layout.py; docs/benchmarks.md, "The CPU layout"). On another device
-        the default layout, as loaded. Transformers (SD3, Flux) have no conv_in: left as is."""
-        for u in (self.unet, self.refiner["unet"] if self.refiner else None):
-            conv = getattr(u, "conv_in", None)
+        """The UNets' and the VAE's weights (and so their activations) in channels-last layout
+        on the CPU, where their convolutions run faster on average: 0-5 % a UNet call, varying
+        from run to run, 4-10 % a VAE encode or decode, and slower beyond noise in none of the
+        shipped, SD- and SDXL-shaped models measured (benchmarks/cpu_layout.py;
+        docs/benchmarks.md, "The CPU layout"). On another device the default layout, as loaded.
+        Transformers (SD3, Flux) are left as they are. Also gives the UNets' cross-attention its
+        once-per-edit keys and values (:mod:`blendedit.attention`)."""
+        unets = [self.unet, self.refiner["unet"] if self.refiner else None]
+        for u in unets:
+            if u is not None:
+                attention.install(u)
+        convs = [getattr(u, "conv_in", None) for u in unets]
+        convs.append(getattr(getattr(self.vae, "encoder", None), "conv_in", None))
+        for model, conv in zip([*unets, self.vae], convs):
             if not isinstance(conv, torch.nn.Conv2d):
                 continue
             cpu = conv.weight.device.type == "cpu"
             fmt = torch.channels_last if cpu else torch.contiguous_format
             if not conv.weight.is_contiguous(memory_format=fmt):
-                u.to(memory_format=fmt)
+                model.to(memory_format=fmt)
 
     @property
     def native_size(self) -> int:
