@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from blendedit import BlendedLatentDiffusionPipeline
-from blendedit.attention import cross_attention_cache
 from blendedit.models import quiet_transformers
+from blendedit.sharing import cross_attention_cache, twin_rows
 from blendedit.tiny import (
     build_tiny_components,
     build_tiny_flux_components,
@@ -119,8 +119,9 @@ def decompose(runs: dict, pipes: dict, rounds: int, log) -> dict:
     the work outside the denoiser (every edit with its denoiser's forward a stub that returns
     zeros, ``5 x rounds`` alternating rounds of these short edits) and one denoiser call (each
     pipeline's own copy with the inputs it gave in a real edit, ``3 x rounds`` alternating
-    pairs of calls). Ours' first call of an edit projects the text to its cross-attention keys
-    and values, the later ones reuse them (blendedit.attention): both are timed, the first in
+    pairs of calls, each as in a guided edit: blendedit.sharing's scopes set, which only ours'
+    UNets heed). Ours' first call of an edit projects the text to its cross-attention keys
+    and values, the later ones reuse them (blendedit.sharing): both are timed, the first in
     a fresh cache, the others in one kept across calls. Returns their medians, the calls per
     edit, and the edit's ratio they predict: (calls x call + outside) of ours over the same of
     theirs, ours' calls taken as theirs' x the median of same-pair ratios (steadier than two
@@ -147,8 +148,8 @@ def decompose(runs: dict, pipes: dict, rounds: int, log) -> dict:
         args, kwargs = seen[name][len(seen[name]) // 2]
 
         def run():
-            with cross_attention_cache({} if cache is None else cache):
-                return _denoiser(pipes[name])(*args, **kwargs)
+            with cross_attention_cache({} if cache is None else cache), twin_rows():
+                return _denoiser(pipes[name])(*args, **kwargs)  # as in the guided edit
 
         return run
 

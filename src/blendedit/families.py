@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from . import checks
 from . import conditioning as C
 from .denoisers import _text_ids, image_ids, is_guidance_distilled, pack, unpack
+from .sharing import twin_rows
 from .sources import FAMILY_NAMES
 
 INPAINT_NAMES = {"unet9": "inpainting UNet (9 input channels)", "fill": "Fill transformer"}
@@ -154,7 +155,8 @@ class Family:
         [uncond; cond] rows (2N for N latents); one pass otherwise (guidance-distilled Flux)."""
         if guidance_scale <= 1.0 or len(embeds) == len(z):
             return self.call(model, z, t, embeds, added, cond, guidance_scale)
-        out = self.call(model, torch.cat([z, z]), t, embeds, added, cond, guidance_scale)
+        with twin_rows():  # the two halves agree up to the text (blendedit.sharing)
+            out = self.call(model, torch.cat([z, z]), t, embeds, added, cond, guidance_scale)
         eps_u, eps_c = out.chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 

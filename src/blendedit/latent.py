@@ -20,7 +20,6 @@ from . import background as B
 from . import checks
 from . import conditioning as C
 from . import masks as M
-from .attention import cross_attention_cache
 from .checks import _as_mask, _as_pil, _check_float, _check_int, check_generator, check_prompt
 from .io import mask_to_tensor, pil_to_tensor, tensor_to_mask, tensor_to_pil
 from .latent_model import Generator, LatentModel, OnUNet, _randn, _sync  # noqa: F401
@@ -36,6 +35,7 @@ from .options import (  # noqa: F401 (the options' names, where users import the
     options_fields,
 )
 from .ranking import RANK_REGIONS
+from .sharing import cross_attention_cache
 
 #: crop_to_mask="auto" zooms (generates the box at the native size and resizes it back) where
 #: the box around the mask at native scale holds more than this many times the native area

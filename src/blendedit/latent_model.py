@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from . import attention
 from . import background as B
+from . import sharing
 from .families import Family, adapter
 from .options import DEFAULT_GUIDANCE_SCALE, SCHEDULERS
 from .ranking import ClipRanker, builtin_ranker
@@ -267,11 +267,11 @@ class LatentModel(OnUNet):
         shipped, SD- and SDXL-shaped models measured (benchmarks/cpu_layout.py;
         docs/benchmarks.md, "The CPU layout"). On another device the default layout, as loaded.
         Transformers (SD3, Flux) are left as they are. Also gives the UNets' cross-attention its
-        once-per-edit keys and values (:mod:`blendedit.attention`)."""
+        once-per-edit keys and values (:mod:`blendedit.sharing`)."""
         unets = [self.unet, self.refiner["unet"] if self.refiner else None]
         for u in unets:
             if u is not None:
-                attention.install(u)
+                sharing.install(u)
         convs = [getattr(u, "conv_in", None) for u in unets]
         convs.append(getattr(getattr(self.vae, "encoder", None), "conv_in", None))
         for model, conv in zip([*unets, self.vae], convs):

@@ -1,4 +1,5 @@
-"""Cross-attention keys and values projected once per edit (blendedit.attention)."""
+"""Work shared between UNet calls (blendedit.sharing): cross-attention keys and values once per
+edit, the guidance rows' first layers once per step."""
 
 import copy
 
@@ -8,7 +9,7 @@ import torch
 from conftest import gen
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from blendedit import BlendedLatentDiffusionPipeline, attention
+from blendedit import BlendedLatentDiffusionPipeline, sharing
 from blendedit.tiny import (
     build_tiny_flux_components,
     build_tiny_inpaint_components,
@@ -47,10 +48,11 @@ def edit(pipe, image, mask, **kw):
 
 @pytest.mark.parametrize("kind", ["sd", "sd-inpaint"])
 def test_keys_and_values_are_projected_once_per_edit_and_the_edit_is_unchanged(
-    kind, tiny_components, image, box_mask
+    kind, tiny_components, image, box_mask, monkeypatch
 ):
     """Each cross-attention module projects the text once per edit (diffusers' processor: at
-    every step), and the edit is bit for bit the one diffusers' processor gives."""
+    every step), and the edit is the one without any sharing, up to float rounding (the
+    guidance rows' first layers run as a batch of one)."""
     if kind == "sd":
         c = tiny_components
         parts = [c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]]
@@ -58,20 +60,27 @@ def test_keys_and_values_are_projected_once_per_edit_and_the_edit_is_unchanged(
         c = build_tiny_inpaint_components("sd")["components"]
         parts = [c[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")]
     ours = BlendedLatentDiffusionPipeline(copy.deepcopy(parts[0]), *parts[1:])
-    theirs = default_processors(BlendedLatentDiffusionPipeline(copy.deepcopy(parts[0]), *parts[1:]))
+    with monkeypatch.context() as m:
+        m.setattr(sharing, "install", lambda model: 0)
+        plain = BlendedLatentDiffusionPipeline(copy.deepcopy(parts[0]), *parts[1:])
     modules = cross_modules(ours.unet)
-    assert modules and attention.install(ours.unet) == len(modules)  # idempotent
+    assert modules and sharing.install(ours.unet) == len(modules)  # idempotent
     assert all(type(m.processor.fallback) is AttnProcessor2_0 for m in modules)
-    ours_calls, theirs_calls = count_projections(ours.unet), count_projections(theirs.unet)
-    a, b = (edit(p, image, box_mask, background="none") for p in (ours, theirs))
+    assert all(type(m.processor) is AttnProcessor2_0 for m in cross_modules(plain.unet))
+    ours_calls, plain_calls = count_projections(ours.unet), count_projections(plain.unet)
+    a, b = (edit(p, image, box_mask, background="none") for p in (ours, plain))
     assert len(ours_calls) == 2 * len(modules)  # K and V, once
-    assert len(theirs_calls) == 2 * len(modules) * STEPS
-    assert torch.equal(a.latents, b.latents)
-    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert len(plain_calls) == 2 * len(modules) * STEPS
+    assert torch.allclose(a.latents, b.latents, atol=1e-4)
+    assert np.abs(px(a.images[0]) - px(b.images[0])).max() <= 1
     # a second edit with other text projects afresh (the cache lives for one loop)
     again = ours("a blue square", image, box_mask, num_inference_steps=STEPS, generator=gen(0))
     assert len(ours_calls) == 4 * len(modules)
-    assert not torch.equal(again.latents, a.latents)
+    assert not torch.allclose(again.latents, a.latents, atol=1e-2)
+
+
+def px(img):
+    return np.asarray(img).astype(np.int32)
 
 
 def test_sdxl_and_its_refiner_cache_each_their_own_keys(tmp_path, image, box_mask):
@@ -99,7 +108,7 @@ def test_outside_an_edit_the_replaced_processor_runs(tiny_components):
     every time, as diffusers' processor, and gives its output."""
     unet = copy.deepcopy(tiny_components["unet"])
     plain = copy.deepcopy(unet)
-    attention.install(unet)
+    sharing.install(unet)
     calls = count_projections(unet)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor(10)
     states = torch.randn(2, 77, unet.config.cross_attention_dim)
@@ -108,7 +117,7 @@ def test_outside_an_edit_the_replaced_processor_runs(tiny_components):
         for _ in range(2):
             assert torch.equal(unet(x, t, encoder_hidden_states=states).sample, want)
         assert len(calls) == 2 * 2 * len(cross_modules(unet))
-        with attention.cross_attention_cache():
+        with sharing.cross_attention_cache():
             for _ in range(2):
                 assert torch.equal(unet(x, t, encoder_hidden_states=states).sample, want)
             assert len(calls) == 2 * 3 * len(cross_modules(unet))  # one projection more
@@ -124,5 +133,50 @@ def test_transformers_are_left_as_they_are(build):
     to cache, and no processor is replaced."""
     model = build()["transformer"]
     before = [type(m.processor) for m in model.modules() if hasattr(m, "processor")]
-    assert attention.install(model) == 0
+    assert sharing.install(model) == 0
     assert before == [type(m.processor) for m in model.modules() if hasattr(m, "processor")]
+
+
+def test_the_guidance_rows_share_the_layers_before_the_text(tiny_components):
+    """On [z; z] inside twin_rows the layers before the first cross-attention run on one half
+    (a batch of N for 2N rows), those after on both, and the output is the unshared one up to
+    float rounding; outside the scope every layer sees the whole batch."""
+    unet = copy.deepcopy(tiny_components["unet"])
+    plain = copy.deepcopy(unet)
+    sharing.install(unet)
+    shared = sharing.twin_layers(unet)
+    first = unet.down_blocks[0]
+    assert shared[:2] == [unet.conv_in, first.resnets[0]]
+    assert shared[-1] is first.attentions[0].transformer_blocks[0].attn1
+    seen = {}
+    for name, layer in (
+        ("resnet", first.resnets[0].conv1),
+        ("self-attention", first.attentions[0].transformer_blocks[0].attn1.to_q),
+        ("cross-attention", first.attentions[0].transformer_blocks[0].attn2.to_q),
+        ("next block", unet.down_blocks[1].resnets[0].conv1),
+    ):
+        layer.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, len(a[0])))
+    z = torch.randn(2, 4, 8, 8)
+    x, t = torch.cat([z, z]), torch.tensor(10)
+    states = torch.randn(4, 77, unet.config.cross_attention_dim)  # [uncond; cond] text rows
+    with torch.no_grad():
+        want = plain(x, t, encoder_hidden_states=states).sample
+        with sharing.twin_rows():
+            got = unet(x, t, encoder_hidden_states=states).sample
+        assert seen == {"resnet": 2, "self-attention": 2, "cross-attention": 4, "next block": 4}
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(got[:2], got[2:], atol=1e-3)  # the text still tells them apart
+        assert torch.equal(unet(x, t, encoder_hidden_states=states).sample, want)
+        assert seen["resnet"] == 4  # outside the scope: the whole batch
+        with sharing.twin_rows(), pytest.raises(RuntimeError, match="no two halves"):
+            unet(x[:3], t, encoder_hidden_states=states[:3])
+
+
+def test_sdxl_unets_share_no_rows():
+    """An SDXL UNet's time embedding takes the pooled text, different in the two rows: its
+    first layers are not shared (its cross-attention keys and values are)."""
+    from blendedit.tiny import build_tiny_sdxl_components
+
+    unet = build_tiny_sdxl_components()["unet"]
+    assert sharing.twin_layers(unet) == []
+    assert sharing.install(unet) == len(cross_modules(unet)) > 0
