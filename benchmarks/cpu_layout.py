@@ -3,11 +3,12 @@
 On the CPU the pipeline keeps its UNets' and its VAE's weights channels-last
 (``LatentModel._layout``), so their convolutions and activations run in that layout. This times
 one UNet call (classifier-free guidance's batch of 2 per sample), one VAE encode (the source)
-and one VAE decode (the samples) in that layout against the default one, the two copies of the
+and one VAE decode (the samples) in that layout against the default one (the VAE's input
+channels-last in both, as the pipeline gave it before its weights were), the two copies of the
 same weights called alternately call by call (so the machine's drift falls on both), for the
 shipped Shapes World models and the random SD- and SDXL-shaped ones of ``blendedit.tiny`` (and
 a VAE of SD's full width), at several sizes. The ratio is the median of same-pair ratios, with
-how many pairs the channels-last call won.
+how many pairs the channels-last call won. ``--models none`` or ``--vaes`` alone skip a part.
 
     python benchmarks/cpu_layout.py [--calls 30] [--out benchmarks/results/cpu_layout]
 """
@@ -167,10 +168,12 @@ def main(argv=None) -> int:
         f = 2 ** (len(vae.config.block_out_channels) - 1)
         for side in sides:
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(1, 3, side, side, generator=g)
+            # the inputs channels-last in both, as the pipeline hands them to the VAE
+            x = torch.randn(1, 3, side, side, generator=g).to(memory_format=torch.channels_last)
             z = torch.randn(samples, vae.config.latent_channels, side // f, side // f, generator=g)
+            z = z.to(memory_format=torch.channels_last)
             work = side**2 * (1 + 2 * samples) * sum(vae.config.block_out_channels) ** 2
-            calls = max(4, min(args.calls, round(args.calls * 2e12 / work)))  # fewer if big
+            calls = max(4, min(args.calls, round(args.calls * 1e11 / work)))  # fewer if big
             for what, call in (
                 ("encode", lambda m, x=x: m.encode(x).latent_dist.mean),
                 ("decode", lambda m, z=z: m.decode(z).sample),
@@ -204,7 +207,8 @@ def main(argv=None) -> int:
     if vae_rows:
         lines += [
             "",
-            "One VAE pass, encoding one source image or decoding the samples, in the same way:",
+            "One VAE pass, encoding one source image or decoding the samples, in the same way "
+            "(the input channels-last in both, as the pipeline gives it):",
             "",
             "| VAE | pass | pixels | images | default (ms) | channels-last (ms) | ratio | "
             "channels-last faster | max abs diff |",

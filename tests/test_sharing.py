@@ -21,6 +21,15 @@ from blendedit.tiny import (
 STEPS = 4
 
 
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """The tiny SD components as built (the session's shared ones may carry the sharing
+    already, given by the pipelines other tests built over them)."""
+    from blendedit.tiny import build_tiny_components
+
+    return build_tiny_components("tiny", seed=0, tokenizer_dir=tmp_path_factory.mktemp("tok"))
+
+
 def cross_modules(unet):
     return [m for m in unet.modules() if getattr(m, "is_cross_attention", False)]
 
@@ -48,13 +57,13 @@ def edit(pipe, image, mask, **kw):
 
 @pytest.mark.parametrize("kind", ["sd", "sd-inpaint"])
 def test_keys_and_values_are_projected_once_per_edit_and_the_edit_is_unchanged(
-    kind, tiny_components, image, box_mask, monkeypatch
+    kind, fresh, image, box_mask, monkeypatch
 ):
     """Each cross-attention module projects the text once per edit (diffusers' processor: at
     every step), and the edit is the one without any sharing, up to float rounding (the
     guidance rows' first layers run as a batch of one)."""
     if kind == "sd":
-        c = tiny_components
+        c = fresh
         parts = [c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]]
     else:  # a 9-channel inpainting UNet: the same, its conditioning beside the latents
         c = build_tiny_inpaint_components("sd")["components"]
@@ -103,11 +112,12 @@ def test_sdxl_and_its_refiner_cache_each_their_own_keys(tmp_path, image, box_mas
     assert torch.equal(a.latents, b.latents)
 
 
-def test_outside_an_edit_the_replaced_processor_runs(tiny_components):
+def test_outside_an_edit_the_replaced_processor_runs(fresh):
     """A call outside :func:`cross_attention_cache` (or with an attention mask) projects
     every time, as diffusers' processor, and gives its output."""
-    unet = copy.deepcopy(tiny_components["unet"])
+    unet = copy.deepcopy(fresh["unet"])
     plain = copy.deepcopy(unet)
+    assert not sharing.twin_layers(plain)[0]._forward_hooks  # as diffusers builds it
     sharing.install(unet)
     calls = count_projections(unet)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor(10)
@@ -137,12 +147,13 @@ def test_transformers_are_left_as_they_are(build):
     assert before == [type(m.processor) for m in model.modules() if hasattr(m, "processor")]
 
 
-def test_the_guidance_rows_share_the_layers_before_the_text(tiny_components):
+def test_the_guidance_rows_share_the_layers_before_the_text(fresh):
     """On [z; z] inside twin_rows the layers before the first cross-attention run on one half
     (a batch of N for 2N rows), those after on both, and the output is the unshared one up to
     float rounding; outside the scope every layer sees the whole batch."""
-    unet = copy.deepcopy(tiny_components["unet"])
+    unet = copy.deepcopy(fresh["unet"])
     plain = copy.deepcopy(unet)
+    assert not sharing.twin_layers(plain)[0]._forward_hooks  # as diffusers builds it
     sharing.install(unet)
     shared = sharing.twin_layers(unet)
     first = unet.down_blocks[0]

@@ -354,7 +354,8 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         latent, or one per sample), denoise over ``timesteps`` and after every step blend with
         the background at the same noise level under the mask ``schedule``; returns the final
         (n, C, h, w) latents (inference mode: no autograd bookkeeping per op; cloned out of it
-        at the end, as decoder fine-tuning backpropagates through D(z))."""
+        at the end, as decoder fine-tuning backpropagates through D(z); the UNets' cross-attention
+        keys and values kept for the loop, :mod:`blendedit.sharing`)."""
         fam, device, dtype = self.adapter, self.device, self.dtype
         noise = _randn((n, *z_src.shape[1:]), generator, device, dtype)  # (N, 4, h, w)
         z = self.noised(z_src.expand(n, -1, -1, -1), noise, timesteps, 0)

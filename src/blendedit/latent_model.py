@@ -263,11 +263,11 @@ class LatentModel(OnUNet):
     def _layout(self) -> None:
         """The UNets' and the VAE's weights (and so their activations) in channels-last layout
         on the CPU, where their convolutions run faster on average: 0-5 % a UNet call, varying
-        from run to run, 4-10 % a VAE encode or decode, and slower beyond noise in none of the
-        shipped, SD- and SDXL-shaped models measured (benchmarks/cpu_layout.py;
-        docs/benchmarks.md, "The CPU layout"). On another device the default layout, as loaded.
-        Transformers (SD3, Flux) are left as they are. Also gives the UNets' cross-attention its
-        once-per-edit keys and values (:mod:`blendedit.sharing`)."""
+        from run to run, and slower beyond noise in none of the shipped, SD- and SDXL-shaped
+        models measured; the VAE, whose input was already channels-last, 0-5 % a pass
+        (benchmarks/cpu_layout.py; docs/benchmarks.md, "The CPU layout"). On another device the
+        default layout, as loaded. Transformers (SD3, Flux) are left as they are. Also installs
+        the work the UNets' calls share (:mod:`blendedit.sharing`)."""
         unets = [self.unet, self.refiner["unet"] if self.refiner else None]
         for u in unets:
             if u is not None:

@@ -56,7 +56,8 @@ class CachedCrossAttention:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         entry = cache.get(id(attn))
         if entry is None or entry[0] is not encoder_hidden_states:
-            # (B, T, heads * d) -> (B, heads, T, d); the state is kept so that its id stays its
+            # (B, T, heads * d) -> (B, heads, T, d); the entry holds the state itself, so that
+            # the identity check cannot match another tensor at a reused address
             k, v = (_heads(p(encoder_hidden_states), attn.heads) for p in (attn.to_k, attn.to_v))
             entry = cache[id(attn)] = (encoder_hidden_states, k, v)
         _, k, v = entry
