@@ -186,10 +186,12 @@ class _Head(torch.nn.Module):
 
 def _split_decoder(vae, layers: str):
     """(frozen prefix: z -> features, the module to tune: features -> pixels, the prefix's
-    upscale factor), both on a copy of the loaded decoder (which is never touched) in the
-    default layout: on the CPU the pipeline keeps the VAE channels-last, and torch 2.13's CPU
-    backward through that layout crashed on some odd sizes."""
-    whole = copy.deepcopy(_Decode(vae)).to(memory_format=torch.contiguous_format)
+    upscale factor), both in the default layout: the loaded decoder's modules, or a copy where
+    they are channels-last (the pipeline's layout on the CPU), since torch 2.13's CPU backward
+    through that layout crashed on some odd sizes. The loaded decoder is never changed."""
+    whole = _Decode(vae)
+    if any(p.dim() == 4 and not p.is_contiguous() for p in whole.parameters()):
+        whole = copy.deepcopy(whole).to(memory_format=torch.contiguous_format)
     if layers == "all":
         return (lambda z: z), whole, 1
     dec = whole.decoder
