@@ -129,10 +129,12 @@ def compare(model, call, calls: int, change=channels_last) -> dict:
     )
 
 
-def _log(r: dict, what: str) -> dict:
+def log(r: dict, what: str) -> dict:
+    """Print one :func:`compare` result ``r`` (named ``what``) to stderr; returns it."""
+    changed = next(k for k in r["ms"] if k != "default")
     print(
-        f"{what}: {r['ms']['default']:.1f} ms default, {r['ms']['channels_last']:.1f} ms "
-        f"channels-last, {r['ratio']:.3f}x, won {r['won']} of {r['calls']}",
+        f"{what}: {r['ms']['default']:.1f} ms default, {r['ms'][changed]:.1f} ms {changed}, "
+        f"{r['ratio']:.3f}x, won {r['won']} of {r['calls']}, max diff {r['max_abs_diff']:.1e}",
         file=sys.stderr,
         flush=True,
     )
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
             calls = max(4, round(args.calls * min(1.0, 32 * 32 / side**2)))  # fewer on big grids
             r = compare(unet, lambda m, kw=kw: m(**kw)[0], calls)
             r.update(model=name, side=side, samples=samples)
-            rows.append(_log(r, f"{name} {side}x{side}"))
+            rows.append(log(r, f"{name} {side}x{side}"))
     vae_rows = []
     for name, sides, samples in (c for c in VAE_CASES if c[0] in args.vaes):
         if name in BUILTIN_MODELS and not toy_shipped():
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
                 r = compare(vae, call, calls)
                 r.update(model=name, side=side, samples=1 if what == "encode" else samples)
                 r["what"] = what
-                vae_rows.append(_log(r, f"VAE {name} {what} {side}x{side}"))
+                vae_rows.append(log(r, f"VAE {name} {what} {side}x{side}"))
     res = dict(
         rows=rows, vae_rows=vae_rows, machine=machine(), wall_seconds=round(time.time() - t_all, 1)
     )

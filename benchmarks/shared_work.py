@@ -28,7 +28,7 @@ from blendedit import sharing
 from blendedit.models import BUILTIN_MODELS, toy_shipped
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu_layout import build_unet, call_inputs, channels_last, compare  # noqa: E402
+from cpu_layout import build_unet, call_inputs, channels_last, compare, log  # noqa: E402
 from speed import machine, write_report  # noqa: E402
 
 #: (name, latent sides, samples), as in cpu_layout.py
@@ -86,20 +86,13 @@ def main(argv=None) -> int:
 
                 r = compare(unet, call, calls, change=sharing_unet)
                 r.update(model=name, side=side, samples=samples, what=what)
-                rows.append(r)
-                print(
-                    f"{name} {side}x{side} {what}: {r['ms']['default']:.1f} ms without, "
-                    f"{r['ms']['sharing_unet']:.1f} ms with, {r['ratio']:.3f}x, won {r['won']} "
-                    f"of {calls}, max diff {r['max_abs_diff']:.1e}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                rows.append(log(r, f"{name} {side}x{side} {what}"))
     res = dict(rows=rows, machine=machine(), wall_seconds=round(time.time() - t_all, 1))
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Work shared between an edit's UNet calls, on the CPU",
         "",
-        f"`python benchmarks/cross_attention.py {cmd}` on {res['machine']}; "
+        f"`python benchmarks/{Path(__file__).name} {cmd}` on {res['machine']}; "
         f"{res['wall_seconds']} s in all. One UNet call of an edit's later steps (guidance's "
         "[z; z], 2 rows per sample), the same channels-last weights without and with "
         "blendedit.sharing (keys and values projected on the first step; the guidance rows' "
