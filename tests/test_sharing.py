@@ -1,7 +1,9 @@
-"""Work shared between UNet calls (blendedit.sharing): cross-attention keys and values once per
-edit, the guidance rows' first layers once per step."""
+"""Work shared between denoiser calls (blendedit.sharing): cross-attention keys and values once
+per edit, the guidance rows' first layers once per step, a transformer's per-edit inputs
+embedded once per edit."""
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ from blendedit.tiny import (
     build_tiny_flux_components,
     build_tiny_inpaint_components,
     build_tiny_sd3_components,
+    save_tiny_flux,
+    save_tiny_inpaint,
+    save_tiny_sd3,
     save_tiny_sdxl,
     save_tiny_sdxl_refiner,
 )
@@ -138,13 +143,88 @@ def test_outside_an_edit_the_replaced_processor_runs(fresh):
 
 
 @pytest.mark.parametrize("build", [build_tiny_sd3_components, build_tiny_flux_components])
-def test_transformers_are_left_as_they_are(build):
-    """SD3's and Flux's joint attention mixes text and image tokens in every block: nothing
-    to cache, and no processor is replaced."""
+def test_transformers_keep_their_processors_weights_and_names(build):
+    """SD3's and Flux's joint attention mixes text and image tokens in every block: no
+    processor is replaced. The modules that embed per-edit inputs keep their class's name,
+    their weights' names, and copy, pickle and compute as before."""
     model = build()["transformer"]
+    plain = copy.deepcopy(model)
     before = [type(m.processor) for m in model.modules() if hasattr(m, "processor")]
     assert sharing.install(model) == 0
     assert before == [type(m.processor) for m in model.modules() if hasattr(m, "processor")]
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert repr(model) == repr(plain)
+    states = torch.randn(1, 5, model.config.joint_attention_dim)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        embed = copied.context_embedder
+        assert type(embed) is type(model.context_embedder) is not type(plain.context_embedder)
+        with torch.no_grad(), sharing.cross_attention_cache():
+            want = plain.context_embedder(states)
+            assert torch.equal(embed(states), want) and embed(states) is embed(states)
+
+
+def per_edit_names(model) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return sorted(names[id(m)] for m in sharing.per_edit_modules(model))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux", "flux-fill"])
+def test_a_transformers_per_edit_inputs_are_embedded_once_per_edit(
+    kind, tmp_path, image, box_mask, monkeypatch
+):
+    """The text's projection, the pooled text's and guidance scale's embeddings and Flux's
+    rotary embedding are computed at the first step of an edit and reused after (the same
+    output object at every step; diffusers' modules compute them at every step); the edit is
+    bit for bit the one without the sharing; the next edit computes them afresh."""
+    save = {"sd3": save_tiny_sd3, "flux": save_tiny_flux}.get(kind)
+    folder = save(tmp_path / kind) if save else save_tiny_inpaint(tmp_path / kind, "flux")
+    ours = BlendedLatentDiffusionPipeline.from_pretrained(str(folder))
+    with monkeypatch.context() as m:
+        m.setattr(sharing, "install", lambda model: 0)
+        plain = BlendedLatentDiffusionPipeline.from_pretrained(str(folder))
+    want = ["context_embedder", "time_text_embed.text_embedder"]
+    if kind != "sd3":
+        want += ["pos_embed", "time_text_embed.guidance_embedder"]
+    assert per_edit_names(ours.unet) == sorted(want) == per_edit_names(plain.unet)
+    outputs = {}
+    for name, module in ours.unet.named_modules():
+        if module in sharing.per_edit_modules(ours.unet):
+            outputs[name] = []
+            module.register_forward_hook(lambda m, a, out, k=name: outputs[k].append(out))
+    a, b = (edit(p, image, box_mask, guidance_scale=4.0) for p in (ours, plain))
+    assert torch.equal(a.latents, b.latents)
+    assert np.array_equal(px(a.images[0]), px(b.images[0]))
+    for name, outs in outputs.items():
+        assert len(outs) == STEPS and all(o is outs[0] for o in outs), name
+    first = {name: outs[0] for name, outs in outputs.items()}
+    edit(ours, image, box_mask, guidance_scale=4.0)
+    for name, outs in outputs.items():
+        assert len(outs) == 2 * STEPS and outs[STEPS] is not first[name], name
+        assert all(o is outs[STEPS] for o in outs[STEPS:]), name
+
+
+def test_per_edit_outputs_are_reused_only_for_the_same_inputs_in_a_scope():
+    """Outside a scope, or with autograd on, a module computes at every call; inside one a
+    call with equal inputs (on the CPU: by value) gets the last output, other inputs a new
+    one, equal to what the module computes."""
+    model = build_tiny_flux_components()["transformer"]
+    sharing.install(model)
+    embed = model.context_embedder
+    states = torch.randn(1, 5, model.config.joint_attention_dim)
+    with torch.no_grad():
+        assert embed(states) is not embed(states)
+        with sharing.cross_attention_cache():
+            out = embed(states)
+            assert embed(states.clone()) is out  # equal values
+            other = states + 1
+            new = embed(other)
+            assert new is not out and torch.equal(
+                new, torch.nn.functional.linear(other, embed.weight, embed.bias)
+            )
+            assert embed(other) is new
+    with sharing.cross_attention_cache():
+        grad = embed(states)
+        assert grad.requires_grad and embed(states) is not grad
 
 
 def test_the_guidance_rows_share_the_layers_before_the_text(fresh):

@@ -267,7 +267,7 @@ class LatentModel(OnUNet):
         models measured; the VAE, whose input was already channels-last, 0-5 % a pass
         (benchmarks/cpu_layout.py; docs/benchmarks.md, "The CPU layout"). On another device the
         default layout, as loaded. Transformers (SD3, Flux) are left as they are. Also installs
-        the work the UNets' calls share (:mod:`blendedit.sharing`)."""
+        the work the denoisers' calls share (:mod:`blendedit.sharing`)."""
         unets = [self.unet, self.refiner["unet"] if self.refiner else None]
         for u in unets:
             if u is not None:

@@ -1,4 +1,4 @@
-"""Work a UNet's calls in an edit can share, computed once instead of again.
+"""Work a denoiser's calls in an edit can share, computed once instead of again.
 
 - **Cross-attention keys and values, across steps.** A Stable Diffusion or SDXL UNet's
   cross-attention projects the text embeddings to keys and values (``to_k``, ``to_v``) at every
@@ -17,13 +17,21 @@
   :func:`twin_rows` (set by the guided call), they run on the first half and the result is
   repeated; outputs change only by float rounding (a batch of one instead of two).
 
-What each saves is measured in docs/benchmarks.md, "Work shared between UNet calls". Transformers
-(SD3, Flux) mix text and image tokens from the first block on: nothing to share, and their
-modules are left as they are.
+- **A transformer's per-edit inputs, across steps.** SD3 and Flux transformers mix text and
+  image tokens from the first block on, so their blocks share nothing; but before the blocks
+  they embed inputs that are the same at every step of an edit: the text's projection into the
+  transformer's width (``context_embedder``), the pooled text's and (guidance-distilled Flux)
+  the guidance scale's embeddings, and Flux's rotary embedding of the position ids. Inside
+  :func:`cross_attention_cache`, :func:`install` has those modules return the last call's
+  output when their inputs equal the last call's (:class:`_SameInputs`): bit for bit what they
+  would compute.
+
+What each saves is measured in docs/benchmarks.md, "Work shared between denoiser calls".
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -91,9 +99,13 @@ def _plain_cross_attention(attn) -> bool:
 
 
 def install(model: torch.nn.Module) -> int:
-    """Give every plain cross-attention module of ``model`` a :class:`CachedCrossAttention`
-    and hook the layers its guidance rows share (:func:`twin_layers`); idempotent. Returns how
-    many cross-attention modules have the processor."""
+    """Give every plain cross-attention module of ``model`` a :class:`CachedCrossAttention`,
+    hook the layers its guidance rows share (:func:`twin_layers`) and have the modules that
+    embed a transformer's per-edit inputs (:func:`per_edit_modules`) reuse their output;
+    idempotent. Returns how many cross-attention modules have the processor."""
+    for module in per_edit_modules(model):
+        if not isinstance(module, _SameInputs):
+            module.__class__ = _same_inputs_class(type(module))
     n = 0
     for module in model.modules():
         if _plain_cross_attention(module):
@@ -105,6 +117,69 @@ def install(model: torch.nn.Module) -> int:
             layer.register_forward_hook(_repeated)
         model._blendedit_twins = True
     return n
+
+
+class _SameInputs:
+    """Mixin of a module whose output depends on its inputs only: inside a
+    :func:`cross_attention_cache` scope and without autograd, a call with the inputs of this
+    module's last call in the scope returns that call's output. Inputs are compared by value on
+    the CPU and by identity elsewhere (a comparison there would wait for the device)."""
+
+    def forward(self, *args, **kwargs):
+        cache = _CACHE.get()
+        if cache is None or kwargs or torch.is_grad_enabled():
+            return super().forward(*args, **kwargs)
+        key = ("same-inputs", id(self))
+        entry = cache.get(key)
+        if entry is not None and len(entry[0]) == len(args) and all(map(_same, entry[0], args)):
+            return entry[1]
+        out = super().forward(*args)
+        cache[key] = (args, out)
+        return out
+
+    def __reduce_ex__(self, protocol):
+        # copied and pickled by the class it extends (a class made at run time cannot be
+        # found by name), made this class again on the way back
+        return _rebuilt, (self._base,), self.__dict__
+
+
+def _rebuilt(base: type):
+    return _same_inputs_class(base).__new__(_same_inputs_class(base))
+
+
+def _same(a, b) -> bool:
+    """The same input: equal CPU tensors, the same tensor on another device, equal values."""
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        if a.device.type == "cpu" and b.device.type == "cpu":
+            return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return a is b
+    return not (torch.is_tensor(a) or torch.is_tensor(b)) and type(a) is type(b) and a == b
+
+
+@functools.cache
+def _same_inputs_class(cls: type) -> type:
+    """``cls`` with :class:`_SameInputs`'s forward (its name kept, so the model prints as
+    before)."""
+    return type(cls.__name__, (_SameInputs, cls), {"__module__": cls.__module__, "_base": cls})
+
+
+def per_edit_modules(model) -> list[torch.nn.Module]:
+    """The modules of an SD3 or Flux transformer whose inputs are the same at every step of an
+    edit: the text's projection (a plain ``Linear``; one a LoRA wraps is left alone), the pooled
+    text's and the guidance scale's embeddings, and Flux's rotary embedding of the position
+    ids. Empty for a UNet (which has none of them)."""
+    found = []
+    embed = getattr(model, "context_embedder", None)
+    if type(embed) is torch.nn.Linear or isinstance(embed, _SameInputs):
+        found.append(embed)
+    times = getattr(model, "time_text_embed", None)
+    for name in ("text_embedder", "guidance_embedder"):
+        if isinstance(getattr(times, name, None), torch.nn.Module):
+            found.append(getattr(times, name))
+    pos = getattr(model, "pos_embed", None)
+    if type(pos).__name__ == "FluxPosEmbed" or isinstance(pos, _SameInputs):
+        found.append(pos)
+    return found
 
 
 def twin_layers(unet) -> list[torch.nn.Module]:
