@@ -72,13 +72,13 @@ def test_denoise_shapes_kept_tells_a_denoiser_that_keeps_shapes_from_one_that_do
     vae = _StandInVAE()
     # the oracle predicts the very noise that was added: its x0 is the render
     oracle = lambda zt, t, ab: (zt - ab[t].sqrt() * vae.last) / (1 - ab[t]).sqrt()
-    denoised, noisy = denoise_shapes_kept(_parts(vae, oracle), t=300, n=30)
+    denoised, noisy = denoise_shapes_kept(_parts(vae, oracle), t=300, n=12)
     assert denoised == 1.0 and noisy < 0.5  # the noise at step 300 hides the shapes
     idle = lambda zt, t, ab: torch.zeros_like(zt)  # no denoising: x0 is the noisy latent
-    assert denoise_shapes_kept(_parts(vae, idle), t=300, n=30) == (noisy, noisy)
-    assert denoise_shapes_kept(_parts(vae, idle), t=0, n=30)[1] == 1.0  # step 0: barely noised
+    assert denoise_shapes_kept(_parts(vae, idle), t=300, n=12) == (noisy, noisy)
+    assert denoise_shapes_kept(_parts(vae, idle), t=0, n=12)[1] == 1.0  # step 0: barely noised
     # the same oracle answering in v (a `unet --zero-snr` UNet's prediction)
     v = lambda zt, t, ab: ab[t].sqrt() * oracle(zt, t, ab) - (1 - ab[t]).sqrt() * vae.last
-    assert denoise_shapes_kept(_parts(vae, v, "v_prediction"), t=300, n=30) == (1.0, noisy)
+    assert denoise_shapes_kept(_parts(vae, v, "v_prediction"), t=300, n=12) == (1.0, noisy)
     with pytest.raises(ValueError, match="t: a training step from 0 to 999"):
-        denoise_shapes_kept(_parts(vae, idle), t=1000, n=30)
+        denoise_shapes_kept(_parts(vae, idle), t=1000, n=12)

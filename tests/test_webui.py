@@ -236,16 +236,17 @@ def _open_with_scene(browser, url: str, scene: Path):
     return page
 
 
-def _paint(page, left: int = -110) -> None:
+def _paint(page, left: int = -110, rows=range(-30, 31, 10), steps: int = 6) -> None:
     """Brush strokes 70 px long from ``left`` px of the canvas's centre (by default over the
-    empty left part of the example scene)."""
+    empty left part of the example scene), one at each of ``rows`` px from the centre, each
+    drawn in ``steps`` mouse moves (on a 12-MP canvas each move repaints for about a second)."""
     page.get_by_role("button", name="Brush", exact=True).click()
     box = page.locator("#editor canvas").first.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    for dy in range(-30, 31, 10):
+    for dy in rows:
         page.mouse.move(cx + left, cy + dy)
         page.mouse.down()
-        page.mouse.move(cx + left + 70, cy + dy, steps=6)
+        page.mouse.move(cx + left + 70, cy + dy, steps=steps)
         page.mouse.up()
 
 
@@ -359,7 +360,7 @@ def test_a_12_mp_photo_edits_and_downloads_at_full_size(big_server, browser, tmp
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to show
     Image.fromarray((rgb * 255).astype(np.uint8)).save(photo, quality=92, exif=exif)
     page = _open_with_scene(browser, url, photo)
-    _paint(page, left=-35)  # the middle of the upright photo, narrower on the canvas
+    _paint(page, left=-35, rows=(-5, 5), steps=2)  # the middle of the upright photo
     _edit(page, "a red circle")
     page.wait_for_function(
         "document.querySelector('#downloads').innerText.includes('.zip')", timeout=300_000
