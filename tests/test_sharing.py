@@ -225,6 +225,11 @@ def test_per_edit_outputs_are_reused_only_for_the_same_inputs_in_a_scope():
     with sharing.cross_attention_cache():
         grad = embed(states)
         assert grad.requires_grad and embed(states) is not grad
+    # on another device inputs are the same only when they are the same tensor: a comparison
+    # by value would wait for the device at every step
+    meta = torch.empty(3, device="meta")
+    assert sharing._same(meta, meta) and not sharing._same(meta, torch.empty(3, device="meta"))
+    assert sharing._same(2.0, 2.0) and not sharing._same(2.0, torch.tensor(2.0))
 
 
 def test_the_guidance_rows_share_the_layers_before_the_text(fresh):
