@@ -109,7 +109,7 @@ def main(argv=None) -> int:
             kept: dict = {}  # the per-edit embeddings of the edit's first step, kept
 
             def scoped(m, call=call, kept=kept):
-                with sharing.cross_attention_cache(kept):
+                with sharing.edit_cache(kept):
                     return call(m)
 
             r = compare(model, scoped, args.calls, change=sharing_unet)
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                 def call(m, kw=kw, kept=kept, scopes=scopes):
                     with ExitStack() as stack:
                         if "cache" in scopes:
-                            stack.enter_context(sharing.cross_attention_cache(kept))
+                            stack.enter_context(sharing.edit_cache(kept))
                         if "twins" in scopes:
                             stack.enter_context(sharing.twin_rows())
                         return m(**kw)[0]

@@ -29,7 +29,7 @@ import torch
 
 from blendedit import BlendedLatentDiffusionPipeline
 from blendedit.models import quiet_transformers
-from blendedit.sharing import cross_attention_cache, twin_rows
+from blendedit.sharing import edit_cache, twin_rows
 from blendedit.tiny import (
     build_tiny_components,
     build_tiny_flux_components,
@@ -148,7 +148,7 @@ def decompose(runs: dict, pipes: dict, rounds: int, log) -> dict:
         args, kwargs = seen[name][len(seen[name]) // 2]
 
         def run():
-            with cross_attention_cache({} if cache is None else cache), twin_rows():
+            with edit_cache({} if cache is None else cache), twin_rows():
                 return _denoiser(pipes[name])(*args, **kwargs)  # as in the guided edit
 
         return run

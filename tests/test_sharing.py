@@ -118,7 +118,7 @@ def test_sdxl_and_its_refiner_cache_each_their_own_keys(tmp_path, image, box_mas
 
 
 def test_outside_an_edit_the_replaced_processor_runs(fresh):
-    """A call outside :func:`cross_attention_cache` (or with an attention mask) projects
+    """A call outside :func:`edit_cache` (or with an attention mask) projects
     every time, as diffusers' processor, and gives its output."""
     unet = copy.deepcopy(fresh["unet"])
     plain = copy.deepcopy(unet)
@@ -132,7 +132,7 @@ def test_outside_an_edit_the_replaced_processor_runs(fresh):
         for _ in range(2):
             assert torch.equal(unet(x, t, encoder_hidden_states=states).sample, want)
         assert len(calls) == 2 * 2 * len(cross_modules(unet))
-        with sharing.cross_attention_cache():
+        with sharing.edit_cache():
             for _ in range(2):
                 assert torch.equal(unet(x, t, encoder_hidden_states=states).sample, want)
             assert len(calls) == 2 * 3 * len(cross_modules(unet))  # one projection more
@@ -158,7 +158,7 @@ def test_transformers_keep_their_processors_weights_and_names(build):
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         embed = copied.context_embedder
         assert type(embed) is type(model.context_embedder) is not type(plain.context_embedder)
-        with torch.no_grad(), sharing.cross_attention_cache():
+        with torch.no_grad(), sharing.edit_cache():
             want = plain.context_embedder(states)
             assert torch.equal(embed(states), want) and embed(states) is embed(states)
 
@@ -186,9 +186,9 @@ def test_a_transformers_per_edit_inputs_are_embedded_once_per_edit(
     if kind != "sd3":
         want += ["pos_embed", "time_text_embed.guidance_embedder"]
     assert per_edit_names(ours.unet) == sorted(want) == per_edit_names(plain.unet)
-    outputs = {}
+    outputs, per_edit = {}, sharing.per_edit_modules(ours.unet)
     for name, module in ours.unet.named_modules():
-        if module in sharing.per_edit_modules(ours.unet):
+        if module in per_edit:
             outputs[name] = []
             module.register_forward_hook(lambda m, a, out, k=name: outputs[k].append(out))
     a, b = (edit(p, image, box_mask, guidance_scale=4.0) for p in (ours, plain))
@@ -213,7 +213,7 @@ def test_per_edit_outputs_are_reused_only_for_the_same_inputs_in_a_scope():
     states = torch.randn(1, 5, model.config.joint_attention_dim)
     with torch.no_grad():
         assert embed(states) is not embed(states)
-        with sharing.cross_attention_cache():
+        with sharing.edit_cache():
             out = embed(states)
             assert embed(states.clone()) is out  # equal values
             other = states + 1
@@ -222,7 +222,7 @@ def test_per_edit_outputs_are_reused_only_for_the_same_inputs_in_a_scope():
                 new, torch.nn.functional.linear(other, embed.weight, embed.bias)
             )
             assert embed(other) is new
-    with sharing.cross_attention_cache():
+    with sharing.edit_cache():
         grad = embed(states)
         assert grad.requires_grad and embed(states) is not grad
     # on another device inputs are the same only when they are the same tensor: a comparison

@@ -35,7 +35,7 @@ from .options import (  # noqa: F401 (the options' names, where users import the
     options_fields,
 )
 from .ranking import RANK_REGIONS
-from .sharing import cross_attention_cache
+from .sharing import edit_cache
 
 #: crop_to_mask="auto" zooms (generates the box at the native size and resizes it back) where
 #: the box around the mask at native scale holds more than this many times the native area
@@ -354,14 +354,14 @@ class BlendedLatentDiffusionPipeline(LatentModel):
         latent, or one per sample), denoise over ``timesteps`` and after every step blend with
         the background at the same noise level under the mask ``schedule``; returns the final
         (n, C, h, w) latents (inference mode: no autograd bookkeeping per op; cloned out of it
-        at the end, as decoder fine-tuning backpropagates through D(z); the UNets' cross-attention
-        keys and values kept for the loop, :mod:`blendedit.sharing`)."""
+        at the end, as decoder fine-tuning backpropagates through D(z); the per-edit work of the
+        denoisers' calls kept for the loop, :mod:`blendedit.sharing`)."""
         fam, device, dtype = self.adapter, self.device, self.dtype
         noise = _randn((n, *z_src.shape[1:]), generator, device, dtype)  # (N, 4, h, w)
         z = self.noised(z_src.expand(n, -1, -1, -1), noise, timesteps, 0)
         steps = len(timesteps)
         switch = steps - round(steps * opts.refiner_fraction) if self.refiner else steps
-        with torch.inference_mode(), cross_attention_cache():
+        with torch.inference_mode(), edit_cache():
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="edit", leave=False)):
                 z_in = fam.model_input(self.scheduler, z, t)
                 unet, emb, add = models[int(i >= switch)]

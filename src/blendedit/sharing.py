@@ -4,7 +4,7 @@
   cross-attention projects the text embeddings to keys and values (``to_k``, ``to_v``) at every
   step, though the embeddings, and so the keys and values, are the same for the whole edit.
   :func:`install` gives each plain cross-attention module a processor that, inside
-  :func:`cross_attention_cache` (the denoising loop), projects them on the first step and reuses
+  :func:`edit_cache` (the denoising loop), projects them on the first step and reuses
   them after; everywhere else, and for any input it does not handle, it hands over to the
   processor it replaced. The arithmetic is the replaced processor's (the same projections, head
   split and ``scaled_dot_product_attention``), so outputs are bit for bit unchanged.
@@ -22,7 +22,7 @@
   they embed inputs that are the same at every step of an edit: the text's projection into the
   transformer's width (``context_embedder``), the pooled text's and (guidance-distilled Flux)
   the guidance scale's embeddings, and Flux's rotary embedding of the position ids. Inside
-  :func:`cross_attention_cache`, :func:`install` has those modules return the last call's
+  :func:`edit_cache`, :func:`install` has those modules return the last call's
   output when their inputs equal the last call's (:class:`_SameInputs`): bit for bit what they
   would compute.
 
@@ -38,13 +38,13 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 
-_CACHE: ContextVar[dict | None] = ContextVar("blendedit_cross_attention_cache", default=None)
+_CACHE: ContextVar[dict | None] = ContextVar("blendedit_edit_cache", default=None)
 _TWINS: ContextVar[bool] = ContextVar("blendedit_twin_rows", default=False)
 
 
 class CachedCrossAttention:
     """Attention processor: cross-attention with the keys and values of an encoder state
-    projected once per :func:`cross_attention_cache` scope; ``fallback`` (the processor it
+    projected once per :func:`edit_cache` scope; ``fallback`` (the processor it
     replaced) outside a scope, for self-attention, masks and extra arguments."""
 
     def __init__(self, fallback):
@@ -121,7 +121,7 @@ def install(model: torch.nn.Module) -> int:
 
 class _SameInputs:
     """Mixin of a module whose output depends on its inputs only: inside a
-    :func:`cross_attention_cache` scope and without autograd, a call with the inputs of this
+    :func:`edit_cache` scope and without autograd, a call with the inputs of this
     module's last call in the scope returns that call's output. Inputs are compared by value on
     the CPU and by identity elsewhere (a comparison there would wait for the device)."""
 
@@ -248,11 +248,12 @@ def twin_rows():
 
 
 @contextmanager
-def cross_attention_cache(cache: dict | None = None):
-    """The scope in which installed processors keep keys and values (one denoising loop: the
-    weights and text embeddings must not change inside it), in ``cache`` (a fresh dict unless
-    given: a dict passed again carries them into another scope). Scopes nest and are per
-    thread."""
+def edit_cache(cache: dict | None = None):
+    """The scope of one edit's denoising loop, in which what :func:`install` set up keeps its
+    per-edit work: the cross-attention keys and values, and the outputs of a transformer's
+    per-edit modules (the weights and the text embeddings must not change inside it). Kept in
+    ``cache`` (a fresh dict unless given: a dict passed again carries them into another scope).
+    Scopes nest and are per thread."""
     token = _CACHE.set({} if cache is None else cache)
     try:
         yield
